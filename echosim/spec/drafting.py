@@ -1,0 +1,90 @@
+"""Drafting, depth by depth, through one drafter interface (synthetic in the simulator, a real model in the engine).
+
+EAGLE-2 expansion rule: the root gets k1 children; at every deeper depth each of the k beam nodes gets k children,
+the next beam is the top-k of those k*k by cumulative score, and all k*k stay candidates. After each depth the
+policy may gate: it says which requests keep drafting.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from echosim.spec.forest import MAX_LOGP, MIN_LOGP, DraftForest, empty_forest, slot_layout
+
+if TYPE_CHECKING:
+    from echosim.spec.policies.base import Policy
+
+
+class Drafter(Protocol):
+    def expand(self, forest: DraftForest, depth: int, rows: np.ndarray, parents: np.ndarray,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Children of the frontier nodes `(rows[i], parents[i])` (request index, parent slot; -1 = root), which
+        will sit at `depth`. Returns (token int64 [F, k], logp [F, k]), each row sorted by logp, descending.
+        `forest` holds everything drafted so far (tokens of shallower depths, kv_len, root_token)."""
+        ...
+
+
+def _top_k_rows(block: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the k largest entries of each row, largest first. [n, w] -> [n, min(k, w)]."""
+    w = block.shape[1]
+    k = min(k, w)
+    top = np.argpartition(block, w - k, axis=1)[:, w - k:] if k < w else np.broadcast_to(np.arange(w), block.shape)
+    vals = np.take_along_axis(block, top, axis=1)
+    return np.take_along_axis(top, np.argsort(-vals, axis=1, kind="stable"), axis=1)
+
+
+def draft(drafter: Drafter, policy: Policy, root_token: np.ndarray, kv_len: np.ndarray) -> DraftForest:
+    """Run one step's drafting for a batch under `policy`. Returns the forest of all candidates."""
+    root_token = np.asarray(root_token, dtype=np.int64)
+    kv_len = np.asarray(kv_len, dtype=np.int64)
+    B = len(root_token)
+    plan = policy.plan(B)
+    if plan.depth == 0 or B == 0:
+        return empty_forest(root_token, kv_len)
+    k1, k, D = plan.k1, plan.k, plan.depth
+    slot_depth, slot_rank, off = slot_layout(k1, k, D)
+    S = int(off[-1])
+    forest = DraftForest(
+        root_token=root_token, kv_len=kv_len,
+        token=np.zeros((B, S), np.int64), logp=np.full((B, S), MIN_LOGP, np.float32),
+        score=np.full((B, S), -np.inf, np.float64), parent=np.full((B, S), -1, np.int32),
+        valid=np.zeros((B, S), bool), slot_depth=slot_depth, slot_rank=slot_rank, depth_offsets=off,
+        k1=k1, k=k, stop_depth=np.zeros(B, np.int32))
+
+    rows = np.nonzero(policy.start(B))[0]
+    if len(rows) == 0:
+        return forest
+    tok, lp = drafter.expand(forest, 1, rows, np.full(len(rows), -1, np.int32), k1)
+    lp = np.clip(np.asarray(lp, np.float64), MIN_LOGP, MAX_LOGP)
+    cols = slice(0, k1)
+    forest.token[rows, cols] = tok
+    forest.logp[rows, cols] = lp
+    forest.score[rows, cols] = lp
+    forest.valid[rows, cols] = True
+    forest.stop_depth[rows] = 1
+    beam = _top_k_rows(forest.score[rows, cols], k)  # slots of the depth-1 beam
+
+    for d in range(2, D + 1):
+        beam_scores = forest.score[rows[:, None], beam]
+        keep = np.asarray(policy.gate(d - 1, rows, beam_scores, forest), dtype=bool)
+        rows, beam = rows[keep], beam[keep]
+        if len(rows) == 0:
+            break
+        kb = beam.shape[1]
+        parents = beam.ravel().astype(np.int32)
+        rep_rows = np.repeat(rows, kb)
+        tok, lp = drafter.expand(forest, d, rep_rows, parents, k)
+        lp = np.clip(np.asarray(lp, np.float64), MIN_LOGP, MAX_LOGP)
+        lo = int(off[d - 1])
+        cols = slice(lo, lo + kb * k)
+        forest.token[rows, cols] = np.asarray(tok).reshape(len(rows), kb * k)
+        forest.logp[rows, cols] = lp.reshape(len(rows), kb * k)
+        parent_score = forest.score[rep_rows, parents]
+        forest.score[rows, cols] = (parent_score[:, None] + lp).reshape(len(rows), kb * k)
+        forest.parent[rows, cols] = np.repeat(beam, k, axis=1)
+        forest.valid[rows, cols] = True
+        forest.stop_depth[rows] = d
+        beam = lo + _top_k_rows(forest.score[rows, cols], k)
+    return forest

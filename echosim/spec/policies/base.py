@@ -1,0 +1,84 @@
+"""The policy interface every speculation strategy implements, and the registry of CLI names.
+
+A step under a policy: `plan` fixes depth and widths for this batch size; `start` says which requests draft at
+all; `gate` runs after each drafted depth and says which requests keep drafting; `select` picks an ancestor-closed
+node set per request under the step's budget; `observe` sees the verified result (for policies that adapt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from echosim.spec.budget import StepTimeFn
+from echosim.spec.forest import DraftForest
+
+
+@dataclass(frozen=True)
+class DraftPlan:
+    depth: int  # deepest depth drafted (0 = no drafting)
+    k1: int     # children of the root
+    k: int      # children per beam node and beam width below the root
+
+
+class ConfigError(ValueError):
+    """An impossible policy configuration."""
+
+
+class Policy(ABC):
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+
+    def __init__(self, config: Any = None, step_time: StepTimeFn | None = None):
+        self.config = config if config is not None else self.config_cls()
+        self.step_time = step_time
+        self.check()
+
+    def check(self) -> None:
+        """Raise ConfigError for an impossible config."""
+
+    def bind(self, step_time: StepTimeFn | None) -> Policy:
+        """Attach the backend's step-time model (goodput budgets, smartspec)."""
+        self.step_time = step_time
+        return self
+
+    @abstractmethod
+    def plan(self, batch_size: int) -> DraftPlan: ...
+
+    def start(self, batch_size: int) -> np.ndarray:
+        return np.ones(batch_size, dtype=bool)
+
+    def gate(self, depth: int, rows: np.ndarray, beam_scores: np.ndarray, forest: DraftForest) -> np.ndarray:
+        """After drafting `depth`: which of the drafting requests `rows` continue. beam_scores [n, k]: the
+        cumulative log scores of each row's beam at that depth, best first."""
+        return np.ones(len(rows), dtype=bool)
+
+    @abstractmethod
+    def select(self, forest: DraftForest) -> np.ndarray:
+        """Sorted flat node indices (req * S + slot) to verify."""
+
+    def observe(self, forest: DraftForest, selection: np.ndarray, accept_len: np.ndarray) -> None:
+        """accept_len [B]: drafts accepted per request this step (the bonus token not counted)."""
+
+    def describe(self) -> dict:
+        return {"policy": self.name, **config_to_json(self.config)}
+
+
+def config_to_json(config: Any) -> dict:
+    out = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        out[f.name] = v.to_json() if hasattr(v, "to_json") else (list(map(list, v)) if f.name == "gates" else v)
+    return out
+
+
+POLICIES: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    POLICIES[cls.name] = cls
+    return cls

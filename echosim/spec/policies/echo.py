@@ -1,0 +1,135 @@
+"""ECHO: sparse confidence gating at calibrated depths and an elastic budget over the batch as one super-tree.
+
+Gating: only at the sweet-spot depths d, a request's confidence c_{i,d} (the path probability of its best
+depth-d candidate) is compared with tau_d. Below it, the request stops drafting (truncated); its tree is then
+made of shallow candidates, i.e. it is spent on width. Selection fills the step's budget K_max in priority
+order over the whole batch: a floor for every request, then Priority 1 (confident requests, deepest/most likely
+first), then Priority 2 (truncated requests widen with what is left). Within a tier, nodes go by path score, so
+each added node is the one with the largest expected acceptance (marginal gains are concave along a path).
+Ablations: `echo_dense` gates at every depth, `echo_fixed` uses one threshold for all sweet-spot depths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from echosim.spec.budget import Budget
+from echosim.spec.forest import DraftForest
+from echosim.spec.policies.base import ConfigError, DraftPlan, Policy, register
+from echosim.spec.policies.static import max_tree_nodes
+from echosim.spec.select import priority_key, ranked_with_caps, top_per_request
+
+# Tier offsets added to the priority key. Scores are >= MIN_LOGP * depth (about -1e4 per depth), so tiers never mix,
+# and at this magnitude float64 still resolves the per-depth tie-break of the key.
+_TIER = 1.0e6
+
+
+@dataclass
+class EchoConfig:
+    steps: int = 5                        # deepest draft depth
+    topk: int = 8                         # children per node and beam width
+    num_draft_tokens: int = 32            # per confident request, the root included (SGLang's convention)
+    remaining_num_draft_tokens: int = 20  # per truncated request, the root included
+    gates: list[tuple[int, float]] = field(default_factory=lambda: [(3, 0.3)])  # sweet spots: (depth, tau)
+    root_threshold: float = 0.0           # best depth-1 probability below this: do not deepen at all (0 = off)
+    root_width: int = 0                   # children drafted at the root (0 = topk); width for root-gated requests
+    floor_tokens: int = 1                 # drafts every drafting request gets before any priority
+    budget: Budget = field(default_factory=lambda: Budget("per_request", 31))
+    gate_mode: str = "sparse"             # sparse | dense (ablation) | fixed (ablation)
+    fixed_threshold: float | None = None  # the single tau of gate_mode 'fixed' (default: mean of the gates' taus)
+
+    @classmethod
+    def from_sglang(cls, steps: int, topk: int, num_draft_tokens: int, judge_depth: int, threshold: float,
+                    remaining_num_draft_tokens: int) -> EchoConfig:
+        """The paper's SGLang-level settings (echo_reported.md): gate once at judge_depth with threshold."""
+        return cls(steps=steps, topk=topk, num_draft_tokens=num_draft_tokens,
+                   remaining_num_draft_tokens=remaining_num_draft_tokens, gates=[(judge_depth, threshold)],
+                   budget=Budget("per_request", num_draft_tokens - 1))
+
+
+@register
+class Echo(Policy):
+    name = "echo"
+    config_cls = EchoConfig
+    gate_mode: str | None = None  # the ablation subclasses force theirs
+
+    def check(self) -> None:
+        c = self.config
+        mode = self.gate_mode or c.gate_mode
+        if mode not in ("sparse", "dense", "fixed"):
+            raise ConfigError(f"echo gate_mode must be sparse, dense or fixed, not {mode!r}")
+        if c.steps < 1 or c.topk < 1:
+            raise ConfigError(f"echo needs steps >= 1 and topk >= 1 (got steps={c.steps}, topk={c.topk})")
+        k1 = max(c.root_width, c.topk)
+        size = k1 + (c.steps - 1) * c.topk * c.topk
+        if not 1 <= c.num_draft_tokens <= size + 1:
+            raise ConfigError(f"echo num_draft_tokens={c.num_draft_tokens} must be in 1..{size + 1}")
+        if not 1 <= c.remaining_num_draft_tokens <= c.num_draft_tokens + max_tree_nodes(1, k1):
+            raise ConfigError("echo remaining_num_draft_tokens must be >= 1")
+        for depth, tau in c.gates:
+            if not 1 <= depth <= c.steps:
+                raise ConfigError(f"echo gate depth {depth} outside 1..steps={c.steps}")
+            if not 0.0 <= tau <= 1.0:
+                raise ConfigError(f"echo gate threshold {tau} at depth {depth} is not a probability")
+        # log-thresholds per gated depth, for the mode in force
+        taus = dict(c.gates)
+        if mode == "fixed":
+            tau = c.fixed_threshold if c.fixed_threshold is not None else \
+                (float(np.mean(list(taus.values()))) if taus else 0.0)
+            taus = {d: tau for d in taus}
+        elif mode == "dense":
+            known = sorted(taus) or [1]
+            taus = {d: taus.get(min(known, key=lambda g: (abs(g - d), g)), 0.0) for d in range(1, c.steps)}
+        self._log_tau = {d: (np.log(t) if t > 0 else -np.inf) for d, t in taus.items()}
+        self._log_root = np.log(c.root_threshold) if c.root_threshold > 0 else -np.inf
+
+    def plan(self, batch_size: int) -> DraftPlan:
+        c = self.config
+        return DraftPlan(c.steps, max(c.root_width, c.topk), c.topk)
+
+    def gate(self, depth, rows, beam_scores, forest):
+        best = beam_scores[:, 0]  # log c_{i,d}: the best path at this depth
+        keep = np.ones(len(rows), dtype=bool)
+        if depth == 1:
+            keep &= best >= self._log_root
+        tau = self._log_tau.get(depth)
+        if tau is not None:
+            keep &= best >= tau
+        return keep
+
+    def select(self, forest: DraftForest) -> np.ndarray:
+        c = self.config
+        B, S = forest.token.shape
+        if S == 0 or B == 0:
+            return np.zeros(0, np.int64)
+        truncated = forest.stop_depth < forest.max_depth
+        cap = np.where(truncated, c.remaining_num_draft_tokens - 1, c.num_draft_tokens - 1)
+        key = priority_key(forest, bonus=np.where(truncated, 0.0, _TIER))
+        if c.floor_tokens > 0:  # the floor lies within the first floor_tokens depths
+            hi = int(forest.depth_offsets[min(c.floor_tokens, forest.max_depth)])
+            sub = top_per_request(key[:, :hi], np.minimum(cap, c.floor_tokens))
+            floor = (sub // hi) * S + sub % hi
+            key.ravel()[floor] += 2 * _TIER
+        ranked = ranked_with_caps(key, cap, c.budget.upper_bound(B))
+        gains = np.exp(forest.score.ravel()[ranked])
+        n_floor = len(floor) if c.floor_tokens > 0 else 0
+        k = max(c.budget.choose(B, gains, self.step_time), min(n_floor, len(ranked)))
+        return np.sort(ranked[:k])
+
+
+@register
+class EchoDense(Echo):
+    """Ablation: gate at every depth (thresholds from the nearest calibrated sweet spot)."""
+
+    name = "echo_dense"
+    gate_mode = "dense"
+
+
+@register
+class EchoFixed(Echo):
+    """Ablation: one threshold for every sweet-spot depth."""
+
+    name = "echo_fixed"
+    gate_mode = "fixed"
