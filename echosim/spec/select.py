@@ -52,35 +52,90 @@ def top_per_request(key: np.ndarray, n: int | np.ndarray, columns: np.ndarray | 
     return flat
 
 
-def _rank_in_request(req: np.ndarray) -> np.ndarray:
-    """For a sequence of request ids, how many earlier entries share each entry's request (0, 1, 2 ...)."""
-    order = np.argsort(req, kind="stable")
-    sorted_req = req[order]
-    starts = np.r_[0, np.nonzero(sorted_req[1:] != sorted_req[:-1])[0] + 1]
-    run_start = np.repeat(starts, np.diff(np.r_[starts, len(req)]))
-    ranks = np.empty(len(req), np.int64)
-    ranks[order] = np.arange(len(req)) - run_start
-    return ranks
+def _threshold(flat_key: np.ndarray, S: int, room: np.ndarray, want: int) -> float:
+    """A key threshold above which about `want` candidates of the requests with room lie, from a strided sample."""
+    n = flat_key.size
+    stride = max(1, n // 4096)
+    at = np.arange(0, n, stride)
+    at = at[room[at // S] > 0]
+    sample = flat_key[at]
+    population = len(sample)
+    sample = sample[sample > -np.inf]  # undrafted slots: many equal keys slow np.partition down a lot
+    m = len(sample)
+    q = int(np.ceil(1.3 * want * population / max(int((room > 0).sum()) * S, 1))) + 8
+    if m == 0 or q >= m:
+        return -np.inf
+    return float(np.partition(sample, m - q)[m - q])
 
 
-def ranked_with_caps(key: np.ndarray, cap: np.ndarray, limit: int) -> np.ndarray:
-    """The best nodes across the batch in priority order (descending key), skipping a request's nodes once it holds
-    cap[i] of them, at most `limit` nodes. Flat indices, in priority order (not sorted)."""
+def _best(flat_key: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+    """The n entries of idx with the largest keys (any order)."""
+    if len(idx) <= n:
+        return idx
+    return idx[np.argpartition(flat_key[idx], len(idx) - n)[len(idx) - n:]]
+
+
+def _best_per_request(flat_key: np.ndarray, idx: np.ndarray, S: int, room: np.ndarray) -> np.ndarray:
+    """Of the candidates idx, each request's room[req] best (a small set: the requests that hit their cap)."""
+    req = idx // S
+    order = np.lexsort((-flat_key[idx], req))
+    idx, req = idx[order], req[order]
+    starts = np.r_[0, np.flatnonzero(req[1:] != req[:-1]) + 1]
+    rank = np.arange(len(idx)) - np.repeat(starts, np.diff(np.r_[starts, len(idx)]))
+    return idx[rank < room[req]]
+
+
+def ranked_with_caps(key: np.ndarray, room: np.ndarray, limit: int, taken: np.ndarray | None = None,
+                     ordered: bool = True) -> np.ndarray:
+    """The best nodes across the batch by descending key, at most `limit`, at most room[i] from request i (0: it
+    takes no part), never a node in `taken` (flat indices chosen elsewhere, e.g. a floor). Flat indices, in
+    priority order if `ordered`, else in any order. Cost: one pass over the keys, then work on about `limit`
+    candidates: requests that hit their cap are settled with their best room[i], and the rest re-ranked."""
     B, S = key.shape
-    flat_key = key.ravel()
-    finite = int(np.isfinite(flat_key).sum()) if B * S else 0
-    limit = min(int(limit), int(np.minimum(cap, S).sum()), finite)
+    room = np.minimum(np.asarray(room, np.int64), S)
+    capacity = int(room.sum())
+    limit = min(int(limit), capacity)
     if limit <= 0:
         return np.zeros(0, np.int64)
-    take = min(finite, 2 * limit + B)
+    flat_key = key.ravel()
+    taken = np.zeros(0, np.int64) if taken is None else np.asarray(taken, np.int64)
+    if len(taken):
+        is_taken = np.zeros(flat_key.size, bool)
+        is_taken[taken] = True
+    if limit == capacity:  # everyone fills its room: a per-request top, no batch-wide ranking needed
+        idx = np.flatnonzero(room > 0)
+        extra = np.bincount(taken // S, minlength=B)[idx] if len(taken) else 0
+        sub = top_per_request(key[idx], room[idx] + extra)  # room[i] best once the taken ones are left out
+        top = idx[sub // S] * S + sub % S
+        if len(taken):
+            top = _best_per_request(flat_key, top[~is_taken[top]], S, room)
+        return top[np.argsort(-flat_key[top])] if ordered else top
+    want = limit + len(taken) + B
     while True:
-        n = flat_key.size
-        idx = np.argpartition(flat_key, n - take)[n - take:] if take < n else np.arange(n)
-        idx = idx[np.argsort(-flat_key[idx], kind="stable")]
-        idx = idx[np.isfinite(flat_key[idx])]
-        req = idx // S
-        ok = _rank_in_request(req) < cap[req]
-        chosen = idx[ok]
-        if len(chosen) >= limit or take >= finite:
-            return chosen[:limit]
-        take = min(finite, take * 2)
+        t = _threshold(flat_key, S, room, want)
+        exhaustive = t == -np.inf
+        cand = np.flatnonzero(flat_key >= t) if not exhaustive else np.flatnonzero(flat_key > -np.inf)
+        cand = cand[room[cand // S] > 0]
+        if len(taken):
+            cand = cand[~is_taken[cand]]
+        settled, need, left = [], limit, room.copy()
+        while need > 0:
+            top = _best(flat_key, cand, need)
+            over = np.bincount(top // S, minlength=B) > left
+            if not over.any():
+                settled.append(top)
+                need -= len(top)
+                break
+            at_cap = over[cand // S]  # these requests get their best `left` and leave the race
+            full = _best_per_request(flat_key, cand[at_cap], S, left)
+            settled.append(full)
+            need -= len(full)
+            left[over] = 0
+            cand = cand[~at_cap]
+            if len(cand) == 0:
+                break
+        if need <= 0 or exhaustive:
+            out = np.concatenate(settled) if settled else np.zeros(0, np.int64)
+            out = _best(flat_key, out, limit)
+            return out[np.argsort(-flat_key[out])] if ordered else out
+        want *= 4

@@ -11,7 +11,7 @@ from echosim.spec.budget import Budget, flat_then_linear
 from echosim.spec.forest import DraftForest
 from echosim.spec.policies.base import ConfigError, DraftPlan, Policy, register
 from echosim.spec.policies.static import max_tree_nodes
-from echosim.spec.select import priority_key, ranked_with_caps, top_per_request
+from echosim.spec.select import eligible_slots, priority_key, ranked_with_caps, top_per_request
 
 
 def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
@@ -50,7 +50,8 @@ class DDD(Policy):
         return _logsumexp_rows(beam_scores) >= self.config.theta
 
     def select(self, forest: DraftForest) -> np.ndarray:
-        return top_per_request(priority_key(forest), self.config.num_draft_tokens - 1)
+        n = self.config.num_draft_tokens - 1
+        return top_per_request(priority_key(forest), n, eligible_slots(forest, n))
 
 
 @dataclass
@@ -84,10 +85,13 @@ class OptTree(Policy):
         return np.ones(batch_size, dtype=bool)
 
     def gate(self, depth, rows, beam_scores, forest):
-        lo, hi = forest.depth_offsets[depth - 1], forest.depth_offsets[depth]
-        new = np.where(forest.valid[rows, lo:hi], np.exp(forest.score[rows, lo:hi]), 0.0)
-        both = np.concatenate([self._best[rows], new], axis=1)
         n = self.config.num_nodes
+        if n <= beam_scores.shape[1]:  # the depth's n best are the first n of its (sorted) beam
+            new = np.exp(beam_scores[:, :n])
+        else:
+            lo, hi = forest.depth_offsets[depth - 1], forest.depth_offsets[depth]
+            new = np.exp(forest.score[rows, lo:hi])  # undrafted slots are -inf: exp gives 0
+        both = np.concatenate([self._best[rows], new], axis=1)
         best = -np.partition(-both, n - 1, axis=1)[:, :n] if both.shape[1] > n else both
         expect = best.sum(axis=1)
         grow = expect - self._expect[rows]
@@ -95,7 +99,8 @@ class OptTree(Policy):
         return grow > self.config.delta
 
     def select(self, forest: DraftForest) -> np.ndarray:
-        return top_per_request(priority_key(forest), self.config.num_nodes)
+        n = self.config.num_nodes
+        return top_per_request(priority_key(forest), n, eligible_slots(forest, n))
 
 
 @dataclass
@@ -122,8 +127,9 @@ class Tetris(Policy):
     def select(self, forest: DraftForest) -> np.ndarray:
         B, S = forest.token.shape
         key = priority_key(forest)
-        ranked = ranked_with_caps(key, np.full(B, S), self.config.budget.upper_bound(B))
-        k = self.config.budget.choose(B, np.exp(key.ravel()[ranked]), self.step_time)
+        ordered = self.config.budget.kind == "goodput"
+        ranked = ranked_with_caps(key, np.full(B, S), self.config.budget.upper_bound(B), ordered=ordered)
+        k = self.config.budget.choose(B, np.exp(key.ravel()[ranked]), self.step_time) if ordered else len(ranked)
         return np.sort(ranked[:k])
 
 

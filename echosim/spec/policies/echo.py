@@ -19,11 +19,7 @@ from echosim.spec.budget import Budget
 from echosim.spec.forest import DraftForest
 from echosim.spec.policies.base import ConfigError, DraftPlan, Policy, register
 from echosim.spec.policies.static import max_tree_nodes
-from echosim.spec.select import priority_key, ranked_with_caps, top_per_request
-
-# Tier offsets added to the priority key. Scores are >= MIN_LOGP * depth (about -1e4 per depth), so tiers never mix,
-# and at this magnitude float64 still resolves the per-depth tie-break of the key.
-_TIER = 1.0e6
+from echosim.spec.select import ranked_with_caps, top_per_request
 
 
 @dataclass
@@ -104,19 +100,27 @@ class Echo(Policy):
         B, S = forest.token.shape
         if S == 0 or B == 0:
             return np.zeros(0, np.int64)
-        truncated = forest.stop_depth < forest.max_depth
+        drafting = forest.stop_depth > 0
+        truncated = drafting & (forest.stop_depth < forest.max_depth)
         cap = np.where(truncated, c.remaining_num_draft_tokens - 1, c.num_draft_tokens - 1)
-        key = priority_key(forest, bonus=np.where(truncated, 0.0, _TIER))
-        if c.floor_tokens > 0:  # the floor lies within the first floor_tokens depths
+        bound = c.budget.upper_bound(B)
+        key = forest.score
+        # Floor: every drafting request's best floor_tokens nodes (they lie within the first floor_tokens depths).
+        if c.floor_tokens > 0:
             hi = int(forest.depth_offsets[min(c.floor_tokens, forest.max_depth)])
-            sub = top_per_request(key[:, :hi], np.minimum(cap, c.floor_tokens))
-            floor = (sub // hi) * S + sub % hi
-            key.ravel()[floor] += 2 * _TIER
-        ranked = ranked_with_caps(key, cap, c.budget.upper_bound(B))
-        gains = np.exp(forest.score.ravel()[ranked])
-        n_floor = len(floor) if c.floor_tokens > 0 else 0
-        k = max(c.budget.choose(B, gains, self.step_time), min(n_floor, len(ranked)))
-        return np.sort(ranked[:k])
+            sub = top_per_request(key[:, :hi], np.where(drafting, np.minimum(cap, c.floor_tokens), 0))
+            floor = ((sub // hi) * S + sub % hi)[:bound]
+        else:
+            floor = np.zeros(0, np.int64)
+        floor_n = np.bincount(floor // S, minlength=B)
+        # Priority 1: confident requests extend (deepest, most likely paths first). Priority 2: truncated widen.
+        ordered = c.budget.kind == "goodput"  # only the goodput budget reads the priority order
+        room = bound - len(floor)
+        p1 = ranked_with_caps(key, np.where(drafting & ~truncated, cap - floor_n, 0), room, floor, ordered)
+        p2 = ranked_with_caps(key, np.where(truncated, cap - floor_n, 0), room - len(p1), floor, ordered)
+        ranked = np.concatenate([floor, p1, p2])
+        k = c.budget.choose(B, np.exp(key.ravel()[ranked]), self.step_time) if ordered else len(ranked)
+        return np.sort(ranked[:max(k, len(floor))])
 
 
 @register
