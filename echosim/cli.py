@@ -18,6 +18,8 @@ COMMANDS = [
     "fit",        # fit a step-time model to kernel profiles
     "profile",    # time a real forward of a model shape
     "train_tiny", # echosim train-tiny: the shipped tiny model pair
+    "serve",      # the engine behind an HTTP server (SGLang /generate, OpenAI /v1/completions)
+    "replay",     # replay a trace against an HTTP server
 ]
 
 
