@@ -58,33 +58,36 @@ def draft(drafter: Drafter, policy: Policy, root_token: np.ndarray, kv_len: np.n
         return forest
     tok, lp = drafter.expand(forest, 1, rows, np.full(len(rows), -1, np.int32), k1)
     lp = np.clip(np.asarray(lp, np.float64), MIN_LOGP, MAX_LOGP)
+    # While every request drafts, index rows with a slice: fancy row indexing copies.
+    at = slice(None) if len(rows) == B else rows
     cols = slice(0, k1)
-    forest.token[rows, cols] = tok
-    forest.logp[rows, cols] = lp
-    forest.score[rows, cols] = lp
-    forest.valid[rows, cols] = True
-    forest.stop_depth[rows] = 1
-    beam = _top_k_rows(forest.score[rows, cols], k)  # slots of the depth-1 beam
+    forest.token[at, cols] = tok
+    forest.logp[at, cols] = lp
+    forest.score[at, cols] = lp
+    forest.valid[at, cols] = True
+    forest.stop_depth[at] = 1
+    beam = _top_k_rows(lp, k)  # slots of the depth-1 beam
 
     for d in range(2, D + 1):
         beam_scores = forest.score[rows[:, None], beam]
         keep = np.asarray(policy.gate(d - 1, rows, beam_scores, forest), dtype=bool)
-        rows, beam = rows[keep], beam[keep]
+        if not keep.all():
+            rows, beam, beam_scores = rows[keep], beam[keep], beam_scores[keep]
         if len(rows) == 0:
             break
-        kb = beam.shape[1]
+        n, kb = beam.shape
+        at = slice(None) if n == B else rows
         parents = beam.ravel().astype(np.int32)
-        rep_rows = np.repeat(rows, kb)
-        tok, lp = drafter.expand(forest, d, rep_rows, parents, k)
-        lp = np.clip(np.asarray(lp, np.float64), MIN_LOGP, MAX_LOGP)
+        tok, lp = drafter.expand(forest, d, np.repeat(rows, kb), parents, k)
+        lp = np.clip(np.asarray(lp, np.float64), MIN_LOGP, MAX_LOGP).reshape(n, kb * k)
         lo = int(off[d - 1])
         cols = slice(lo, lo + kb * k)
-        forest.token[rows, cols] = np.asarray(tok).reshape(len(rows), kb * k)
-        forest.logp[rows, cols] = lp.reshape(len(rows), kb * k)
-        parent_score = forest.score[rep_rows, parents]
-        forest.score[rows, cols] = (parent_score[:, None] + lp).reshape(len(rows), kb * k)
-        forest.parent[rows, cols] = np.repeat(beam, k, axis=1)
-        forest.valid[rows, cols] = True
-        forest.stop_depth[rows] = d
-        beam = lo + _top_k_rows(forest.score[rows, cols], k)
+        score = (beam_scores[:, :, None] + lp.reshape(n, kb, k)).reshape(n, kb * k)
+        forest.token[at, cols] = np.asarray(tok).reshape(n, kb * k)
+        forest.logp[at, cols] = lp
+        forest.score[at, cols] = score
+        forest.parent[at, cols] = np.repeat(beam, k, axis=1)
+        forest.valid[at, cols] = True
+        forest.stop_depth[at] = d
+        beam = lo + _top_k_rows(score, k)
     return forest

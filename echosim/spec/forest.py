@@ -10,6 +10,7 @@ stored as a node) is parent -1 at depth 0.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +26,9 @@ class ForestError(ValueError):
     """A forest that breaks an invariant (child before parent, parent in another request, NaN, rising score)."""
 
 
+@functools.lru_cache(maxsize=64)
 def slot_layout(k1: int, k: int, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-slot depth (1..D), sibling rank, and the start offset of each depth (length D+1)."""
+    """Per-slot depth (1..D), sibling rank, and the start offset of each depth (length D+1). Cached: read-only."""
     widths = [k1] + [k * k] * max(depth - 1, 0) if depth > 0 else []
     offsets = np.zeros(len(widths) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(widths)
@@ -34,6 +36,8 @@ def slot_layout(k1: int, k: int, depth: int) -> tuple[np.ndarray, np.ndarray, np
     slot_rank = np.concatenate([np.arange(k1, dtype=np.int32)]
                                + [np.tile(np.arange(k, dtype=np.int32), k)] * max(depth - 1, 0)) \
         if widths else np.zeros(0, dtype=np.int32)
+    for a in (slot_depth, slot_rank, offsets):
+        a.flags.writeable = False
     return slot_depth, slot_rank, offsets
 
 

@@ -107,17 +107,22 @@ def pack(forest: DraftForest, selection: np.ndarray, pad_to: int = 1) -> VerifyB
     parent = np.full(T_pad, -1, np.int32)
     parent[out] = np.where(has_parent, pos_c - sel_first[req] + 1, 0)
 
-    # First child / next sibling: group children by parent (stable keeps ascending local order).
+    # First child / next sibling. In the slot layout a parent's children occupy consecutive slots, so in a
+    # selection (slot order) siblings are adjacent: runs of equal parent are sibling lists, no sort needed.
     next_token = np.full(T_pad, -1, np.int32)
     next_sibling = np.full(T_pad, -1, np.int32)
     if len(sel):
-        pglobal = roots[req] + parent[out]
-        order = np.argsort(pglobal, kind="stable")
-        pg, child = pglobal[order], out[order]
+        pg = roots[req] + parent[out]
         first = np.r_[True, pg[1:] != pg[:-1]]
-        next_token[pg[first]] = local[order][first]
+        if (np.bincount(pg[first], minlength=T) > 1).any():  # a hand-made forest without that layout
+            order = np.argsort(pg, kind="stable")
+            pg, child, loc = pg[order], out[order], local[order]
+            first = np.r_[True, pg[1:] != pg[:-1]]
+        else:
+            child, loc = out, local
+        next_token[pg[first]] = loc[first]
         cont = ~first[1:]
-        next_sibling[child[:-1][cont]] = local[order][1:][cont]
+        next_sibling[child[:-1][cont]] = loc[1:][cont]
 
     # Tree mask: row of each node = itself + its ancestors, walked up one level per pass.
     mask_indptr = np.zeros(B + 1, np.int64)

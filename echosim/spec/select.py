@@ -40,13 +40,14 @@ def top_per_request(key: np.ndarray, n: int | np.ndarray, columns: np.ndarray | 
     if m < S:
         part = np.argpartition(key, S - m, axis=1)[:, S - m:]
         vals = np.take_along_axis(key, part, axis=1)
-        order = np.argsort(-vals, axis=1, kind="stable")
-        part = np.take_along_axis(part, order, axis=1)
-        vals = np.take_along_axis(vals, order, axis=1)
     else:
         part = np.broadcast_to(np.arange(S), (B, S))
         vals = key
-    keep = (np.arange(part.shape[1])[None, :] < n[:, None]) & np.isfinite(vals)
+    keep = vals > -np.inf
+    if int(n.min()) < m:  # requests want different counts: rank each row's m best, keep the first n_i
+        order = np.argsort(-vals, axis=1)
+        part = np.take_along_axis(part, order, axis=1)
+        keep = np.take_along_axis(keep, order, axis=1) & (np.arange(m)[None, :] < n[:, None])
     flat = (np.arange(B, dtype=np.int64)[:, None] * S + part)[keep]
     flat.sort()
     return flat
@@ -108,7 +109,9 @@ def ranked_with_caps(key: np.ndarray, room: np.ndarray, limit: int, taken: np.nd
         sub = top_per_request(key[idx], room[idx] + extra)  # room[i] best once the taken ones are left out
         top = idx[sub // S] * S + sub % S
         if len(taken):
-            top = _best_per_request(flat_key, top[~is_taken[top]], S, room)
+            top = top[~is_taken[top]]
+            if (np.bincount(top // S, minlength=B) > room).any():  # some taken nodes were not among the best
+                top = _best_per_request(flat_key, top, S, room)
         return top[np.argsort(-flat_key[top])] if ordered else top
     want = limit + len(taken) + B
     while True:
