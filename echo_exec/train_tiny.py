@@ -1,0 +1,226 @@
+"""Train the shipped tiny model pair on the Python standard library's own .py sources (on every machine).
+
+- Tokens: bytes (echo_exec/tokenizer.py); each file is [BOS] + its bytes + [EOS], files concatenated in
+  sorted path order. Files whose sha1(relative path) % 16 == 0 are held out (evaluation and prompts), see
+  `split_files`. The stdlib's test suite, idlelib and site-packages are left out.
+- Target: a Llama-type model, d=384, 6 layers, 6 heads, 2 KV heads, SwiGLU 1024 (9.6M params), trained
+  with next-byte cross-entropy.
+- Draft: d=128, 1 layer (0.27M params), distilled from the target's logits (KL(target || draft)), which
+  raises draft/target agreement far more than plain next-byte training.
+- Sequence length 256, AdamW (0.9, 0.95, weight decay 0.1 on matrices), linear warmup, cosine decay to 10%.
+  With --minutes the schedule follows wall-clock progress (so a slower machine still completes the cosine);
+  with --steps it follows steps. The directory's train_meta.json records what a run did (steps, losses).
+- Weights are stored in fp16 (half the bytes of fp32) and load as fp32.
+- Checkpoints are written every --save-every-min minutes, so an interrupted run leaves a usable model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from echo_exec.loader import load_model, save_model
+from echo_exec.model import ModelConfig, Transformer
+from echo_exec.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE
+
+MODELS_DIR = Path(__file__).parent / "models"
+HOLDOUT_MOD = 16
+COMMON = dict(rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, model_type="llama",
+              max_position_embeddings=4096, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+
+
+def target_config() -> ModelConfig:
+    return ModelConfig(vocab_size=VOCAB_SIZE, hidden_size=384, n_layers=6, n_heads=6, n_kv_heads=2,
+                       intermediate_size=1024, **COMMON)
+
+
+def draft_config() -> ModelConfig:
+    return ModelConfig(vocab_size=VOCAB_SIZE, hidden_size=128, n_layers=1, n_heads=4, n_kv_heads=2,
+                       intermediate_size=384, **COMMON)
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The stdlib's .py files (not its test suite, not site-packages), sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for f in root.rglob("*.py"):
+        rel = f.relative_to(root).parts
+        if "site-packages" in rel or "dist-packages" in rel or rel[0] in ("test", "tests", "idlelib"):
+            continue
+        files.append(f)
+    return root, sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def is_heldout(rel_path: str) -> bool:
+    return int(hashlib.sha1(rel_path.encode()).hexdigest(), 16) % HOLDOUT_MOD == 0
+
+
+def split_files() -> tuple[list[Path], list[Path]]:
+    """(train files, held-out files), split deterministically by hash of the path under the stdlib root."""
+    root, files = stdlib_files()
+    train = [f for f in files if not is_heldout(f.relative_to(root).as_posix())]
+    held = [f for f in files if is_heldout(f.relative_to(root).as_posix())]
+    return train, held
+
+
+def encode_files(files: list[Path]) -> np.ndarray:
+    parts = []
+    for f in files:
+        parts.append(np.array([BOS_ID], dtype=np.int16))
+        parts.append(np.frombuffer(f.read_bytes(), dtype=np.uint8).astype(np.int16))
+        parts.append(np.array([EOS_ID], dtype=np.int16))
+    return np.concatenate(parts)
+
+
+@dataclass
+class TrainArgs:
+    role: str  # "target" or "draft"
+    out_dir: Path
+    minutes: float | None = None
+    steps: int | None = None
+    seed: int = 0
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    threads: int = 1
+    teacher_dir: Path | None = None  # draft only: distil from this target
+    save_every_min: float = 10.0
+    # Shipped weights are stored in fp16 (half the bytes; training and inference run in fp32).
+    save_dtype: torch.dtype = torch.float16
+    log_every: int = 20
+
+
+def lr_at(progress: float, step: int, args: TrainArgs) -> float:
+    warm = min(1.0, (step + 1) / args.warmup_steps)
+    return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def make_optimizer(model: Transformer, lr: float) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def batch(data: np.ndarray, rng: np.random.Generator, bs: int, seq: int) -> torch.Tensor:
+    starts = rng.integers(0, len(data) - seq - 1, size=bs)
+    idx = starts[:, None] + np.arange(seq + 1)
+    return torch.from_numpy(data[idx].astype(np.int64))
+
+
+@torch.no_grad()
+def eval_loss(model: Transformer, held: np.ndarray, teacher: Transformer | None, seq: int) -> dict:
+    """Cross-entropy (nats/byte) on fixed held-out windows; for a draft also its argmax agreement with the
+    teacher."""
+    model.eval()
+    rng = np.random.default_rng(12345)
+    ce, agree, n = 0.0, 0.0, 0
+    for _ in range(4):
+        x = batch(held, rng, 16, seq)
+        logits = model(x[:, :-1])
+        ce += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item()
+        if teacher is not None:
+            agree += (teacher(x[:, :-1]).argmax(-1) == logits.argmax(-1)).float().mean().item()
+        n += 1
+    model.train()
+    out = {"eval_ce_nats": round(ce / n, 4)}
+    if teacher is not None:
+        out["eval_argmax_agreement"] = round(agree / n, 4)
+    return out
+
+
+def train(args: TrainArgs, log=print) -> dict:
+    if args.role not in ("target", "draft"):
+        raise ValueError(f"role must be target or draft, not {args.role!r}")
+    if args.minutes is None and args.steps is None:
+        raise ValueError("give --minutes or --steps")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    train_files, held_files = split_files()
+    data, held = encode_files(train_files), encode_files(held_files)
+    log(f"corpus: {len(train_files)} train files ({len(data) / 1e6:.2f}M bytes), {len(held_files)} held out "
+        f"({len(held) / 1e6:.2f}M bytes), python {platform.python_version()}")
+
+    teacher = None
+    if args.role == "draft":
+        if args.teacher_dir is None:
+            raise ValueError("the draft is distilled from a target: give --teacher")
+        teacher = load_model(args.teacher_dir)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    cfg = target_config() if args.role == "target" else draft_config()
+    model = Transformer(cfg)
+    model.init_weights(args.seed)
+    model.train()
+    log(f"{args.role}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+        f"batch {args.batch_size} x {args.seq_len}, lr {args.lr}, threads {args.threads}")
+    opt = make_optimizer(model, args.lr)
+    rng = np.random.default_rng(args.seed)
+    budget_s = args.minutes * 60 if args.minutes is not None else None
+    t0 = last_save = time.time()
+    step, loss_ema = 0, None
+    meta = {"role": args.role, "seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "lr": args.lr, "warmup_steps": args.warmup_steps, "minutes": args.minutes,
+            "steps_arg": args.steps, "python": platform.python_version(), "train_files": len(train_files),
+            "train_bytes": int(len(data)),
+            "params": sum(p.numel() for p in model.parameters()),
+            "stored_dtype": str(args.save_dtype).removeprefix("torch."),
+            "objective": "cross-entropy" if teacher is None else "KL(teacher || draft), teacher " +
+            str(args.teacher_dir.name)}
+
+    def checkpoint(final: bool):
+        stats = eval_loss(model, held, teacher, args.seq_len)
+        meta.update(stats, steps=step, tokens=step * args.batch_size * args.seq_len,
+                    wall_min=round((time.time() - t0) / 60, 1), train_loss_ema=round(loss_ema or 0.0, 4),
+                    finished=final)
+        save_model(model, args.out_dir, dtype=args.save_dtype)
+        (args.out_dir / "train_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        log(f"checkpoint step {step}: {stats} -> {args.out_dir}")
+
+    while True:
+        elapsed = time.time() - t0
+        # Progress is whichever limit is closer: wall clock (--minutes) or steps (--steps).
+        progress = max(elapsed / budget_s if budget_s is not None else 0.0,
+                       step / args.steps if args.steps is not None else 0.0)
+        if progress >= 1.0:
+            break
+        lr = lr_at(progress, step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = batch(data, rng, args.batch_size, args.seq_len)
+        logits = model(x[:, :-1])
+        if teacher is None:
+            loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        else:
+            with torch.no_grad():
+                t_logp = F.log_softmax(teacher(x[:, :-1]), -1).flatten(0, 1)
+            loss = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), t_logp, log_target=True,
+                            reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        if step % args.log_every == 0:
+            el = time.time() - t0
+            log(f"step {step} loss {loss_ema:.4f} lr {lr:.2e} progress {progress:.3f} "
+                f"{step * args.batch_size * args.seq_len / el:.0f} tok/s elapsed {el / 60:.1f} min")
+            sys.stdout.flush()
+        if time.time() - last_save > args.save_every_min * 60:
+            checkpoint(final=False)
+            last_save = time.time()
+    checkpoint(final=True)
+    return meta
