@@ -1,0 +1,1 @@
+"""Data files (JSON); a package only so that installs ship them."""

@@ -1,0 +1,208 @@
+"""Fitted step-time model: the roofline's shape with its rates and overheads fitted to kernel profiles by scipy
+least squares (relative error), plus held-out statistics and the all-reduce fit.
+
+    tables = [read_profile(p) for p in paths]
+    result = fit_params(concat(tables), base=RooflineParams.from_hardware("h100-sxm"))
+    model = FittedCostModel("qwen3-8b", params="cost_models/fitted/h100.json")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from cost_models.profiles import AllReduceProfile, OpTable
+from cost_models.roofline import FITTED_DIR, RooflineCostModel, RooflineParams, attention_ms, gemm_ms
+from cost_models.specs import HardwareSpec, ModelSpec
+from echosim.errors import UserError
+
+DEFAULT_FIT = FITTED_DIR / "h100.json"
+# FlashAttention walks the KV cache in tiles: with keys per sequence rounded up to 64, the Llama-3.1-70B attention
+# profile fits with 2.8% median error instead of 7.2% (benchmarks/bench_cost_models.py)
+FIT_KV_BLOCK = 64.0
+
+# name -> (log-scaled?, lower, upper); rates in TFLOP/s and GB/s, times in us (ms for the step overhead)
+PARAM_SPACE = {
+    "gemm_tflops": (True, 1e-3, 5e3),
+    "gemm_gbps": (True, 1e-1, 2e4),
+    "gemm_ramp_tokens": (False, 0.0, 2000.0),
+    "smooth_p": (True, 1.0, 32.0),
+    "gemm_launch_us": (False, 0.0, 5e3),
+    "elem_gbps": (True, 1e-1, 2e4),
+    "elem_launch_us": (False, 0.0, 5e3),
+    "attn_tflops": (True, 1e-3, 5e3),
+    "attn_gbps": (True, 1e-1, 2e4),
+    "attn_smooth_p": (True, 1.0, 32.0),
+    "attn_launch_us": (False, 0.0, 5e3),
+    "attn_per_seq_us": (False, 0.0, 1e3),
+    "attn_key_ns": (False, 0.0, 1e3),
+    "attn_units": (True, 8.0, 4096.0),
+    "step_overhead_ms": (False, 0.0, 1e3),
+}
+
+
+def params_for(kinds: set[str]) -> list[str]:
+    """The parameters a table of these operator kinds can identify."""
+    names = []
+    if "gemm" in kinds:
+        names += ["gemm_tflops", "gemm_gbps", "gemm_ramp_tokens", "smooth_p", "gemm_launch_us"]
+    if "elem" in kinds:
+        names += ["elem_gbps", "elem_launch_us"]
+    if "attn" in kinds:
+        names += ["attn_tflops", "attn_gbps", "attn_smooth_p", "attn_launch_us", "attn_per_seq_us",
+                  "attn_key_ns", "attn_units"]
+    if "step" in kinds:
+        names += ["step_overhead_ms"]
+    return names
+
+
+def predict_ops(t: OpTable, prm: RooflineParams) -> np.ndarray:
+    """Predicted ms of every operator row (its count included)."""
+    out = np.zeros(len(t.op_kind))
+    g = t.op_kind == "gemm"
+    if g.any():
+        out[g] = (gemm_ms(t.tokens[g], t.k[g], t.n[g], prm.gemm_tflops * 1e9, prm.gemm_gbps * 1e6, prm.smooth_p,
+                          prm.gemm_ramp_tokens, 2.0, t.weight_copies[g], t.flop_mult[g])
+                  + prm.gemm_launch_us / 1000.0) * (t.tokens[g] > 0)
+    e = t.op_kind == "elem"
+    if e.any():
+        out[e] = t.tokens[e] * t.elem_bytes[e] / (prm.elem_gbps * 1e6) + prm.elem_launch_us / 1000.0
+    a = t.op_kind == "attn"
+    if a.any():
+        out[a] = (attention_ms(t.tokens[a], t.kv_tokens[a], t.qk_pairs[a], t.seqs[a], t.q_heads[a], t.kv_heads[a],
+                              t.head_dim[a], prm.attn_tflops * 1e9, prm.attn_gbps * 1e6, prm.attn_smooth_p,
+                              prm.attn_per_seq_us / 1000.0, prm.attn_key_ns / 1e6, prm.attn_units, prm.attn_kv_block)
+                  + prm.attn_launch_us / 1000.0)
+    s = t.op_kind == "step"
+    out[s] = prm.step_overhead_ms
+    return out * t.count
+
+
+def predict_obs(t: OpTable, prm: RooflineParams) -> np.ndarray:
+    return np.bincount(t.op_obs, weights=predict_ops(t, prm), minlength=t.n_obs)
+
+
+def ape_stats(pred: np.ndarray, meas: np.ndarray) -> dict:
+    ape = np.abs(pred - meas) / meas * 100.0
+    return {"n": int(len(ape)), "median_ape_pct": round(float(np.median(ape)), 2),
+            "p90_ape_pct": round(float(np.percentile(ape, 90)), 2), "max_ape_pct": round(float(ape.max()), 2)}
+
+
+@dataclass
+class FitResult:
+    params: RooflineParams
+    fitted: list[str]
+    train: dict
+    cost: float
+
+
+def fit_params(table: OpTable, base: RooflineParams, names: list[str] | None = None,
+               op_weight: float = 0.1, kv_block: float = FIT_KV_BLOCK) -> FitResult:
+    """Least squares on log(predicted / measured): every observation's total, plus every timed operator with
+    weight `op_weight` (it pins the launch costs, which the totals alone cannot separate). kv_block: the KV tile
+    of the attention critical path (fixed, not fitted: a kernel constant)."""
+    from scipy.optimize import least_squares
+
+    names = names or params_for(table.kinds())
+    base = replace(base, gemm_kernels_per_layer=table.gemm_kernels_per_layer,
+                   elem_kernels_per_layer=table.elem_kernels_per_layer, attn_kv_block=float(kv_block))
+    logs = np.array([PARAM_SPACE[n][0] for n in names])
+    lo = np.array([PARAM_SPACE[n][1] for n in names], dtype=np.float64)
+    hi = np.array([PARAM_SPACE[n][2] for n in names], dtype=np.float64)
+    lo = np.where(logs, np.log(np.maximum(lo, 1e-12)), lo)
+    hi = np.where(logs, np.log(hi), hi)
+    start = np.array([float(getattr(base, n)) for n in names])
+    # launch-type parameters start from a small positive guess so the gradient is informative
+    start = np.where((start == 0) & ~logs, np.minimum(1.0, hi), start)
+    x0 = np.clip(np.where(logs, np.log(np.maximum(start, 1e-12)), start), lo + 1e-9, hi - 1e-9)
+    timed = np.isfinite(table.measured_ms) & (table.measured_ms > 0)
+    meas_obs = table.obs_measured_ms
+    meas_op = table.measured_ms[timed]
+
+    def unpack(x):
+        vals = np.where(logs, np.exp(x), x)
+        return replace(base, **{n: float(v) for n, v in zip(names, vals, strict=True)})
+
+    def resid(x):
+        prm = unpack(x)
+        ops = predict_ops(table, prm)
+        obs = np.bincount(table.op_obs, weights=ops, minlength=table.n_obs)
+        r = [np.log(np.maximum(obs, 1e-12) / meas_obs)]
+        if timed.any() and op_weight > 0:
+            r.append(op_weight * np.log(np.maximum(ops[timed], 1e-12) / meas_op))
+        return np.concatenate(r)
+
+    sol = least_squares(resid, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, max_nfev=400)
+    prm = unpack(sol.x)
+    return FitResult(prm, names, ape_stats(predict_obs(table, prm), meas_obs), float(sol.cost))
+
+
+def split_half(table: OpTable) -> tuple[np.ndarray, np.ndarray]:
+    """Observation masks: train on every other value of the split key (token count), test on the rest."""
+    values = np.unique(table.obs_split)
+    train_values = values[::2]
+    train = np.isin(table.obs_split, train_values)
+    return train, ~train
+
+
+def heldout_stats(table: OpTable, base: RooflineParams, kv_block: float = FIT_KV_BLOCK) -> dict:
+    train, test = split_half(table)
+    res = fit_params(table.subset(train), base, kv_block=kv_block)
+    sub = table.subset(test)
+    return {"train": res.train, "test": ape_stats(predict_obs(sub, res.params), sub.obs_measured_ms)}
+
+
+def fit_allreduce(prof: AllReduceProfile) -> dict:
+    """Per world size: time = latency + bytes / bandwidth, least squares on the relative error."""
+    from scipy.optimize import least_squares
+
+    out = {}
+    for w in sorted(set(prof.world_size.tolist())):
+        m = prof.world_size == w
+        size, ms = prof.size_bytes[m], prof.time_ms[m]
+
+        def resid(x, size=size, ms=ms):
+            lat_ms, gbps = np.exp(x)
+            return np.log((lat_ms + size / (gbps * 1e6)) / ms)
+
+        sol = least_squares(resid, np.log([0.02, 200.0]), loss="soft_l1", f_scale=0.1)
+        lat_ms, gbps = np.exp(sol.x)
+        pred = lat_ms + size / (gbps * 1e6)
+        out[int(w)] = {"latency_us": round(float(lat_ms * 1000), 3), "gbps": round(float(gbps), 2),
+                       **ape_stats(pred, ms)}
+    return out
+
+
+def load_fit(path: str | Path = DEFAULT_FIT) -> tuple[RooflineParams, dict]:
+    path = Path(path)
+    if not path.is_file() and not path.suffix and (FITTED_DIR / f"{path}.json").is_file():
+        path = FITTED_DIR / f"{path}.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        known = ", ".join(sorted(p.stem for p in FITTED_DIR.glob("*.json")))
+        raise UserError(f"cannot read fitted parameters: {exc} (shipped: {known})", path=str(path)) from None
+    if "params" not in data:
+        raise UserError("not a fitted step-time model (no 'params')", path=str(path), field="params")
+    return RooflineParams.from_dict(data["params"], path=str(path)), data
+
+
+class FittedCostModel(RooflineCostModel):
+    """The roofline shape with fitted parameters (default: cost_models/fitted/h100.json). On other hardware than
+    the fit's, the fitted efficiencies carry over: rates scale with the datasheet ratios."""
+
+    kind = "fitted"
+
+    def __init__(self, model: str | ModelSpec, hardware: str | HardwareSpec | None = None, tp: int = 1,
+                 draft: str | ModelSpec | None = None, params: str | Path | RooflineParams = DEFAULT_FIT,
+                 draft_tp: int | None = None, step_overhead_ms: float | None = None):
+        if isinstance(params, RooflineParams):
+            prm, self.fit_info = params, {}
+        else:
+            prm, self.fit_info = load_fit(params)
+        if step_overhead_ms is not None:
+            prm = replace(prm, step_overhead_ms=float(step_overhead_ms))
+        super().__init__(model, hardware, tp=tp, draft=draft, params=prm, draft_tp=draft_tp)

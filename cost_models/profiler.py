@@ -1,0 +1,132 @@
+"""Time the real forward of a model shape (random weights) over a grid of batch sizes, verify tokens per sequence
+and KV lengths; write our profile CSV (cost_models.profiles.PROFILE_COLUMNS), which `echosim fit` reads.
+
+The timing harness (`time_forward`) takes any zero-argument callable: warm-up calls, then repeated timed calls,
+with CUDA events on a GPU and perf_counter on the CPU. `profile_model` builds echo_exec's Transformer for the
+shape and times `forward_packed` over a paged KV cache: each sequence verifies a chain of `t` new tokens (causal
+mask among them) after `kv` cached tokens, every row through the LM head, as one packed batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cost_models.profiles import PROFILE_COLUMNS
+from cost_models.specs import ModelSpec
+from echosim.errors import UserError
+
+CPU_GRID = dict(batch_sizes=(1, 2, 4, 8), tokens_per_seq=(1, 2, 4, 8, 16, 32), kv_lens=(0, 128, 512))
+GPU_GRID = dict(batch_sizes=(1, 4, 16, 64), tokens_per_seq=(1, 2, 4, 8, 16, 32),
+                kv_lens=(0, 1024, 4096, 8192))
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+
+
+def time_forward(fn, *, warmup: int = 2, repeats: int = 5, device: str = "cpu") -> Timing:
+    """Warm up, then time `repeats` calls of fn() (CUDA events on a GPU: the GPU time, not the launch time)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    a = np.asarray(times)
+    return Timing(float(np.median(a)), float(np.percentile(a, 10)), float(np.percentile(a, 90)), len(a))
+
+
+def build_model(spec: ModelSpec, device: str, dtype: str, num_layers: int | None = None, seed: int = 0):
+    """echo_exec's Transformer of this shape with random weights (MoE is not built by echo_exec)."""
+    import torch
+
+    from echo_exec.model import ModelConfig, Transformer
+
+    if spec.is_moe:
+        raise UserError(f"{spec.name} is a mixture of experts; the profiler builds dense Llama/Qwen models only")
+    cfg = ModelConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+                      n_layers=num_layers or spec.num_layers, n_heads=spec.num_heads, n_kv_heads=spec.num_kv_heads,
+                      intermediate_size=spec.intermediate_size, head_dim=spec.head_dim,
+                      max_position_embeddings=1 << 20)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(cfg)
+    model = model.to(dtype=getattr(torch, dtype)).eval()
+    with torch.no_grad():  # random matrices of a sane scale (timing only); norm weights stay 1
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.02)
+    return model, cfg
+
+
+def profile_model(spec: ModelSpec, *, device: str = "cpu", dtype: str = "float32", batch_sizes=(1,),
+                  tokens_per_seq=(1,), kv_lens=(0,), warmup: int = 2, repeats: int = 5,
+                  num_layers: int | None = None, block_size: int = 16, progress=None) -> list[dict]:
+    """One row per (batch, tokens per sequence, KV length): the median time of one packed forward."""
+    import torch
+
+    from echo_exec.model import KVCache, make_attn_meta
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    model, cfg = build_model(spec, device, dtype, num_layers)
+    max_slots = max(batch_sizes) * (max(kv_lens) + max(tokens_per_seq))
+    cache = KVCache(cfg, num_blocks=-(-max_slots // block_size), block_size=block_size,
+                    dtype=getattr(torch, dtype), device=device)
+    rows = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for b in batch_sizes:
+        for t in tokens_per_seq:
+            for kv in kv_lens:
+                per = kv + t
+                ctx = [np.arange(i * per, i * per + kv) for i in range(b)]
+                new = [np.arange(i * per + kv, (i + 1) * per) for i in range(b)]
+                meta = make_attn_meta(ctx, new, None, device=device)
+                tokens = torch.randint(0, spec.vocab_size, (b * t,), generator=gen).to(device)
+                positions = torch.tensor(np.concatenate([np.arange(kv, kv + t)] * b), device=device)
+
+                def fwd(tokens=tokens, positions=positions, meta=meta):
+                    with torch.inference_mode():
+                        model.forward_packed(tokens, positions, meta, cache)
+
+                tm = time_forward(fwd, warmup=warmup, repeats=repeats, device=device)
+                rows.append(dict(model=spec.name, device=device, dtype=dtype, batch_size=b, tokens_per_seq=t,
+                                 kv_len=kv, num_tokens=b * t, time_ms=round(tm.median_ms, 6),
+                                 time_ms_p10=round(tm.p10_ms, 6), time_ms_p90=round(tm.p90_ms, 6),
+                                 repeats=tm.repeats, hidden_size=cfg.hidden_size, num_layers=cfg.n_layers,
+                                 num_heads=cfg.n_heads, num_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                                 intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size))
+                if progress:
+                    progress(rows[-1])
+    return rows
+
+
+def write_profile(rows: list[dict], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=PROFILE_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)

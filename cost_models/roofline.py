@@ -1,0 +1,306 @@
+"""Roofline step-time model: per layer, time = smooth-max(FLOPs / effective peak, bytes / effective bandwidth)
++ launch overheads, for the GEMMs, the element-wise ops, attention over the KV cache (GQA), the LM head, MoE experts
+(the expected number of distinct experts the batch's tokens touch) and the tensor-parallel all-reduce.
+
+RooflineParams.from_hardware gives the pure roofline of a datasheet (peak FLOP/s and HBM bandwidth, no launch
+cost); the fitted model (cost_models/fitted.py) is this same code with parameters fitted to kernel profiles.
+
+Every formula uses plain arithmetic only, so it evaluates on Python floats (one iteration in the simulator, a few
+microseconds) and on NumPy arrays (thousands of candidate configurations in one call) alike.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from cost_models.interface import Num, StepBatch, StepTime
+from cost_models.specs import HardwareSpec, ModelSpec, load_hardware, load_model
+from echosim.errors import UserError
+
+FITTED_DIR = Path(__file__).parent / "fitted"
+ALLREDUCE_FIT = FITTED_DIR / "h100_all_reduce.json"
+
+
+def smax(a: Num, b: Num, p: float) -> Num:
+    """Smooth maximum (p-norm): the roofline corner is rounded, as real kernels are; p -> inf is max(a, b)."""
+    return (a**p + b**p) ** (1.0 / p)
+
+
+def gemm_ms(tokens: Num, k: float, n: float, flop_per_ms: float, byte_per_ms: float, p: float, ramp_tokens: float,
+            dtype_bytes: float = 2.0, weight_copies: Num = 1.0, flop_mult: float = 1.0) -> Num:
+    """[tokens, k] x [k, n]. Compute side: 2 k n (tokens + ramp) FLOPs, the ramp standing for tile under-use at
+    small row counts (a linear segment that does not pass through 0). Memory side: the weights (weight_copies of
+    them, e.g. the distinct MoE experts touched) plus activations in and out. flop_mult: rows per token (MoE top-k)."""
+    comp = 2.0 * k * n * flop_mult * (tokens + ramp_tokens) / flop_per_ms
+    mem = dtype_bytes * (k * n * weight_copies + tokens * flop_mult * (k + n)) / byte_per_ms
+    return smax(comp, mem, p)
+
+
+def hmax(a: Num, b: Num) -> Num:
+    """max() that works on floats and arrays alike (no NumPy dispatch on floats)."""
+    return 0.5 * (a + b + abs(a - b))
+
+
+def attention_ms(tokens: Num, kv_tokens: Num, qk_pairs: Num, seqs: Num, q_heads: float, kv_heads: float,
+                 head_dim: float, flop_per_ms: float, byte_per_ms: float, p: float, per_seq_ms: float,
+                 key_ms: float = 0.0, units: float = 1.0, kv_block: float = 1.0, dtype_bytes: float = 2.0) -> Num:
+    """Attention of one layer (one TP shard), smooth max of three bounds plus a per-sequence cost:
+    - compute: QK^T and PV FLOPs over the query-key pairs;
+    - memory: the K and V of every key read once per sequence (GQA: kv_heads), plus Q in and O out;
+    - critical path: a thread block walks one sequence's keys at key_ms per key; blocks are (sequence, head,
+      128-query tile), and beyond `units` of them they run in waves. This is what dominates decode of few, long
+      sequences (a batch of 1 at 64k KV runs far below the HBM bandwidth). A block walks whole KV tiles: the keys
+      per sequence round up to a multiple of kv_block."""
+    comp = 4.0 * qk_pairs * q_heads * head_dim / flop_per_ms
+    mem = dtype_bytes * head_dim * (2.0 * kv_tokens * kv_heads + 2.0 * tokens * q_heads) / byte_per_ms
+    blocks = q_heads * hmax(seqs, tokens / 128.0)
+    keys = -(-(kv_tokens / hmax(seqs, 1.0)) // kv_block) * kv_block  # ceil to whole tiles (floats and arrays)
+    serial = keys * key_ms * hmax(1.0, blocks / units)
+    return (comp**p + mem**p + serial**p) ** (1.0 / p) + per_seq_ms * seqs
+
+
+@dataclass
+class RooflineParams:
+    """Effective rates and overheads. Units in the names; rates are what a kernel achieves, not the datasheet."""
+
+    hardware: str
+    gemm_tflops: float
+    gemm_gbps: float
+    elem_gbps: float
+    attn_tflops: float
+    attn_gbps: float
+    gemm_ramp_tokens: float = 0.0
+    smooth_p: float = 32.0
+    attn_smooth_p: float = 32.0
+    gemm_launch_us: float = 0.0
+    elem_launch_us: float = 0.0
+    attn_launch_us: float = 0.0
+    attn_per_seq_us: float = 0.0
+    attn_key_ns: float = 0.0  # critical path per key of one attention thread block (0 = ignore)
+    attn_units: float = 132.0  # thread blocks that run at once (one wave); H100 SXM has 132 SMs
+    attn_kv_block: float = 1.0  # keys per KV tile the critical path walks whole (the fits use 64)
+    gemm_kernels_per_layer: int = 4  # fused qkv, o, gate+up, down
+    elem_kernels_per_layer: int = 5  # 2 norms, rope, activation, residual add
+    # world size -> [latency_us, algorithm bandwidth GB/s]: all-reduce time = latency + bytes / bandwidth
+    allreduce: dict = field(default_factory=dict)
+    step_overhead_ms: float = 0.0  # per iteration: scheduling, sampling, syncs (profiles do not measure it)
+    draft_depth_overhead_ms: float = 0.0  # per drafted depth: launch of the draft forward, top-k
+
+    @classmethod
+    def from_hardware(cls, hardware: str | HardwareSpec) -> RooflineParams:
+        """The pure datasheet roofline: peak FLOP/s and HBM bandwidth, no launch cost. All-reduce from the H100 DGX
+        fit (cost_models/fitted/h100_all_reduce.json) with its bandwidth scaled by the NVLink ratio, else the
+        NVLink ring bound."""
+        hw = load_hardware(hardware)
+        gbps = hw.hbm_tbps * 1000.0
+        out = cls(hardware=hw.name, gemm_tflops=hw.peak_bf16_tflops, gemm_gbps=gbps, elem_gbps=gbps,
+                  attn_tflops=hw.peak_bf16_tflops, attn_gbps=gbps)
+        out.allreduce = default_allreduce(hw)
+        return out
+
+    def scaled_to(self, hardware: str | HardwareSpec) -> RooflineParams:
+        """The same efficiencies on other hardware: rates scale with the datasheet ratios."""
+        dst_name = hardware.name if isinstance(hardware, HardwareSpec) else str(hardware)
+        if dst_name == self.hardware:
+            return self
+        src, dst = load_hardware(self.hardware), load_hardware(hardware)
+        if src.name == dst.name:
+            return self
+        c, m, n = (dst.peak_bf16_tflops / src.peak_bf16_tflops, dst.hbm_tbps / src.hbm_tbps,
+                   dst.nvlink_gbps / src.nvlink_gbps)
+        ar = {w: [lat, bw * n] for w, (lat, bw) in self.allreduce.items()}
+        return replace(self, hardware=dst.name, gemm_tflops=self.gemm_tflops * c, attn_tflops=self.attn_tflops * c,
+                       gemm_gbps=self.gemm_gbps * m, elem_gbps=self.elem_gbps * m, attn_gbps=self.attn_gbps * m,
+                       allreduce=ar)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["allreduce"] = {str(k): v for k, v in self.allreduce.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str | None = None) -> RooflineParams:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown parameter(s) {', '.join(unknown)}", path=path)
+        try:
+            out = cls(**d)
+        except TypeError as exc:
+            raise UserError(f"bad parameters: {exc}", path=path) from None
+        out.allreduce = {int(k): [float(v[0]), float(v[1])] for k, v in (d.get("allreduce") or {}).items()}
+        return out
+
+
+def hardware_or_label(name: str) -> HardwareSpec:
+    """The catalog entry, or a stand-in for a machine outside the catalog (fitted rates only, no datasheet)."""
+    try:
+        return load_hardware(name)
+    except UserError:
+        nan = float("nan")
+        return HardwareSpec(name=name, peak_bf16_tflops=nan, hbm_tbps=nan, memory_gb=nan, nvlink_gbps=nan,
+                            source="not in the catalog: fitted parameters only")
+
+
+def default_allreduce(hw: HardwareSpec) -> dict:
+    if ALLREDUCE_FIT.is_file():
+        fit = json.loads(ALLREDUCE_FIT.read_text())
+        ratio = hw.nvlink_gbps / float(fit["nvlink_gbps"])
+        return {int(w): [v["latency_us"], v["gbps"] * ratio] for w, v in fit["world_sizes"].items()}
+    # ring all-reduce moves 2 (w-1)/w of the data over each GPU's one-way NVLink bandwidth
+    return {w: [0.0, hw.nvlink_gbps / 2 * w / (2 * (w - 1))] for w in (2, 4, 8)}
+
+
+class _Forward:
+    """Per-layer constants of one model at one TP degree, precomputed so each evaluation is a few float ops."""
+
+    def __init__(self, model: ModelSpec, tp: int, prm: RooflineParams):
+        if tp < 1 or model.num_heads % tp:
+            raise UserError(f"TP degree {tp} must divide the {model.num_heads} attention heads of {model.name}")
+        d, hd, b = model.hidden_size, model.head_dim, model.dtype_bytes
+        self.layers, self.b, self.d = model.num_layers, b, d
+        self.hq, self.hkv, self.hd = model.num_heads / tp, max(model.num_kv_heads / tp, 1.0), hd
+        up_mult = 2 if model.gated_mlp else 1
+        self.dense = [(model.qkv_in(), (self.hq + 2 * self.hkv) * hd), (self.hq * hd, d)]
+        self.experts = model.num_experts
+        if model.is_moe:
+            f = model.moe_intermediate_size / tp
+            self.topk = model.experts_per_token
+            self.dense.append((d, model.num_experts))  # router
+            self.moe = [(d, up_mult * f), (f, d)]
+            act = self.topk * f
+        else:
+            f = model.intermediate_size / tp
+            self.dense += [(d, up_mult * f), (f, d)]
+            self.moe = []
+            act = f
+        # element-wise bytes per token: 2 norms (read+write d), rope on q and k, activation (read 2f, write f),
+        # 2 residual adds (read 2d, write d)
+        self.elem_bytes = b * (4 * d + 2 * (self.hq + self.hkv) * hd + (up_mult + 1) * act + 6 * d)
+        self.lm = (d, model.vocab_size / tp)
+        self.tp = tp
+        self.set_params(prm)
+
+    def set_params(self, prm: RooflineParams) -> None:
+        self.pc, self.bm = prm.gemm_tflops * 1e9, prm.gemm_gbps * 1e6  # per ms
+        self.be = prm.elem_gbps * 1e6
+        self.pa, self.ba = prm.attn_tflops * 1e9, prm.attn_gbps * 1e6
+        self.p, self.pa_p, self.ramp = prm.smooth_p, prm.attn_smooth_p, prm.gemm_ramp_tokens
+        self.fixed_ms = (prm.gemm_kernels_per_layer * prm.gemm_launch_us + prm.elem_kernels_per_layer
+                         * prm.elem_launch_us + prm.attn_launch_us) / 1000.0
+        self.seq_ms = prm.attn_per_seq_us / 1000.0
+        self.key_ms, self.units, self.kv_block = prm.attn_key_ns / 1e6, prm.attn_units, prm.attn_kv_block
+        self.lm_fixed_ms = (prm.gemm_launch_us + prm.elem_launch_us) / 1000.0
+        if self.tp > 1:
+            if self.tp not in prm.allreduce:
+                raise UserError(f"no all-reduce parameters for TP {self.tp} (have: "
+                                f"{', '.join(map(str, sorted(prm.allreduce))) or 'none'})")
+            lat_us, gbps = prm.allreduce[self.tp]
+            self.ar_lat_ms, self.ar_byte_per_ms = lat_us / 1000.0, gbps * 1e6
+        else:
+            self.ar_lat_ms, self.ar_byte_per_ms = 0.0, 1.0
+        self._constants()
+
+    def _constants(self) -> None:
+        """Fold shapes and rates into per-GEMM coefficients: comp = c * (t + ramp), mem = m0 + m1 * t."""
+        b = self.b
+        self.dense_c = [(2.0 * k * n / self.pc, b * k * n / self.bm, b * (k + n) / self.bm) for k, n in self.dense]
+        self.moe_c = [(2.0 * k * n / self.pc, b * k * n / self.bm, b * (k + n) / self.bm) for k, n in self.moe]
+        k, n = self.lm
+        self.lm_c = (2.0 * k * n / self.pc, b * k * n / self.bm, b * (k + n) / self.bm)
+        self.elem_c = self.elem_bytes / self.be
+        self.attn_comp_c = 4.0 * self.hq * self.hd / self.pa
+        self.attn_kv_c = b * self.hd * 2.0 * self.hkv / self.ba
+        self.attn_q_c = b * self.hd * 2.0 * self.hq / self.ba
+        self.ar_c = self.d * b / self.ar_byte_per_ms
+
+    def layers_ms(self, t: Num, kv: Num, qk: Num, seqs: Num) -> Num:
+        """All decoder layers of one forward over t tokens (0 tokens -> 0 ms)."""
+        p, inv_p, tr = self.p, 1.0 / self.p, t + self.ramp
+        layer = self.fixed_ms + t * self.elem_c
+        for c, m0, m1 in self.dense_c:
+            layer = layer + ((c * tr) ** p + (m0 + m1 * t) ** p) ** inv_p
+        if self.moe_c:
+            e, k = self.experts, self.topk
+            touched = e * (1.0 - (1.0 - k / e) ** t)  # expected distinct experts hit by t tokens
+            for c, m0, m1 in self.moe_c:
+                layer = layer + ((c * k * tr) ** p + (m0 * touched + m1 * k * t) ** p) ** inv_p
+        # attention: same formula as attention_ms, on the folded constants
+        pa = self.pa_p
+        blocks = self.hq * hmax(seqs, t / 128.0)
+        blk = self.kv_block
+        serial = -(-(kv / hmax(seqs, 1.0)) // blk) * blk * self.key_ms * hmax(1.0, blocks / self.units)
+        layer = layer + ((qk * self.attn_comp_c) ** pa + (kv * self.attn_kv_c + t * self.attn_q_c) ** pa
+                         + serial**pa) ** (1.0 / pa) + self.seq_ms * seqs
+        if self.tp > 1:  # after attention and after the MLP
+            layer = layer + 2.0 * (self.ar_lat_ms + t * self.ar_c)
+        return self.layers * layer * (t > 0)
+
+    def lm_head_ms(self, rows: Num) -> Num:
+        c, m0, m1 = self.lm_c
+        p = self.p
+        return ((((c * (rows + self.ramp)) ** p + (m0 + m1 * rows) ** p) ** (1.0 / p) + self.lm_fixed_ms)
+                * (rows > 0))
+
+
+class RooflineCostModel:
+    """StepCostModel from a model (and optional draft model) on a hardware at a TP degree."""
+
+    kind = "roofline"
+
+    def __init__(self, model: str | ModelSpec, hardware: str | HardwareSpec | None = None, tp: int = 1,
+                 draft: str | ModelSpec | None = None, params: RooflineParams | None = None,
+                 draft_tp: int | None = None):
+        self.model = load_model(model)
+        if hardware is None:  # the parameters' own hardware (may be a machine outside the catalog), else H100
+            hardware = hardware_or_label(params.hardware) if params is not None else "h100-sxm"
+        self.hardware = load_hardware(hardware)
+        self.draft = load_model(draft) if draft is not None else None
+        self.tp = int(tp)
+        self.params = (params or RooflineParams.from_hardware(self.hardware)).scaled_to(self.hardware)
+        self._target = _Forward(self.model, self.tp, self.params)
+        self._draft = _Forward(self.draft, draft_tp or self.tp, self.params) if self.draft else None
+
+    def __repr__(self) -> str:
+        draft = f", draft={self.draft.name}" if self.draft else ""
+        return f"{type(self).__name__}({self.model.name}, {self.hardware.name}, tp={self.tp}{draft})"
+
+    def step_time(self, batch: StepBatch) -> StepTime:
+        tg = self._target
+        verify = tg.layers_ms(batch.target_tokens, batch.target_kv_tokens, batch.target_qk_pairs,
+                              batch.target_seqs)
+        lm = tg.lm_head_ms(batch.target_lm_rows)
+        overhead = self.params.step_overhead_ms + 0.0 * verify
+        draft = 0.0 * verify
+        rows = batch.draft_tokens
+        depths = rows.shape[-1] if isinstance(rows, np.ndarray) else len(rows)
+        if depths:
+            if self._draft is None:
+                raise UserError("the batch drafts tokens but the cost model has no draft model")
+            dr = self._draft
+            per = self.params.draft_depth_overhead_ms
+            arr = isinstance(rows, np.ndarray)
+            for i in range(depths):
+                r = rows[..., i] if arr else rows[i]
+                kv = batch.draft_kv_tokens[..., i] if arr else batch.draft_kv_tokens[i]
+                qk = batch.draft_qk_pairs[..., i] if arr else batch.draft_qk_pairs[i]
+                s = batch.draft_seqs[..., i] if arr else batch.draft_seqs[i]
+                draft = draft + dr.layers_ms(r, kv, qk, s)
+                lm = lm + dr.lm_head_ms(r)
+                overhead = overhead + per * (r > 0)
+        return StepTime(draft, verify, lm, overhead)
+
+    def verify_ms(self, tokens_total: Num, kv_tokens_total: Num, num_seqs: Num) -> Num:
+        t = tokens_total
+        s = np.maximum(num_seqs, 1) if isinstance(num_seqs, np.ndarray) else max(num_seqs, 1)
+        qk = t * (kv_tokens_total / s) + t * (t / s + 1) / 2  # each sequence's tokens over its mean context
+        tg = self._target
+        return (tg.layers_ms(t, kv_tokens_total + t, qk, num_seqs) + tg.lm_head_ms(t)
+                + self.params.step_overhead_ms)
+
+    def ar_step_ms(self, batch_size: Num, context_len: Num) -> Num:
+        return self.verify_ms(batch_size, batch_size * context_len, batch_size)
