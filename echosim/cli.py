@@ -18,6 +18,7 @@ COMMANDS = [
     "fit",        # fit a step-time model to kernel profiles
     "profile",    # time a real forward of a model shape
     "train_tiny", # echosim train-tiny: the shipped tiny model pair
+    "fit_acceptance",  # echosim fit-acceptance: the acceptance model from per-node records
     "serve",      # the engine behind an HTTP server (SGLang /generate, OpenAI /v1/completions)
     "replay",     # replay a trace against an HTTP server
 ]

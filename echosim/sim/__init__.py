@@ -1,0 +1,1 @@
+"""The discrete-event simulator and its models (acceptance model: echosim.sim.acceptance)."""

@@ -1,0 +1,135 @@
+"""Fitting the acceptance model: maximum likelihood from records, the MAT calibration of the presets, the CLI."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from echosim.cli import main
+from echosim.sim.acceptance import AcceptanceModel, AcceptParams, DraftParams, measure_mat
+from echosim.sim.acceptance_fit import calibrate_skill, fit_records, infer_parent_accepted, simulate_records
+from echosim.spec.policies import make_policy
+from echosim.spec.records import read_records, write_records
+
+EAGLE3 = {"steps": 5, "topk": 8, "num_draft_tokens": 32}
+PAPER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "paper" / "echo_reported.md"
+TRUE = AcceptanceModel(
+    "true", DraftParams(conf_mean=[2.0, 1.8, 1.6, 1.5, 1.4], conf_ease=1.0, conf_sd=1.5, rank_decay=1.2,
+                        rank_sd=0.6),
+    AcceptParams(gamma=[0.0, -0.2, -0.4, -0.5, -0.6], beta=[1.0, 1.3, 0.8, 1.0, 1.0], rank_bias=-0.3,
+                 sigma_request=0.5, sigma_step=0.8),
+    {"gsm8k": 0.3, "cnn_dm": -0.2})
+
+
+@pytest.fixture(scope="module")
+def records():
+    return simulate_records(TRUE, make_policy("eagle3", EAGLE3), ["gsm8k", "cnn_dm"], requests=96, steps=100, seed=1)
+
+
+@pytest.fixture(scope="module")
+def fitted(records):
+    return fit_records(records)
+
+
+def test_ml_fit_recovers_the_generating_parameters(fitted):
+    m, a, d = fitted.model, fitted.model.accept_params, fitted.model.draft_params
+    assert fitted.report["converged"]
+    assert abs(a.sigma_step - 0.8) < 0.15 and abs(a.sigma_request - 0.5) < 0.2
+    assert np.allclose(a.gamma, TRUE.accept_params.gamma, atol=0.2)
+    assert np.allclose(a.beta, TRUE.accept_params.beta, atol=0.2)
+    assert abs(a.rank_bias + 0.3) < 0.25
+    assert abs((m.skills["gsm8k"] - m.skills["cnn_dm"]) - 0.5) < 0.3
+    assert np.allclose(d.conf_mean, TRUE.draft_params.conf_mean, atol=0.3)
+    assert abs(d.conf_ease - 1.0) < 0.25 and abs(d.conf_sd - 1.5) < 0.15
+    # what matters downstream: the fitted model gives nearly the same MAT (the fit runs a few percent
+    # optimistic, docs/ACCEPTANCE.md; a broken fit is off by far more)
+    pol = make_policy("eagle3", EAGLE3)
+    for ds in ("gsm8k", "cnn_dm"):
+        want = measure_mat(TRUE, pol, ds, requests=256, steps=8)["mat"]
+        got = measure_mat(m, pol, ds, requests=256, steps=8)["mat"]
+        assert abs(got / want - 1) < 0.08, (ds, got, want)
+
+
+def test_fit_quality_is_reported_per_depth_and_draft_prob(fitted):
+    r = fitted.report
+    assert r["pseudo_r2"] > 0.2 and r["auroc"] > 0.8
+    for row in r["by_depth"] + r["by_q"]:
+        assert abs(row["observed"] - row["predicted"]) < 0.08 or row["nodes"] < 200, row
+
+
+def test_parent_accepted_is_written_read_and_inferred(records, tmp_path):
+    path = tmp_path / "r.jsonl"
+    write_records(path, records)
+    back = read_records(path)
+    assert np.array_equal(back.parent_accepted, records.parent_accepted)
+    # an old file without the field still reads, and the fit infers the field from chained path probabilities
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps({k: v for k, v in x.items() if k != "parent_accepted"}) + "\n"
+                           for x in lines))
+    legacy = read_records(old)
+    assert legacy.parent_accepted is None
+    assert (infer_parent_accepted(legacy) == records.parent_accepted).mean() > 0.995
+
+
+def test_calibrate_skill_hits_a_target_mat():
+    pol = make_policy("eagle3", EAGLE3)
+    fit = calibrate_skill(TRUE, pol, "gsm8k", 3.0, requests=256, steps=8)
+    assert abs(fit.simulated_mat - 3.0) < 0.03 and fit.evaluations <= 14
+    again = measure_mat(TRUE.with_skill("gsm8k", fit.skill), pol, "gsm8k", requests=256, steps=8)["mat"]
+    assert abs(again - fit.simulated_mat) < 1e-9  # same seed: deterministic
+
+
+def paper_eagle3_mat() -> dict:
+    rows = {}
+    for line in PAPER.read_text().splitlines():
+        m = re.match(r"\| (\S+) \| EAGLE-3 \| (.*)", line)
+        if m:
+            cells = [c.strip() for c in m.group(2).split("|")]
+            rows[m.group(1)] = [float(cells[i]) for i in (0, 2, 4, 6, 8)]
+    return rows
+
+
+@pytest.mark.parametrize("preset,paper_name,dataset,col", [
+    ("qwen3-8b", "Qwen3-8B", "gsm8k", 1), ("qwen3-8b", "Qwen3-8B", "cnn_dm", 2),
+    ("qwen3-235b-a22b", "Qwen3-235B", "humaneval", 0), ("llama-3.1-8b", "LLaMA3.1-8B", "alpaca", 3)])
+def test_presets_reproduce_the_paper_eagle3_mat(preset, paper_name, dataset, col):
+    m = AcceptanceModel.preset(preset)
+    stored = m.calibration["datasets"][dataset]["target_mat"]
+    if PAPER.is_file():
+        assert paper_eagle3_mat()[paper_name][col] == stored
+    pol = make_policy("eagle3", {k: v for k, v in m.policy.items() if k != "policy"})
+    got = measure_mat(m, pol, dataset, requests=512, steps=6, seed=99)["mat"]
+    assert abs(got / stored - 1) < 0.05, (preset, dataset, got, stored)
+
+
+def test_cli_fit_acceptance(records, tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    write_records(path, records)
+    out = tmp_path / "m.json"
+    assert main(["fit-acceptance", "--records", str(path), "-o", str(out), "--base", "qwen3-8b"]) == 0
+    text = capsys.readouterr().out
+    assert "pseudo-R2" in text and "sigma_step" in text and "depth   gamma" in text
+    m = AcceptanceModel.load(out)
+    assert set(m.datasets) == {"cnn_dm", "gsm8k", "default"} and m.vocab_size == 151936
+
+
+def test_cli_bad_records_and_bad_preset_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 0, "request": 1, "depth": 1, "rank": 0, "draft_prob": 0.5, "path_prob": 0.5, '
+                   '"accepted": true}\n{"step": 0, "request": 1, "depth": 1, "rank": "x"}\n')
+    assert main(["fit-acceptance", "--records", str(bad), "-o", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bad.jsonl:2" in err
+    few = tmp_path / "few.jsonl"
+    few.write_text(bad.read_text().splitlines()[0] + "\n")
+    assert main(["fit-acceptance", "--records", str(few), "-o", str(tmp_path / "m.json")]) == 2
+    assert "too few usable records" in capsys.readouterr().err
+    flag = tmp_path / "flag.jsonl"
+    flag.write_text(bad.read_text().splitlines()[0][:-1] + ', "parent_accepted": 1}\n')
+    assert main(["fit-acceptance", "--records", str(flag), "-o", str(tmp_path / "m.json")]) == 2
+    assert "field 'parent_accepted'" in capsys.readouterr().err
+    assert main(["fit-acceptance", "--records", str(bad), "-o", str(tmp_path / "m.json"), "--base", "nope"]) == 2
+    assert "unknown acceptance preset 'nope'" in capsys.readouterr().err
