@@ -1,0 +1,225 @@
+"""`echosim run`: simulate a serving cluster with speculative decoding on a trace or a synthetic workload.
+
+    echosim run --trace traces/azure_conv_2023_5min.jsonl
+    echosim run --trace azure_conv_2023_5min --compare-policies ar,eagle3,echo
+    echosim run --concurrency 32 --requests 128 --input-len 100 --output-len 500 --policy eagle3
+    echosim run --rate 8 --cv 2 --requests 5000 --trace azure_conv_2023_5min   # lengths from the trace
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from echosim.errors import UserError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("run", help="simulate a serving cluster on a trace (or a synthetic workload)",
+                              description="Simulate a serving cluster with speculative decoding. Writes a run "
+                                          "folder (config.json, requests.csv, iterations.csv, summary.json) and "
+                                          "prints a summary table.")
+    w = p.add_argument_group("workload (trace replay, open-loop rate, or closed loop)")
+    w.add_argument("--trace", help="trace file (native JSONL, Azure, Mooncake, BurstGPT, Vidur) or a shipped "
+                                   "sample's name; with --rate or --concurrency it only gives the lengths")
+    w.add_argument("--format", default=None, help="force the trace format (default: detect)")
+    w.add_argument("--skip-bad-lines", action="store_true", help="skip malformed trace rows and count them")
+    w.add_argument("--time-scale", type=float, default=1.0,
+                   help="trace replay: multiply arrival times by X (0.5 = twice the rate)")
+    w.add_argument("--rate", type=float, default=None, help="open loop: arrivals per second (Poisson)")
+    w.add_argument("--cv", type=float, default=1.0, help="with --rate: gamma gaps with this CV (> 1 = bursty)")
+    w.add_argument("--concurrency", type=int, default=None,
+                   help="closed loop: keep C requests in flight (the paper's 'batch size')")
+    w.add_argument("--requests", type=int, default=None,
+                   help="number of requests (open loop: required; closed loop: default 4 x concurrency; "
+                        "trace: the first N)")
+    w.add_argument("--input-len", type=int, default=100, help="fixed prompt length without a trace")
+    w.add_argument("--output-len", type=int, default=500, help="fixed output length without a trace")
+
+    c = p.add_argument_group("cluster")
+    c.add_argument("--model", default="qwen3-8b", help="target model (catalog name or config.json)")
+    c.add_argument("--hardware", default="h100", help="GPU (h100, h200, a100-80gb, or a spec .json)")
+    c.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per replica")
+    c.add_argument("--replicas", type=int, default=1)
+    c.add_argument("--router", default="round_robin", help="round_robin | least_outstanding | least_kv")
+    c.add_argument("--draft", default=None, help="draft model (default: the catalog's eagle3-<model> head)")
+    c.add_argument("--cost-model", default="auto",
+                   help="auto (fitted on H100, roofline elsewhere) | fitted | roofline | a fitted .json")
+    c.add_argument("--step-overhead-ms", type=float, default=None, help="CPU overhead per iteration (ms)")
+    c.add_argument("--overhead-per-token-ms", type=float, default=0.0,
+                   help="extra ms per token through the target (engine overhead the profiles do not see)")
+    c.add_argument("--overhead-per-draft-row-ms", type=float, default=0.0, help="extra ms per drafted row")
+    c.add_argument("--max-running", type=int, default=256, help="running requests per replica")
+    c.add_argument("--max-batched-tokens", type=int, default=8192, help="tokens per iteration per replica")
+    c.add_argument("--block-tokens", type=int, default=16, help="KV-cache block size (tokens)")
+    c.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    c.add_argument("--kv-blocks", type=int, default=None, help="KV capacity per replica in blocks (default: "
+                                                               "from GPU memory minus weights)")
+
+    s = p.add_argument_group("speculation")
+    s.add_argument("--policy", default="echo", help="policy name (ar, eagle3, echo, ...) or a policy .json")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy setting (JSON value), e.g. --set steps=3 --set 'budget={\"kind\":\"goodput\"}'")
+    s.add_argument("--compare-policies", default=None, metavar="A,B,...",
+                   help="run the same workload and seed under each policy, one table with ratios to the first; "
+                        "each item is a name, a policy .json, or NAME{JSON settings}, e.g. "
+                        "'ar,eagle3,echo{\"budget\":{\"kind\":\"goodput\",\"tokens\":31}}'")
+    s.add_argument("--acceptance", default=None, help="acceptance preset or fitted file (default: the model's)")
+    s.add_argument("--core", default="auto", help="auto | exact | table (see docs/SIMULATOR.md)")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--out", default=None, help="run folder (default: runs/<workload>-<policy>)")
+    o.add_argument("--no-save", action="store_true", help="do not write a run folder")
+    o.add_argument("--records", default=None, help="write per-node draft/accept records (JSON lines) here")
+    o.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="goodput SLO on TTFT (ms)")
+    o.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput SLO on TPOT (ms)")
+    p.set_defaults(func=run)
+
+
+def split_items(text: str) -> list[str]:
+    """Comma-separated items; commas inside {...} belong to the item (inline JSON settings)."""
+    items, depth, cur = [], 0, []
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            items.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur).strip())
+    return [x for x in items if x]
+
+
+def _policy(spec: str, sets: list[str]) -> dict:
+    path = Path(spec)
+    if "{" in spec and spec.endswith("}") and not spec.startswith("{"):
+        name, _, body = spec.partition("{")
+        try:
+            cfg = json.loads("{" + body)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"policy {spec!r}: the settings are not valid JSON ({exc.msg})") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"policy {spec!r}: the settings must be a JSON object")
+        cfg = {"policy": name.strip(), **cfg}
+    elif spec.endswith(".json"):
+        try:
+            cfg = json.loads(path.read_text())
+        except OSError as exc:
+            raise UserError(f"cannot read the policy: {exc.strerror}", path=spec) from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"not valid JSON ({exc.msg})", path=spec, line=exc.lineno) from None
+        if not isinstance(cfg, dict) or "policy" not in cfg:
+            raise UserError("a policy file is a JSON object with 'policy'", path=spec, field="policy")
+    else:
+        cfg = {"policy": spec}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            cfg[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            cfg[key.strip()] = value
+    return cfg
+
+
+def _workload(args):
+    from echosim.sim.workload import WorkloadSpec
+
+    common = dict(trace=args.trace, requests=args.requests, prompt_tokens=args.input_len,
+                  output_tokens=args.output_len, skip_bad_lines=args.skip_bad_lines, trace_format=args.format,
+                  time_scale=args.time_scale)
+    if args.concurrency is not None and args.rate is not None:
+        raise UserError("give --rate (open loop) or --concurrency (closed loop), not both")
+    if args.concurrency is not None:
+        if args.requests is None:
+            common["requests"] = 4 * args.concurrency
+        return WorkloadSpec(kind="closed", concurrency=args.concurrency, **common)
+    if args.rate is not None:
+        return WorkloadSpec(kind="poisson" if args.cv == 1.0 else "gamma", rate_rps=args.rate, cv=args.cv, **common)
+    if args.trace is None:
+        raise UserError("give a workload: --trace FILE, --rate RPS or --concurrency C")
+    if args.requests is not None and args.requests < 1:
+        raise UserError(f"--requests must be >= 1, got {args.requests}")
+    return WorkloadSpec(kind="trace", **common)
+
+
+def _label(policy_cfg: dict, spec: str) -> str:
+    if spec.endswith(".json"):
+        return Path(spec).stem
+    if "{" not in spec:
+        return policy_cfg["policy"]
+    # inline settings: name[values], e.g. eagle3[3,3,6] or echo[goodput-31]
+    flat = lambda v: "-".join(map(flat, v.values())) if isinstance(v, dict) else str(v)  # noqa: E731
+    return f"{policy_cfg['policy']}[{','.join(flat(v) for k, v in policy_cfg.items() if k != 'policy')}]"
+
+
+def run(args) -> int:
+    from echosim.sim.config import ClusterConfig, SimConfig
+    from echosim.sim.report import format_speed, format_table
+    from echosim.sim.simulator import simulate
+
+    workload = _workload(args)
+    cluster = ClusterConfig(model=args.model, hardware=args.hardware, tp=args.tp, replicas=args.replicas,
+                            router=args.router, draft=args.draft, cost_model=args.cost_model,
+                            step_overhead_ms=args.step_overhead_ms, max_running=args.max_running,
+                            overhead_per_token_ms=args.overhead_per_token_ms,
+                            overhead_per_draft_row_ms=args.overhead_per_draft_row_ms,
+                            max_batched_tokens=args.max_batched_tokens, block_tokens=args.block_tokens,
+                            gpu_memory_utilization=args.gpu_memory_utilization, kv_blocks=args.kv_blocks)
+    specs = split_items(args.compare_policies) if args.compare_policies else [args.policy]
+    if not specs:
+        raise UserError("--compare-policies needs at least one policy")
+    policies = [_policy(s, args.set) for s in specs]
+    labels = []
+    for cfg, s in zip(policies, specs, strict=True):
+        label = _label(cfg, s)
+        labels.append(label if label not in labels else f"{label}_{len(labels)}")
+    if args.records and len(policies) > 1:
+        raise UserError("--records writes one run's nodes; use it without --compare-policies")
+
+    root = None
+    if not args.no_save:
+        if args.out:
+            root = Path(args.out)
+        else:
+            stem = Path(args.trace).name.split(".")[0] if args.trace and workload.kind == "trace" else \
+                f"{workload.kind}{args.concurrency or args.rate or ''}"
+            root = Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{stem}-{'-'.join(labels)}-seed{args.seed}")
+
+    summaries = {}
+    for label, cfg in zip(labels, policies, strict=True):
+        config = SimConfig(cluster=cluster, policy=cfg, acceptance=args.acceptance or args.model, core=args.core,
+                           seed=args.seed, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+        out = None if root is None else (root / label if len(policies) > 1 else root)
+        result = simulate(config, workload, out_dir=out, records=args.records, progress=not args.no_progress)
+        summaries[label] = result.summary
+    if args.json:
+        print(json.dumps(summaries if len(summaries) > 1 else summaries[labels[0]], indent=2))
+        return 0
+    title = (f"{cluster.model} on {cluster.replicas} x {cluster.tp} x {cluster.hardware}, "
+             f"{_describe(workload)}, seed {args.seed}")
+    print(format_table(summaries, title))
+    for label in labels:
+        s = summaries[label]
+        prefix = f"{label}: " if len(labels) > 1 else ""
+        print(prefix + format_speed(s))
+        if s.get("bad_lines_skipped"):
+            print(f"{prefix}skipped {s['bad_lines_skipped']:,} bad trace lines")
+    if root is not None:
+        print(f"run folder: {root}")
+    return 0
+
+
+def _describe(w) -> str:
+    if w.kind == "trace":
+        scale = f" x{w.time_scale:g} time" if w.time_scale != 1.0 else ""
+        return f"trace {Path(w.trace).name}{scale}"
+    lengths = f"lengths from {Path(w.trace).name}" if w.trace else f"in {w.prompt_tokens} / out {w.output_tokens}"
+    if w.kind == "closed":
+        return f"closed loop at {w.concurrency}, {w.requests:,} requests, {lengths}"
+    return f"{w.kind} {w.rate_rps:g} req/s, {w.requests:,} requests, {lengths}"

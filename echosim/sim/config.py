@@ -1,0 +1,127 @@
+"""What one simulated cluster is: model, hardware, replicas, batching limits, KV cache, policy, seed.
+
+Everything here is plain data, saved as config.json in the run folder, plus the few derived quantities that the
+replicas need (the step-time model, the KV capacity in blocks) with one-line errors for impossible setups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from echosim.errors import UserError
+
+ROUTERS = ("round_robin", "least_outstanding", "least_kv")
+CORE_MODES = ("auto", "exact", "table")
+
+
+@dataclass
+class ClusterConfig:
+    model: str = "qwen3-8b"
+    hardware: str = "h100"
+    tp: int = 1                            # tensor-parallel degree of each replica (GPUs per replica)
+    replicas: int = 1
+    router: str = "round_robin"            # round_robin | least_outstanding | least_kv
+    draft: str | None = None               # draft model (default: the catalog's eagle3-<model> head)
+    cost_model: str = "auto"               # auto (fitted on H100, else roofline) | fitted | roofline | a .json fit
+    step_overhead_ms: float | None = None  # per-iteration CPU overhead; None = the cost model's own
+    overhead_per_token_ms: float = 0.0     # extra time per token through the target (verify trees + prefill)
+    overhead_per_draft_row_ms: float = 0.0  # extra time per drafted row (all depths)
+    max_running: int = 256                 # running requests per replica (decoding or prefilling)
+    max_batched_tokens: int = 8192         # tokens per iteration per replica (verify trees + prefill chunks)
+    block_tokens: int = 16                 # KV-cache block size
+    gpu_memory_utilization: float = 0.9    # share of GPU memory for weights + KV cache
+    kv_blocks: int | None = None           # override the KV capacity per replica (blocks); None = from memory
+
+
+@dataclass
+class SimConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    policy: dict = field(default_factory=lambda: {"policy": "echo"})  # {"policy": name, ...settings}
+    acceptance: str = "qwen3-8b"           # acceptance-model preset name or path
+    core: str = "auto"                     # auto | exact (the core on every live batch) | table (see speculation)
+    seed: int = 0
+    slo_ttft_ms: float = 2000.0            # a request counts toward goodput if it meets both SLOs
+    slo_tpot_ms: float = 100.0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        c = self.cluster
+        for name in ("tp", "replicas", "max_running", "max_batched_tokens", "block_tokens"):
+            if int(getattr(c, name)) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(c, name)}", field=name)
+        for name in ("step_overhead_ms", "overhead_per_token_ms", "overhead_per_draft_row_ms"):
+            v = getattr(c, name)
+            if v is not None and not v >= 0:
+                raise UserError(f"{name} must be >= 0, got {v}", field=name)
+        if c.router not in ROUTERS:
+            raise UserError(f"unknown router {c.router!r}; known: {', '.join(ROUTERS)}", field="router")
+        if self.core not in CORE_MODES:
+            raise UserError(f"unknown core mode {self.core!r}; known: {', '.join(CORE_MODES)}", field="core")
+        if not 0.0 < c.gpu_memory_utilization <= 1.0:
+            raise UserError(f"gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
+
+
+def default_draft(model_name: str) -> str | None:
+    """The catalog's EAGLE-3 head for a target model, if there is one."""
+    from cost_models.specs import _catalog, _norm
+
+    name = f"eagle3-{_norm(model_name)}"
+    return name if name in _catalog("models") else None
+
+
+def build_cost_model(c: ClusterConfig):
+    """The step-time model of one replica: the fitted H100 model on H100, the datasheet roofline elsewhere."""
+    from cost_models.fitted import FittedCostModel
+    from cost_models.roofline import RooflineCostModel
+    from cost_models.specs import load_hardware, load_model
+
+    model = load_model(c.model)
+    hw = load_hardware(c.hardware)
+    draft = c.draft or default_draft(model.name)
+    kind = c.cost_model
+    if kind == "auto":
+        kind = "fitted" if hw.name == "h100-sxm" else "roofline"
+    if kind == "roofline":
+        cost = RooflineCostModel(model, hw, tp=c.tp, draft=draft)
+    elif kind == "fitted":
+        cost = FittedCostModel(model, hw, tp=c.tp, draft=draft, step_overhead_ms=c.step_overhead_ms)
+    elif kind.endswith(".json"):
+        cost = FittedCostModel(model, hw, tp=c.tp, draft=draft, params=kind, step_overhead_ms=c.step_overhead_ms)
+    else:
+        raise UserError(f"unknown cost model {kind!r} (auto, fitted, roofline, or a fitted .json)", field="cost_model")
+    if c.step_overhead_ms is not None and kind == "roofline":
+        cost.params.step_overhead_ms = float(c.step_overhead_ms)
+    return cost
+
+
+def kv_bytes_per_token(model) -> int:
+    """K and V of every layer for one token (the whole replica; TP splits them, the total is the same)."""
+    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * model.dtype_bytes
+
+
+def weight_bytes(model) -> int:
+    return (model.weight_params() + model.hidden_size * model.vocab_size) * model.dtype_bytes  # + embedding
+
+
+def kv_capacity_blocks(c: ClusterConfig, cost) -> int:
+    """KV blocks per replica: GPU memory (x utilization, x TP) minus target and draft weights."""
+    if c.kv_blocks is not None:
+        if c.kv_blocks < 1:
+            raise UserError(f"kv_blocks must be >= 1, got {c.kv_blocks}", field="kv_blocks")
+        return int(c.kv_blocks)
+    gb = 1e9
+    budget = cost.hardware.memory_gb * gb * c.gpu_memory_utilization * c.tp
+    weights = weight_bytes(cost.model) + (weight_bytes(cost.draft) if cost.draft is not None else 0)
+    per_block = kv_bytes_per_token(cost.model) + (kv_bytes_per_token(cost.draft) if cost.draft is not None else 0)
+    per_block *= c.block_tokens
+    blocks = math.floor((budget - weights) / per_block)
+    if blocks < 1:
+        raise UserError(f"{cost.model.name} does not fit on {c.tp} x {cost.hardware.name}: weights need "
+                        f"{weights / gb:.1f} GB of the {budget / gb:.1f} GB usable "
+                        f"({c.gpu_memory_utilization:.0%} of {cost.hardware.memory_gb:g} GB x {c.tp}); "
+                        "raise --tp or use a larger GPU")
+    return blocks

@@ -1,0 +1,143 @@
+"""What a run measures: per-request and per-iteration rows (written to CSV as they come, so memory stays flat),
+and the summary computed from them.
+
+Definitions (summary.json):
+- throughput_tok_s: output tokens / makespan (first arrival to last finish), all replicas together;
+- goodput_tok_s: the same, counting only requests that meet both SLOs (TTFT <= slo_ttft_ms, TPOT <= slo_tpot_ms);
+- mat: (accepted drafts + 1) summed over decode request-steps / decode request-steps (plain decoding: 1.00);
+- ttft_ms: arrival -> first token; tpot_ms: (finish - first token) / (output tokens - 1); e2e_ms: arrival -> finish;
+- verification_waste: draft tokens verified but rejected / draft tokens verified (roots excluded);
+- mean_batch: decode requests per decode iteration; preemptions: KV-full recomputations.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from pathlib import Path
+
+import numpy as np
+
+REQUEST_COLUMNS = ("request", "id", "replica", "arrival_s", "first_token_s", "finish_s", "prompt_tokens",
+                   "output_tokens", "ttft_ms", "tpot_ms", "e2e_ms", "steps", "accepted", "verified_drafts",
+                   "mat", "preemptions")
+ITERATION_COLUMNS = ("replica", "start_s", "end_s", "batch", "prefill_tokens", "verified_tokens", "accepted",
+                     "draft_ms", "verify_ms", "lm_head_ms", "overhead_ms", "step_ms", "kv_tokens", "waiting")
+_FLUSH_ROWS = 20_000
+
+
+class Metrics:
+    def __init__(self, out_dir: Path | None, slo_ttft_ms: float, slo_tpot_ms: float):
+        self.slo_ttft_ms, self.slo_tpot_ms = slo_ttft_ms, slo_tpot_ms
+        self._req_fh = self._it_fh = None
+        if out_dir is not None:
+            self._req_fh = open(out_dir / "requests.csv", "w")
+            self._req_fh.write(",".join(REQUEST_COLUMNS) + "\n")
+            self._it_fh = open(out_dir / "iterations.csv", "w")
+            self._it_fh.write(",".join(ITERATION_COLUMNS) + "\n")
+        self._req_rows: list[str] = []
+        self._it_rows: list[tuple] = []
+        # per-request results kept for percentiles (8 bytes each)
+        self.ttft, self.tpot, self.e2e = array("d"), array("d"), array("d")
+        self.out_tokens, self.good = array("q"), array("b")
+        self.first_arrival = float("inf")
+        self.last_finish = 0.0
+        # per-iteration sums
+        self.iterations = self.decode_iterations = 0
+        self.request_steps = self.verified_tokens = self.accepted = self.prefill_tokens = 0
+        self.draft_ms = self.verify_ms = self.lm_head_ms = self.overhead_ms = 0.0
+
+    def iteration(self, end_s, start_s, replica, batch, prefill_tokens, verified, accepted, st, kv_tokens, waiting):
+        self.iterations += 1
+        if batch:
+            self.decode_iterations += 1
+            self.request_steps += batch
+            self.verified_tokens += verified
+            self.accepted += accepted
+        self.prefill_tokens += prefill_tokens
+        d, v, h, o = float(st.draft_ms), float(st.verify_ms), float(st.lm_head_ms), float(st.overhead_ms)
+        self.draft_ms += d
+        self.verify_ms += v
+        self.lm_head_ms += h
+        self.overhead_ms += o
+        if self._it_fh is not None:
+            self._it_rows.append((replica, start_s, end_s, batch, prefill_tokens, verified, accepted, d, v, h, o,
+                                  d + v + h + o, kv_tokens, waiting))
+            if len(self._it_rows) >= _FLUSH_ROWS:
+                self._flush_iterations()
+
+    def request(self, r, finish_s: float, replica: int) -> None:
+        ttft = (r.first_token_s - r.arrival_s) * 1000.0
+        e2e = (finish_s - r.arrival_s) * 1000.0
+        tpot = (finish_s - r.first_token_s) * 1000.0 / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
+        self.ttft.append(ttft)
+        self.tpot.append(tpot)
+        self.e2e.append(e2e)
+        self.out_tokens.append(r.output_tokens)
+        self.good.append(ttft <= self.slo_ttft_ms and tpot <= self.slo_tpot_ms)
+        self.first_arrival = min(self.first_arrival, r.arrival_s)
+        self.last_finish = max(self.last_finish, finish_s)
+        if self._req_fh is not None:
+            mat = (r.accepted + r.steps) / r.steps if r.steps else 1.0
+            rid = "" if r.id is None else str(r.id).replace(",", ";")
+            self._req_rows.append(
+                f"{r.index},{rid},{replica},{r.arrival_s:.6f},{r.first_token_s:.6f},{finish_s:.6f},"
+                f"{r.prompt_tokens},{r.output_tokens},{ttft:.3f},{tpot:.3f},{e2e:.3f},{r.steps},{r.accepted},"
+                f"{r.verified},{mat:.4f},{r.preemptions}\n")
+            if len(self._req_rows) >= _FLUSH_ROWS:
+                self._req_fh.write("".join(self._req_rows))
+                self._req_rows.clear()
+
+    def _flush_iterations(self) -> None:
+        fmt = "%d,%.6f,%.6f,%d,%d,%d,%d,%.4f,%.4f,%.4f,%.4f,%.4f,%d,%d\n"
+        self._it_fh.write("".join([fmt % row for row in self._it_rows]))
+        self._it_rows.clear()
+
+    def close(self) -> None:
+        if self._req_fh is not None:
+            self._req_fh.write("".join(self._req_rows))
+            self._req_rows.clear()
+            self._req_fh.close()
+        if self._it_fh is not None:
+            self._flush_iterations()
+            self._it_fh.close()
+
+    def summary(self, preemptions: int) -> dict:
+        n = len(self.e2e)
+        makespan = max(self.last_finish - self.first_arrival, 1e-12) if n else 0.0
+        out = np.frombuffer(self.out_tokens, dtype=np.int64) if n else np.zeros(0, np.int64)
+        good = np.frombuffer(self.good, dtype=np.int8).astype(bool) if n else np.zeros(0, bool)
+        drafts = self.verified_tokens - self.request_steps
+        total_ms = self.draft_ms + self.verify_ms + self.lm_head_ms + self.overhead_ms
+        s = {
+            "requests": n,
+            "makespan_s": round(makespan, 6),
+            "output_tokens": int(out.sum()),
+            "throughput_tok_s": round(float(out.sum()) / makespan, 3) if n else 0.0,
+            "goodput_tok_s": round(float(out[good].sum()) / makespan, 3) if n else 0.0,
+            "slo_attainment": round(float(good.mean()), 4) if n else 0.0,
+            "request_rate_rps": round(n / makespan, 4) if n else 0.0,
+            "mat": round((self.accepted + self.request_steps) / self.request_steps, 4) if self.request_steps else 0.0,
+            "verification_waste": round((drafts - self.accepted) / drafts, 4) if drafts > 0 else 0.0,
+            "mean_batch": round(self.request_steps / self.decode_iterations, 3) if self.decode_iterations else 0.0,
+            "preemptions": int(preemptions),
+            "iterations": self.iterations,
+            "decode_request_steps": self.request_steps,
+            "verified_tokens": self.verified_tokens,
+            "accepted_drafts": self.accepted,
+            "prefill_tokens": self.prefill_tokens,
+            "step_ms_mean": round(total_ms / self.iterations, 4) if self.iterations else 0.0,
+            "step_split": {k: round(v / total_ms, 4) if total_ms else 0.0 for k, v in (
+                ("draft", self.draft_ms), ("verify", self.verify_ms), ("lm_head", self.lm_head_ms),
+                ("overhead", self.overhead_ms))},
+        }
+        for name, values in (("ttft_ms", self.ttft), ("tpot_ms", self.tpot), ("e2e_ms", self.e2e)):
+            x = np.frombuffer(values, dtype=np.float64) if n else np.zeros(0)
+            s[name] = ({"mean": round(float(x.mean()), 3),
+                        **{f"p{q}": round(float(np.percentile(x, q)), 3) for q in (50, 90, 99)}}
+                       if n else {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0})
+        return s
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

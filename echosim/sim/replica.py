@@ -1,0 +1,266 @@
+"""One model replica: a continuous-batching loop (vLLM / SGLang style), one SimPy event per iteration.
+
+Each iteration:
+1. decode: every running request whose prefix is in the KV cache speculates (draft, gate, select, verify) through
+   the Speculator: tokens verified and drafts accepted per request, draft rows per depth;
+2. KV cache: each request holds ceil(tokens / block) blocks; if the step's tokens do not fit, the most recently
+   admitted request is preempted (blocks freed; it re-queues first and later recomputes its prefix);
+3. prefill: the token budget left (max_batched_tokens minus the verify trees) goes to prompt chunks, oldest first,
+   then to newly admitted requests (chunked prefill, mixed into the same forward); a request is admitted only if
+   its whole prefix fits in the free KV blocks;
+4. the step-time model prices draft + verify + LM head + overhead, and env.timeout advances time;
+5. results: a decode request emits min(accepted + 1, tokens left); a completed prefill emits the first token.
+Running requests live in NumPy columns, so an iteration is a few vector operations whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from echosim.errors import UserError
+from echosim.sim.speculation import EMIT, ONE, TOKENS, TOKENS_SQ
+from echosim.sim.workload import Request
+
+# per running request: tokens in its KV cache, prefix tokens still to prefill, output tokens left, latents,
+# admission order; and `stats` [n, 3], its counters since admission in the outcome rows' first columns
+# (tokens verified incl. roots, drafts accepted, decode steps), so one `+=` updates all three
+_COLUMNS = ("ctx", "prefill_left", "left", "difficulty", "dataset", "offset", "rid", "admitted")
+
+
+class Replica:
+    def __init__(self, env, index: int, pricer, speculator, kv_blocks: int, cluster, metrics, on_finish):
+        self.env, self.index, self.pricer, self.spec = env, index, pricer, speculator
+        self.kv_blocks = kv_blocks
+        self.block = cluster.block_tokens
+        self.max_running = cluster.max_running
+        self.max_tokens = cluster.max_batched_tokens
+        self.metrics, self.on_finish = metrics, on_finish
+        self.waiting: deque[Request] = deque()
+        self.reqs: list[Request] = []          # running requests, aligned with the columns
+        for name in _COLUMNS:
+            setattr(self, name, np.zeros(0, np.float64 if name == "difficulty" else np.int64))
+        self.stats = np.zeros((0, 3), np.int64)
+        self.n_prefilling = 0
+        self.admit_counter = 0
+        self.kv_tokens = 0                      # tokens in the KV cache (sum of ctx), kept up to date
+        self.preemptions = 0
+        self.iterations = 0
+        self._wake = None
+        self.process = env.process(self.run())
+
+    # --- the router's view ----------------------------------------------------------------------------------
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.reqs) + len(self.waiting)
+
+    @property
+    def kv_use(self) -> float:
+        return self.kv_tokens / (self.kv_blocks * self.block)
+
+    def queued_kv_share(self) -> float:
+        """KV share the waiting queue's prefixes will take once admitted."""
+        return sum(r.prompt_tokens + r.generated for r in self.waiting) / (self.block * self.kv_blocks)
+
+    def submit(self, req: Request) -> None:
+        need = -(-(req.prompt_tokens + req.output_tokens) // self.block)
+        if need > self.kv_blocks:
+            raise UserError(f"request {req.id if req.id is not None else req.index} needs {need} KV blocks "
+                            f"({req.prompt_tokens} + {req.output_tokens} tokens), more than a replica holds "
+                            f"({self.kv_blocks}); use a larger GPU, more TP, or drop it from the trace")
+        self.waiting.append(req)
+        if self._wake is not None:
+            wake, self._wake = self._wake, None
+            wake.succeed()
+
+    # --- membership changes -----------------------------------------------------------------------------------
+
+    def _append(self, new: list[Request]) -> None:
+        rows = []
+        for r in new:
+            prefix = r.prompt_tokens + max(r.generated - 1, 0)  # a preempted request recomputes its tokens
+            rows.append((0, prefix, r.output_tokens - r.generated, r.difficulty, r.dataset, r.offset, r.index,
+                         self.admit_counter))
+            self.admit_counter += 1
+        for name, values in zip(_COLUMNS, zip(*rows, strict=True), strict=True):
+            old = getattr(self, name)
+            setattr(self, name, np.concatenate([old, np.asarray(values, old.dtype)]))
+        self.stats = np.concatenate([self.stats, np.zeros((len(new), 3), np.int64)])
+        self.reqs.extend(new)
+        self.n_prefilling += len(new)
+
+    def _keep(self, keep: np.ndarray) -> None:
+        """Drop the running requests where `keep` is False (finished or preempted), saving their counters."""
+        for i in np.flatnonzero(~keep).tolist():
+            r = self.reqs[i]
+            r.generated = r.output_tokens - int(self.left[i])
+            verified, accepted, steps = self.stats[i].tolist()
+            r.steps += steps
+            r.accepted += accepted
+            r.verified += verified - steps  # drafts only: roots excluded
+        for name in _COLUMNS:
+            setattr(self, name, getattr(self, name)[keep])
+        self.stats = self.stats[keep]
+        self.reqs = [r for r, k in zip(self.reqs, keep.tolist(), strict=True) if k]
+        self.n_prefilling = int(np.count_nonzero(self.prefill_left))
+        self.kv_tokens = int(self.ctx.sum())
+
+    def _preempt_newest(self) -> None:
+        i = int(np.argmax(self.admitted))
+        r = self.reqs[i]
+        keep = np.ones(len(self.reqs), bool)
+        keep[i] = False
+        self._keep(keep)
+        r.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(r)
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+
+    def run(self):
+        env, block, spec, pricer = self.env, self.block, self.spec, self.pricer
+        while True:
+            if not self.reqs and not self.waiting:
+                self._wake = env.event()
+                yield self._wake
+            t0 = env.now
+
+            # 1-2. decode outcomes, then make room in the KV cache (recompute the newest request) if needed
+            while True:
+                if self.n_prefilling == 0:
+                    dec = None
+                    ctx = self.ctx
+                    out = spec.step(self.difficulty, self.dataset, self.offset, ctx, self.rid) \
+                        if len(self.reqs) else None
+                else:
+                    dec = np.flatnonzero(self.prefill_left == 0)
+                    ctx = self.ctx[dec]
+                    out = spec.step(self.difficulty[dec], self.dataset[dec], self.offset[dec], ctx, self.rid[dec]) \
+                        if len(dec) else None
+                if out is not None:
+                    rows = out.rows
+                    tok = rows[:, TOKENS]
+                    T, acc_sum, n_dec, _, tok_sq = rows[:, :TOKENS_SQ + 1].sum(axis=0).tolist()
+                else:
+                    tok, T, acc_sum, n_dec, tok_sq = None, 0, 0, 0, 0
+                # a cheap bound first: sum ceil((c + t) / b) <= (sum c + n (b - 1)) // b + T // b + n_dec
+                need = (self.kv_tokens + len(self.reqs) * (block - 1)) // block + T // block + n_dec
+                if need <= self.kv_blocks:
+                    break
+                need = int(((ctx + tok + (block - 1)) // block).sum()) if tok is not None else 0
+                if self.n_prefilling:
+                    pre = self.prefill_left > 0
+                    need += int(((self.ctx[pre] + (block - 1)) // block).sum())
+                if need <= self.kv_blocks or len(self.reqs) <= 1:
+                    break
+                self._preempt_newest()
+            n_before = len(self.reqs)  # admissions below append after these rows
+
+            # 3. prefill chunks under the token budget: running prefills first (oldest first), then admissions
+            budget = self.max_tokens - T
+            chunks: list[tuple[int, int]] = []   # (chunk tokens, tokens already cached)
+            chunk_rows: list[int] = []
+            if (self.n_prefilling or self.waiting) and budget > 0:
+                free = self.kv_blocks - need
+                if self.n_prefilling:
+                    pre = np.flatnonzero(self.prefill_left > 0)
+                    pre = pre[np.argsort(self.admitted[pre], kind="stable")]
+                    for i in pre.tolist():
+                        if budget <= 0:
+                            break
+                        have = int(self.ctx[i])
+                        held = -(-have // block)
+                        c = min(int(self.prefill_left[i]), budget, (held + free) * block - have)
+                        if c <= 0:
+                            break
+                        chunks.append((c, have))
+                        chunk_rows.append(i)
+                        budget -= c
+                        free -= -(-(have + c) // block) - held
+                admit: list[Request] = []
+                while self.waiting and budget > 0 and n_before + len(admit) < self.max_running:
+                    r = self.waiting[0]
+                    prefix = r.prompt_tokens + max(r.generated - 1, 0)
+                    if -(-prefix // block) > free:  # the whole prefix must fit: no admit-then-preempt churn
+                        break
+                    self.waiting.popleft()
+                    c = min(prefix, budget)
+                    chunks.append((c, 0))
+                    chunk_rows.append(n_before + len(admit))
+                    admit.append(r)
+                    budget -= c
+                    free -= -(-prefix // block)  # reserved for the whole prefix
+                if admit:
+                    self._append(admit)
+            if tok is None and not chunks:
+                if len(self.reqs) > 1:  # prefills stuck on KV: give the newest one's blocks back
+                    self._preempt_newest()
+                    continue
+                raise UserError(f"replica {self.index}: nothing can run (KV capacity {self.kv_blocks} blocks, "
+                                f"max_batched_tokens {self.max_tokens})")
+
+            # 4. price the iteration (StepBatch aggregates, as StepBatch.from_requests defines them)
+            if tok is not None:
+                csum = self.kv_tokens if dec is None else int(ctx.sum())
+                tokens, kv, seqs = float(T), float(csum + T), float(n_dec)
+                qk = float(tok.dot(ctx)) + 0.5 * (tok_sq + T)
+                mean_ctx, draft_rows = csum / n_dec, out.draft_rows
+            else:
+                tokens = kv = qk = seqs = mean_ctx = 0.0
+                draft_rows = ()
+            lm_rows = tokens
+            prefill_tokens = 0
+            for c, have in chunks:
+                tokens += c
+                seqs += 1
+                kv += have + c
+                qk += c * have + c * (c + 1) / 2
+                lm_rows += 1
+                prefill_tokens += c
+            st = pricer.price(tokens, kv, qk, seqs, lm_rows, draft_rows, mean_ctx)
+            step_ms = st.draft_ms + st.verify_ms + st.lm_head_ms + st.overhead_ms
+            yield env.timeout(step_ms / 1000.0)
+            self.iterations += 1
+
+            # 5. results
+            finished = False
+            if tok is not None:
+                if dec is None:
+                    left = self.left[:n_before]
+                    emit = np.minimum(rows[:, EMIT], left)
+                    left -= emit
+                    self.ctx[:n_before] += emit
+                    self.stats[:n_before] += rows[:, :ONE + 1]
+                    finished = int(left.min()) <= 0
+                else:
+                    left = self.left[dec]
+                    emit = np.minimum(rows[:, EMIT], left)
+                    self.left[dec] = left - emit
+                    self.ctx[dec] += emit
+                    self.stats[dec] += rows[:, :ONE + 1]
+                    finished = bool((left <= emit).any())
+                self.kv_tokens += acc_sum + n_dec  # exact unless a request finished (then recounted)
+            now = env.now
+            for (c, _), i in zip(chunks, chunk_rows, strict=True):
+                self.kv_tokens += c
+                self.ctx[i] += c
+                self.prefill_left[i] -= c
+                if self.prefill_left[i] == 0:
+                    self.n_prefilling -= 1
+                    r = self.reqs[i]
+                    if r.first_token_s < 0:  # the prompt's forward emits the first token
+                        self.left[i] -= 1
+                        r.first_token_s = now
+                        finished = finished or self.left[i] <= 0
+            if finished:
+                done = self.left <= 0
+                finished_reqs = [self.reqs[i] for i in np.flatnonzero(done).tolist()]
+                self._keep(~done)
+            self.metrics.iteration(now, t0, self.index, n_dec, prefill_tokens, T, acc_sum, st, self.kv_tokens,
+                                   len(self.waiting))
+            if finished:
+                for r in finished_reqs:
+                    self.metrics.request(r, now, self.index)
+                    self.on_finish(r)

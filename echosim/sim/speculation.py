@@ -1,0 +1,217 @@
+"""Speculation inside a decode iteration: the scheduler core (echosim/spec) run with the acceptance model's
+synthetic drafter, reduced to what the replica needs per request (tokens verified, drafts accepted) and per depth
+(rows the draft model runs).
+
+Two ways to get those numbers, selected by `core`:
+- exact: every iteration drafts, gates, selects, packs and verifies the live batch (draft -> select -> pack ->
+  target_argmax -> verify_greedy -> observe). Needed when a policy couples the requests of a batch (a goodput or
+  fixed budget, TETRIS's batch-wide top-C, SmartSpec's batch-size plan and its running acceptance estimate), and
+  for per-node records.
+- table: for policies that treat each request on its own (AR, EAGLE-2/3, DDD, OPT-Tree, ECHO with a per-request
+  budget that never binds), a request's outcome in a step depends only on its own difficulty and dataset, and
+  steps are independent draws. So the same core runs once, up front, on a stratified sample of difficulties per
+  dataset (`bins` strata x `rows` rows), and each request-step then draws one row of its stratum. The outcome
+  distribution is the core's own; the per-iteration cost drops from ~60 us per request to a table lookup.
+- auto: table when the policy allows it and no records are asked for, else exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from echosim.errors import UserError
+from echosim.spec.drafting import draft
+from echosim.spec.pack import pack
+from echosim.spec.policies import Policy
+from echosim.spec.records import step_records, write_records
+from echosim.spec.verify import verify_greedy
+
+CORE_CHUNK_ROWS = 2048  # rows per core call while building tables (bounds the forest's memory)
+
+
+def row_independent(policy: Policy) -> bool:
+    """True when a request's outcome in a step does not depend on the other requests of the batch, nor on
+    earlier steps: then outcomes can be tabled per difficulty stratum (see the module docstring)."""
+    name = policy.name
+    if name in ("ar", "eagle3", "eagle2", "ddd", "opt_tree"):
+        return True
+    if name in ("echo", "echo_dense", "echo_fixed"):
+        c = policy.config
+        cap = max(c.num_draft_tokens, c.remaining_num_draft_tokens) - 1
+        return c.budget.kind == "per_request" and c.budget.tokens >= cap
+    return False
+
+
+# Columns of a request-step outcome row. One [B, 6] array per iteration lets the replica update its per-request
+# counters (tokens verified, drafts accepted, steps) with one vector operation, and sum them with one reduction.
+TOKENS, ACCEPTED, ONE, EMIT, TOKENS_SQ, STOP = range(6)
+
+
+def outcome_rows(tokens: np.ndarray, accepted: np.ndarray, stop_depth: np.ndarray) -> np.ndarray:
+    """[n, 6] int64: verified tokens (root included), drafts accepted, 1, accepted + 1 (tokens emitted before
+    the output-length cap), tokens squared (attention pairs), deepest drafted depth."""
+    tokens = np.asarray(tokens, np.int64)
+    accepted = np.asarray(accepted, np.int64)
+    return np.column_stack([tokens, accepted, np.ones_like(tokens), accepted + 1, tokens * tokens,
+                            np.asarray(stop_depth, np.int64)])
+
+
+@dataclass
+class StepOutcome:
+    rows: np.ndarray        # int64 [B, 6]: one outcome row per request (columns above)
+    draft_rows: tuple       # per draft depth: rows the draft model runs, the batch together
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """Verified tokens per request, the root included (1 = plain decoding)."""
+        return self.rows[:, TOKENS]
+
+    @property
+    def accepted(self) -> np.ndarray:
+        """Drafts accepted per request (the bonus token not counted)."""
+        return self.rows[:, ACCEPTED]
+
+
+class Speculator:
+    """Per-request latent assignment (at arrival) and per-iteration outcomes (at each decode step)."""
+
+    def __init__(self, policy: Policy, acceptance, *, seed: int, core: str = "auto", records_path=None,
+                 bins: int = 32, rows_per_bin: int = 256):
+        self.policy, self.acceptance = policy, acceptance
+        independent = row_independent(policy)
+        if core == "auto":
+            core = "table" if independent and records_path is None else "exact"
+        if core == "table" and not independent:
+            raise UserError(f"policy {policy.name!r} with this config couples the requests of a batch; it needs "
+                            "--core exact", field="core")
+        if core == "table" and records_path is not None:
+            raise UserError("per-node records need --core exact", field="core")
+        self.core = core
+        self.seed = seed
+        self.rng_latent = np.random.default_rng([seed, 1])
+        self.rng_table = np.random.default_rng([seed, 2])
+        self.drafter = acceptance.drafter(seed)
+        plan = policy.plan(1)
+        self.depth, self.k1, self.k = plan.depth, plan.k1, plan.k
+        self.plain = plan.depth == 0 and policy.name == "ar"
+        self.records_path = records_path
+        self.step_index = 0
+        self.mean_ctx = 512.0  # mean context of the batch being scheduled (for step-time callables)
+        if records_path is not None:
+            open(records_path, "w").close()
+        # tables: stratum g = dataset slot * bins + bin
+        self.bins, self.rows_per_bin = bins, rows_per_bin
+        self._dataset_slot: dict[int, int] = {}
+        self._edges: list[np.ndarray] = []
+        self._rows = np.zeros((0, 6), np.int64)  # outcome rows; row stratum * rows_per_bin + r
+        self._stop_const = False  # every tabled row drafts to full depth (no gating): rows per depth are fixed
+        self.width = ([1.0, float(min(self.k, self.k1))] + [float(self.k)] * max(self.depth - 2, 0))[:self.depth]
+        self._draws = np.zeros(0, np.int64)  # row draws, made 65,536 at a time
+        self._plain = np.zeros((0, 6), np.int64)  # AR: every request verifies its root, accepts nothing
+        self._draw_pos = 0
+        self.table_build_s = 0.0
+
+    # --- per request ----------------------------------------------------------------------------------------
+
+    def assign(self, datasets: list | None, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Latents of n arriving requests: (difficulty, dataset index, offset of its stratum in the tables)."""
+        names = datasets if datasets is not None else [None] * n
+        ds = np.asarray(self.acceptance.dataset_index(names), dtype=np.int64).reshape(n)
+        diff = np.asarray(self.acceptance.sample_difficulty(n, ds, self.rng_latent), dtype=np.float64)
+        offset = np.zeros(n, np.int64)
+        if self.core != "table" or self.plain:
+            return diff, ds, offset
+        for d in np.unique(ds).tolist():
+            slot = self._dataset_slot.get(d)
+            if slot is None:
+                slot = self._build_table(d)
+            m = ds == d
+            stratum = slot * self.bins + np.searchsorted(self._edges[slot], diff[m])
+            offset[m] = stratum * self.rows_per_bin
+        return diff, ds, offset
+
+    # --- per iteration --------------------------------------------------------------------------------------
+
+    def step(self, difficulty: np.ndarray, dataset: np.ndarray, offset: np.ndarray, kv_len: np.ndarray,
+             request_ids: np.ndarray) -> StepOutcome:
+        """Outcomes of one decode iteration for the B requests given by their columns."""
+        B = len(difficulty)
+        if self.plain:
+            if len(self._plain) < B:
+                self._plain = outcome_rows(np.ones(2 * B), np.zeros(2 * B), np.zeros(2 * B))
+            return StepOutcome(self._plain[:B], ())
+        if self.core == "table":
+            pos = self._draw_pos
+            if pos + B > len(self._draws):
+                self._draws = self.rng_table.integers(0, self.rows_per_bin, size=max(1 << 16, B))
+                pos = 0
+            self._draw_pos = pos + B
+            rows = self._rows.take(offset + self._draws[pos:pos + B], axis=0)
+            if self._stop_const:
+                return StepOutcome(rows, tuple(B * w for w in self.width))
+        else:
+            self.mean_ctx = float(kv_len.mean())
+            rows = outcome_rows(*self._run_core(difficulty, dataset, kv_len, request_ids))
+        return StepOutcome(rows, self.draft_rows(rows[:, STOP]))
+
+    def draft_rows(self, stop_depth: np.ndarray) -> tuple:
+        """Draft-model rows per depth: depth 1 runs on each drafting request's root, deeper depths on its beam
+        (min(k, k1) nodes at depth 2, k below)."""
+        if self.depth == 0:
+            return ()
+        counts = np.bincount(stop_depth, minlength=self.depth + 1).tolist()
+        out, alive = [], 0
+        for d in range(self.depth, 0, -1):  # requests that drafted depth d or deeper
+            alive += counts[d]
+            out.append(alive * self.width[d - 1])
+        return tuple(out[::-1])
+
+    # --- the core -------------------------------------------------------------------------------------
+
+    def _run_core(self, difficulty, dataset, kv_len, request_ids):
+        B = len(difficulty)
+        self.drafter.set_batch(difficulty, dataset)
+        forest = draft(self.drafter, self.policy, np.zeros(B, np.int64), kv_len)
+        selection = self.policy.select(forest)
+        batch = pack(forest, selection)
+        result = verify_greedy(batch, self.drafter.target_argmax(batch))
+        self.policy.observe(forest, selection, result.accept_len)
+        if self.records_path is not None:
+            rec = step_records(forest, batch, result, self.step_index, request_ids)
+            write_records(self.records_path, rec, append=True)
+        self.step_index += 1
+        stop = forest.stop_depth if forest.stop_depth is not None else np.zeros(B, np.int32)
+        return batch.tree_sizes.astype(np.int64), result.accept_len.astype(np.int64), stop.astype(np.int64)
+
+    def _build_table(self, dataset: int) -> int:
+        """Stratified outcomes for one dataset: sorted difficulties split into `bins` equal strata."""
+        import time
+
+        t0 = time.perf_counter()
+        n = self.bins * self.rows_per_bin
+        rng = np.random.default_rng([self.seed, 3, dataset])
+        ds = np.full(n, dataset, np.int64)
+        diff = np.sort(np.asarray(self.acceptance.sample_difficulty(n, ds, rng), dtype=np.float64))
+        strata = diff.reshape(self.bins, self.rows_per_bin)
+        edges = 0.5 * (strata[:-1, -1] + strata[1:, 0])  # between neighbouring strata
+        order = rng.permutation(n)  # core batches mix strata, as live batches do
+        tok, acc, stop = (np.empty(n, np.int64) for _ in range(3))
+        kv = np.full(n, 512, np.int64)
+        for lo in range(0, n, CORE_CHUNK_ROWS):
+            idx = order[lo:lo + CORE_CHUNK_ROWS]
+            tok[idx], acc[idx], stop[idx] = self._run_core(diff[idx], ds[idx], kv[idx], idx)
+        self._rows = np.concatenate([self._rows, outcome_rows(tok, acc, stop)])
+        self._stop_const = bool((self._rows[:, STOP] == self.depth).all())
+        self._edges.append(edges)
+        slot = len(self._edges) - 1
+        self._dataset_slot[dataset] = slot
+        self.table_build_s += time.perf_counter() - t0
+        return slot
+
+    def describe(self) -> dict:
+        out = {"core": self.core, "policy": self.policy.describe()}
+        if self.core == "table":
+            out.update(bins=self.bins, rows_per_bin=self.rows_per_bin, table_build_s=round(self.table_build_s, 3))
+        return out
