@@ -1,0 +1,394 @@
+"""Replay a request trace against an HTTP server (ours, `echosim serve`, or a live SGLang server): each request is
+sent at its arrival time to SGLang's native `/generate`, streamed, and timed; the result is the per-request CSV and
+summary JSON of the simulator.
+
+- Arrivals: `traces` reads the trace (any supported format). Times are multiplied by `time_scale` (0.5 = twice the
+  rate). With `concurrency`, at most that many requests are in flight: a request whose time has come waits for a
+  free slot, in trace order, and its `arrival_s` is when it is sent (latencies count from there); `scheduled_s`
+  keeps the trace's time.
+- Prompts: the trace's text when it has some; otherwise a prompt of exactly the trace's prompt length in bytes is
+  cut from a prompt set (default ../shared/data/prompts/spec_bench.jsonl, else echo_exec/replay_prompts.jsonl).
+  Bytes are tokens for our byte-level model, so lengths are exact against `echosim serve`. Against a live SGLang
+  server with a subword tokenizer the same text is fewer tokens (a subword token spans several bytes): the CSV's
+  `prompt_tokens` is the count the server reports (meta_info.prompt_tokens), `target_prompt_tokens` the trace's.
+- Lengths: `max_new_tokens` = the trace's output length with `ignore_eos`, so each request produces exactly that
+  many tokens (both servers honour ignore_eos). Only /generate fields that SGLang has are sent.
+- Timing: `first_token_s` is when the first streamed chunk with at least one token arrives; `finish_s` when the
+  final chunk does; times are seconds from the start of the replay.
+- Outputs: requests.csv with the simulator's per-request columns (echosim/sim/metrics.py: ttft_ms, tpot_ms,
+  e2e_ms, steps = spec_verify_ct, accepted, mat...) then the replay's own (scheduled_s, target lengths,
+  finish_reason, ok, error); summary.json with the simulator's summary keys and definitions, computed over the
+  requests that succeeded (per-iteration quantities a client cannot see, such as mean_batch, are null);
+  config.json with the replay's settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import gzip
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from echosim.errors import UserError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SHARED_PROMPTS = PACKAGE_DIR.parent.parent / "shared" / "data" / "prompts" / "spec_bench.jsonl"
+SHIPPED_PROMPTS = PACKAGE_DIR / "replay_prompts.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts.
+
+
+def default_prompt_set() -> Path:
+    return SHARED_PROMPTS if SHARED_PROMPTS.exists() else SHIPPED_PROMPTS
+
+
+def _first_text(obj: dict) -> str | None:
+    for key in ("prompt", "text", "question", "turns", "instruction", "input"):
+        v = obj.get(key)
+        if isinstance(v, list):
+            v = next((t for t in v if isinstance(t, str) and t.strip()), None)
+        if isinstance(v, str) and v.strip():
+            return v
+    return None
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Prompt texts from a JSONL file (the first of prompt / text / question / turns[0] / instruction / input of
+    each line; .gz allowed) or a plain text file (one prompt per non-empty line)."""
+    p = Path(path)
+    opener = gzip.open if p.suffix == ".gz" else open
+    try:
+        with opener(p, "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read the prompt set: {exc.strerror or exc}", path=str(p)) from None
+    except UnicodeDecodeError:
+        raise UserError("the prompt set is not UTF-8 text", path=str(p)) from None
+    stem = p.name.removesuffix(".gz")
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if stem.endswith((".jsonl", ".json", ".ndjson")):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"not valid JSON: {exc.msg}", path=str(p), line=n) from None
+            text = _first_text(obj) if isinstance(obj, dict) else None
+            if text is None:
+                raise UserError("no prompt text (prompt, text, question, turns, instruction or input)",
+                                path=str(p), line=n)
+            prompts.append(text)
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise UserError("the prompt set has no prompts", path=str(p))
+    return prompts
+
+
+class PromptSynth:
+    """Prompts of an exact length in UTF-8 bytes (= tokens of the byte-level model), cut from a prompt set.
+
+    Request i starts at prompt i (mod the set size) and continues through the next ones, separated by a blank line,
+    until it has enough bytes; a character cut in half is dropped and the gap padded with spaces."""
+
+    def __init__(self, prompts: list[str]):
+        self.prompts = [t.encode("utf-8") for t in prompts]
+        self.total = sum(len(b) + 2 for b in self.prompts)
+
+    def make(self, n_bytes: int, index: int) -> str:
+        parts, have, k = [], 0, index % len(self.prompts)
+        while have < n_bytes:
+            b = self.prompts[k] + b"\n\n"
+            parts.append(b)
+            have += len(b)
+            k = (k + 1) % len(self.prompts)
+        text = b"".join(parts)[:n_bytes].decode("utf-8", errors="ignore")
+        return text + " " * (n_bytes - len(text.encode("utf-8")))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The replay plan and its records.
+
+
+@dataclass
+class ReplayItem:
+    index: int
+    request_id: str
+    scheduled_s: float          # trace arrival x time scale
+    prompt: str
+    target_prompt_tokens: int   # the trace's lengths (after any clipping)
+    target_output_tokens: int
+    dataset: str | None = None
+
+
+@dataclass
+class RequestRecord:
+    """One replayed request. Times are seconds from the start of the replay; NaN when unknown."""
+
+    index: int                   # position in the trace
+    request_id: str
+    arrival_s: float             # when the request was sent
+    first_token_s: float
+    finish_s: float
+    prompt_tokens: int           # as the server counted them (meta_info.prompt_tokens)
+    output_tokens: int           # tokens received (meta_info.completion_tokens)
+    steps: int                   # verify steps (meta_info.spec_verify_ct); 0 when the server does not say
+    accepted: int                # accepted draft tokens (spec_num_correct_drafts, else output_tokens - steps)
+    finish_reason: str
+    scheduled_s: float
+    target_prompt_tokens: int
+    target_output_tokens: int
+    dataset: str
+    ok: bool
+    error: str
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def e2e_s(self) -> float:
+        return self.finish_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float:
+        if self.output_tokens < 2:
+            return 0.0
+        return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
+
+
+# The simulator's per-request columns (echosim/sim/metrics.py), then the replay's own. Unknown cells are empty:
+# the server does not report verified drafts or preemptions per request.
+EXTRA_COLUMNS = ("scheduled_s", "target_prompt_tokens", "target_output_tokens", "finish_reason", "dataset", "ok",
+                 "error")
+
+
+def _csv_row(r: RequestRecord) -> dict:
+    def f(x, digits):
+        return "" if not math.isfinite(x) else f"{x:.{digits}f}"
+
+    mat = (r.accepted + r.steps) / r.steps if r.steps else float("nan")
+    return {"request": r.index, "id": r.request_id, "replica": 0, "arrival_s": f(r.arrival_s, 6),
+            "first_token_s": f(r.first_token_s, 6), "finish_s": f(r.finish_s, 6), "prompt_tokens": r.prompt_tokens,
+            "output_tokens": r.output_tokens, "ttft_ms": f(r.ttft_s * 1e3, 3), "tpot_ms": f(r.tpot_s * 1e3, 3),
+            "e2e_ms": f(r.e2e_s * 1e3, 3), "steps": r.steps, "accepted": r.accepted, "verified_drafts": "",
+            "mat": f(mat, 4), "preemptions": "", "scheduled_s": f(r.scheduled_s, 6),
+            "target_prompt_tokens": r.target_prompt_tokens, "target_output_tokens": r.target_output_tokens,
+            "finish_reason": r.finish_reason, "dataset": r.dataset, "ok": r.ok, "error": r.error}
+
+
+def plan_from_trace(trace_path: str | Path, *, time_scale: float = 1.0, limit: int | None = None,
+                    prompt_set: str | Path | None = None, max_prompt_tokens: int | None = None,
+                    max_output_tokens: int | None = None) -> list[ReplayItem]:
+    """The requests to send, in arrival order, with their prompts."""
+    import traces
+
+    if not time_scale > 0 or not math.isfinite(time_scale):
+        raise UserError(f"the time scale must be a positive number, got {time_scale}")
+    for name, v in (("limit", limit), ("max_prompt_tokens", max_prompt_tokens),
+                    ("max_output_tokens", max_output_tokens)):
+        if v is not None and v < 1:
+            raise UserError(f"{name} must be >= 1, got {v}")
+    arr = traces.read_arrays(traces.resolve_trace(str(trace_path)))
+    n = len(arr) if limit is None else min(limit, len(arr))
+    if n == 0:
+        raise UserError("the trace has no requests", path=str(trace_path))
+    t0 = float(arr.arrival_s[0])
+    synth = None
+    items = []
+    for i in range(n):
+        p_len, o_len = int(arr.prompt_tokens[i]), int(arr.output_tokens[i])
+        if max_prompt_tokens is not None:
+            p_len = min(p_len, max_prompt_tokens)
+        if max_output_tokens is not None:
+            o_len = min(o_len, max_output_tokens)
+        text = arr.prompt[i] if arr.prompt is not None else None
+        if not text:
+            if synth is None:
+                synth = PromptSynth(load_prompts(prompt_set or default_prompt_set()))
+            text = synth.make(p_len, i)
+        rid = arr.id[i] if arr.id is not None and arr.id[i] is not None else str(i)
+        dataset = arr.dataset[i] if arr.dataset is not None else None
+        items.append(ReplayItem(i, str(rid), (float(arr.arrival_s[i]) - t0) * time_scale, text, p_len, o_len, dataset))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sending.
+
+
+def _sse_events(buffer: bytearray) -> Iterable[bytes]:
+    """Complete `data:` payloads from the front of `buffer` (consumed); a partial event stays in it."""
+    while True:
+        cut = buffer.find(b"\n\n")
+        if cut < 0:
+            return
+        event = bytes(buffer[:cut])
+        del buffer[:cut + 2]
+        for line in event.split(b"\n"):
+            line = line.rstrip(b"\r")
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+
+
+def _reason(fr) -> str:
+    if isinstance(fr, dict):
+        return str(fr.get("type", ""))
+    return "" if fr is None else str(fr)
+
+
+async def send_one(session, url: str, item: ReplayItem, *, t0: float, temperature: float = 0.0,
+                   stream: bool = True) -> RequestRecord:
+    """POST one /generate and time it. Failures become a record with ok=False and the error, never an exception."""
+    body = {"text": item.prompt, "stream": stream,
+            "sampling_params": {"max_new_tokens": item.target_output_tokens, "temperature": temperature,
+                                "ignore_eos": True}}
+    nan = float("nan")
+    rec = RequestRecord(item.index, item.request_id, time.perf_counter() - t0, nan, nan, 0, 0, 0, 0, "",
+                        item.scheduled_s, item.target_prompt_tokens, item.target_output_tokens, item.dataset or "",
+                        False, "")
+    meta: dict = {}
+    try:
+        async with session.post(url.rstrip("/") + "/generate", json=body) as resp:
+            if resp.status != 200:
+                text = (await resp.text())[:300]
+                rec.error = f"HTTP {resp.status}: {text}"
+                return rec
+            if stream:
+                buffer = bytearray()
+                done = False
+                async for chunk in resp.content.iter_any():
+                    buffer.extend(chunk)
+                    for payload in _sse_events(buffer):
+                        if payload == b"[DONE]":
+                            done = True
+                            continue
+                        obj = json.loads(payload)
+                        if "error" in obj:
+                            raise RuntimeError(f"server error: {obj['error']}")
+                        meta = obj.get("meta_info") or {}
+                        got = meta.get("completion_tokens", len(obj.get("output_ids") or []))
+                        if got and math.isnan(rec.first_token_s):
+                            rec.first_token_s = time.perf_counter() - t0
+                if not done:
+                    raise RuntimeError("the stream ended without [DONE]")
+            else:
+                meta = (await resp.json()).get("meta_info") or {}
+        rec.finish_s = time.perf_counter() - t0
+    except Exception as exc:  # connection refused/reset, bad JSON, timeout: a failed request, not a failed replay
+        rec.error = f"{type(exc).__name__}: {exc}"[:300]
+        return rec
+    rec.prompt_tokens = int(meta.get("prompt_tokens") or 0)
+    rec.output_tokens = int(meta.get("completion_tokens") or 0)
+    rec.steps = int(meta.get("spec_verify_ct") or 0)
+    correct = meta.get("spec_num_correct_drafts", meta.get("spec_accepted_drafts"))
+    rec.accepted = int(correct) if correct is not None else max(rec.output_tokens - rec.steps, 0) if rec.steps else 0
+    rec.finish_reason = _reason(meta.get("finish_reason"))
+    rec.ok = rec.output_tokens > 0
+    if not rec.ok:
+        rec.error = "no tokens generated"
+    return rec
+
+
+async def replay(url: str, items: list[ReplayItem], *, concurrency: int | None = None, temperature: float = 0.0,
+                 stream: bool = True, request_timeout_s: float = 600.0,
+                 progress: Callable[[RequestRecord], None] | None = None) -> list[RequestRecord]:
+    """Send `items` at their scheduled times (seconds from now); returns one record per item, in item order."""
+    import aiohttp
+
+    if concurrency is not None and concurrency < 1:
+        raise UserError(f"the concurrency must be >= 1, got {concurrency}")
+    sem = asyncio.Semaphore(concurrency) if concurrency else None
+    records: list[RequestRecord | None] = [None] * len(items)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=request_timeout_s)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        t0 = time.perf_counter()
+        tasks: set[asyncio.Task] = set()
+
+        async def run(i: int) -> None:
+            try:
+                rec = await send_one(session, url, items[i], t0=t0, temperature=temperature, stream=stream)
+            finally:
+                if sem is not None:
+                    sem.release()
+            records[i] = rec
+            if progress is not None:
+                progress(rec)
+
+        for i, item in enumerate(items):
+            delay = t0 + item.scheduled_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if sem is not None:
+                await sem.acquire()  # FIFO: later arrivals wait behind this one
+            task = asyncio.create_task(run(i))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        while tasks:
+            await asyncio.gather(*list(tasks))
+    return [r for r in records if r is not None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs.
+
+
+# Summary keys of the simulator that a client cannot observe (per-iteration quantities): None in a replay.
+UNOBSERVED = ("verification_waste", "mean_batch", "preemptions", "iterations", "verified_tokens", "prefill_tokens",
+              "step_ms_mean", "step_split")
+
+
+def _no_nan(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    return x
+
+
+def summarize(records: list[RequestRecord], *, slo_ttft_ms: float = 2000.0, slo_tpot_ms: float = 100.0) -> dict:
+    """The simulator's summary (echosim/sim/metrics.py: same keys, same definitions) over the requests that
+    succeeded, plus completed / failed / errors. MAT = (accepted + steps) / steps summed over requests, from the
+    server's per-request counts (None when it reports none, e.g. SGLang without speculation)."""
+    from echosim.sim.metrics import Metrics
+
+    ok = [r for r in records if r.ok]
+    metrics = Metrics(None, slo_ttft_ms, slo_tpot_ms)
+    for r in ok:
+        metrics.request(r, r.finish_s, 0)
+    metrics.request_steps = sum(r.steps for r in ok)
+    metrics.accepted = sum(r.accepted for r in ok)
+    s = metrics.summary(preemptions=0)
+    for key in UNOBSERVED:
+        s[key] = None
+    if not metrics.request_steps:
+        s["mat"] = None
+    s = _no_nan(s)   # without streaming there is no first token: TTFT / TPOT are None
+    s.update({"completed": len(ok), "failed": len(records) - len(ok), "prompt_tokens": sum(r.prompt_tokens for r in ok),
+              "errors": sorted({r.error for r in records if not r.ok})[:5]})
+    return s
+
+
+def write_outputs(out_dir: str | Path, records: list[RequestRecord], summary: dict, config: dict) -> dict[str, Path]:
+    """requests.csv (the simulator's columns, then the replay's), summary.json and config.json in `out_dir`."""
+    from echosim.sim.metrics import REQUEST_COLUMNS
+
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {"requests": d / "requests.csv", "summary": d / "summary.json", "config": d / "config.json"}
+    with open(paths["requests"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*REQUEST_COLUMNS, *EXTRA_COLUMNS])
+        w.writeheader()
+        for r in records:
+            w.writerow(_csv_row(r))
+    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
+    paths["config"].write_text(json.dumps(config, indent=2, default=str) + "\n")
+    return paths

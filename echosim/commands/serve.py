@@ -1,0 +1,141 @@
+"""`echosim serve --model DIR --draft DIR --policy echo`: the echo engine behind an HTTP server with SGLang's
+`/generate`, the OpenAI-compatible `/v1/completions`, `/server_info` and `/health` (see echo_exec/server.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from echosim.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve the engine over HTTP (SGLang /generate, OpenAI /v1/completions)",
+        description="Serve the echo engine over HTTP: SGLang's native /generate, the OpenAI-compatible "
+                    "/v1/completions, /server_info (with the average accept length) and /health.")
+    p.add_argument("--model", required=True, help="target model directory (config.json + safetensors)")
+    p.add_argument("--draft", default=None, help="draft model directory (needed by every policy but ar)")
+    p.add_argument("--policy", default=None, help="speculation policy (echo, eagle3, ar, ...); default echo")
+    p.add_argument("--policy-config", default=None,
+                   help="policy settings: a JSON object inline, or a JSON file (e.g. from echosim calibrate)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=30000, help="port (default 30000, as SGLang; 0 = any free port)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1); default cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default float32)")
+    p.add_argument("--max-running", type=int, default=32, help="most requests decoding at once (default 32)")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: the engine's)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512, help="prefill chunk budget (default 512)")
+    p.add_argument("--records", default=None, help="write per-node draft/accept records to this file")
+    p.add_argument("--seed", type=int, default=0, help="engine seed (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=run)
+
+
+def _policy_config(arg: str | None, policy: str | None) -> tuple[str, dict | None]:
+    """(policy name, settings) from --policy and --policy-config (inline JSON or a file)."""
+    config = None
+    if arg is not None:
+        text, where = arg, "--policy-config"
+        if not arg.lstrip().startswith(("{", "[")):
+            path = Path(arg)
+            try:
+                text, where = path.read_text(), str(path)
+            except OSError as exc:
+                raise UserError(f"cannot read the policy config: {exc.strerror}", path=arg) from None
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"not valid JSON: {exc}", path=where) from None
+        if not isinstance(config, dict):
+            raise UserError("the policy config must be a JSON object", path=where)
+        config = dict(config)
+        config.pop("calibration", None)  # informative statistics written by `echosim calibrate`
+        named = config.pop("policy", None)
+        if named is not None:
+            if policy is not None and policy != named:
+                raise UserError(f"--policy {policy} disagrees with the config's policy {named!r}", path=where)
+            policy = named
+    return policy or "echo", config
+
+
+def _checks(args) -> None:
+    for name in ("max_running", "block_size", "max_prefill_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_kv_blocks is not None and args.num_kv_blocks < 1:
+        raise UserError("--num-kv-blocks must be >= 1")
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    for flag, d in (("--model", args.model), ("--draft", args.draft)):
+        if d is not None and not (Path(d) / "config.json").exists():
+            raise UserError(f"{flag}: not a model directory (no config.json)", path=d)
+
+
+def build_server(args):
+    """The engine and the EchoServer around it, from parsed `serve` arguments."""
+    _checks(args)
+    policy, config = _policy_config(args.policy_config, args.policy)
+
+    import torch
+
+    from echo_exec.engine import Engine, SamplingParams
+    from echo_exec.model import ModelConfig
+    from echo_exec.server import EchoServer, Limits
+    from echo_exec.tokenizer import ByteTokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target_cfg = ModelConfig.from_hf(Path(args.model) / "config.json")
+    max_context = target_cfg.max_position_embeddings
+    if args.draft is not None:
+        max_context = min(max_context, ModelConfig.from_hf(Path(args.draft) / "config.json").max_position_embeddings)
+    if args.num_kv_blocks is not None:
+        max_context = min(max_context, args.num_kv_blocks * args.block_size)
+    try:
+        engine = Engine(args.model, args.draft, policy=policy, policy_config=config, device=args.device,
+                        dtype=getattr(torch, args.dtype), max_running=args.max_running,
+                        num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
+                        max_prefill_tokens=args.max_prefill_tokens, records_path=args.records, seed=args.seed)
+    except (ValueError, TypeError) as exc:  # ConfigError (bad policy or settings) is a ValueError
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(str(exc)) from None
+    max_context = min(max_context, int(getattr(engine, "max_len", max_context)))
+    info = {"model": str(args.model), "model_path": str(args.model), "draft_model_path": args.draft,
+            "policy": policy, "policy_config": config, "device": args.device, "dtype": args.dtype,
+            "max_running_requests": args.max_running, "max_context_tokens": max_context}
+    tok = ByteTokenizer()
+    return EchoServer(engine, make_params=SamplingParams, limits=Limits(target_cfg.vocab_size, max_context),
+                      info=info, encode=tok.encode)
+
+
+def run(args) -> int:
+    import asyncio
+    import signal
+
+    from echo_exec.server import serve_forever
+
+    server = build_server(args)
+
+    def ready(port: int) -> None:
+        # Tests and scripts wait for this line (with --port 0 it is the only way to learn the port).
+        print(f"echosim serve: listening on http://{args.host}:{port} (policy {server.info['policy']})", flush=True)
+
+    async def main() -> None:
+        # SIGINT / SIGTERM: stop listening, let requests in flight finish (5 s at most), stop the engine, exit 0.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_forever(server, args.host, args.port, ready=ready, stop=stop)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    print("echosim serve: stopped", flush=True)
+    return 0
