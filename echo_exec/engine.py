@@ -54,6 +54,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # SGLang's flag: run to max_new_tokens through the model's EOS (trace replay)
     seed: int | None = None   # per-request sampling seed (default: derived from the engine seed and arrival order)
 
     def check(self) -> None:
@@ -198,8 +199,9 @@ class Engine:
             raise UserError(f"request id {rid!r} is already in use", field="request_id")
         self._ids.add(rid)
         rng = np.random.default_rng(params.seed if params.seed is not None else [self.seed, seq])
+        stop = frozenset(int(t) for t in params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos)
         req = _Request(id=rid, seq=seq, prompt=prompt, params=params, on_tokens=on_tokens, arrival_s=self.clock(),
-                       stop=frozenset(int(t) for t in params.stop_token_ids) | self.eos, rng=rng, tokens=list(prompt))
+                       stop=stop, rng=rng, tokens=list(prompt))
         self._inbox.append(("add", req))
         return rid
 

@@ -193,22 +193,12 @@ class EngineWorker:
 
         callback = on_tokens if handle.stream else None  # a plain request only needs its result
 
-        # ignore_eos: through SamplingParams when it has the flag; otherwise the engine's EOS set (read by
-        # add_request, which runs in this thread like every other engine call) is emptied for this one request.
-        eos_swap = ignore_eos and not hasattr(params, "ignore_eos") and hasattr(self.engine, "eos")
-        if ignore_eos and hasattr(params, "ignore_eos"):
-            params.ignore_eos = True
-        saved = self.engine.eos if eos_swap else None
+        params.ignore_eos = ignore_eos
         try:
-            if eos_swap:
-                self.engine.eos = type(saved)()
             self.engine.add_request(prompt_ids, params, request_id=handle.request_id, on_tokens=callback)
         except Exception as exc:  # the engine refused the request (too long, out of capacity...): a 400
             self._emit(handle, ("error", 400, f"{exc}"))
             return
-        finally:
-            if eos_swap:
-                self.engine.eos = saved
         self._handles[handle.request_id] = handle
 
     def _abort(self, request_id: str) -> None:
