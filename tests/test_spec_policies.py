@@ -204,14 +204,16 @@ def test_forest_validation_catches_broken_invariants():
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10_000), B=st.integers(1, 40), K=st.integers(1, 400), cap=st.integers(1, 40))
-def test_ranked_with_caps_matches_a_plain_greedy_walk(seed, B, K, cap):
+@given(seed=st.integers(0, 10_000), B=st.integers(1, 40), K=st.integers(1, 400), cap=st.integers(1, 40),
+       idle=st.sampled_from([0.0, 0.7, 0.95]))
+def test_ranked_with_caps_matches_a_plain_greedy_walk(seed, B, K, cap, idle):
+    """`idle`: the share of requests with no room (ECHO's tiers leave most requests out of one of them)."""
     from echosim.spec.select import ranked_with_caps
 
     forest = draft(RandomDrafter(vocab_size=64, concentration=0.3, seed=seed),
                    make_policy("tetris", dict(steps=4, topk=4)), np.zeros(B, np.int64), np.zeros(B, np.int64))
     rng = np.random.default_rng(seed)
-    room = rng.integers(0, cap + 1, B)
+    room = np.where(rng.random(B) < idle, 0, rng.integers(0, cap + 1, B))
     taken = np.flatnonzero(forest.valid.ravel() & (rng.random(forest.valid.size) < 0.02))
     got = ranked_with_caps(forest.score, room, K, taken)
     # Reference: walk every node in descending score, take it if its request has room left.

@@ -113,7 +113,9 @@ def pack(forest: DraftForest, selection: np.ndarray, pad_to: int = 1) -> VerifyB
     next_sibling = np.full(T_pad, -1, np.int32)
     if len(sel):
         pg = roots[req] + parent[out]
-        first = np.r_[True, pg[1:] != pg[:-1]]
+        first = np.empty(len(pg), bool)
+        first[0] = True
+        np.not_equal(pg[1:], pg[:-1], out=first[1:])
         if (np.bincount(pg[first], minlength=T) > 1).any():  # a hand-made forest without that layout
             order = np.argsort(pg, kind="stable")
             pg, child, loc = pg[order], out[order], local[order]

@@ -7,6 +7,8 @@ Ancestor closure comes from the scores themselves: drafting keeps every draft lo
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from echosim.spec.forest import DraftForest
@@ -37,6 +39,10 @@ def top_per_request(key: np.ndarray, n: int | np.ndarray, columns: np.ndarray | 
     m = int(n.max(initial=0))
     if m <= 0 or B == 0:
         return np.zeros(0, np.int64)
+    if m == 1:  # one node each (ECHO's floor): a row-wise argmax
+        best = key.argmax(axis=1)
+        rows = np.flatnonzero((n > 0) & (key[np.arange(B), best] > -np.inf))
+        return rows * S + best[rows]
     if m < S:
         part = np.argpartition(key, S - m, axis=1)[:, S - m:]
         vals = np.take_along_axis(key, part, axis=1)
@@ -57,6 +63,8 @@ def _threshold(flat_key: np.ndarray, S: int, room: np.ndarray, want: int) -> flo
     """A key threshold above which about `want` candidates of the requests with room lie, from a strided sample."""
     n = flat_key.size
     stride = max(1, n // 4096)
+    while math.gcd(stride, S) != 1:  # a stride sharing a factor with S samples only some slots (some ranks)
+        stride += 1
     at = np.arange(0, n, stride)
     at = at[room[at // S] > 0]
     sample = flat_key[at]
@@ -98,13 +106,23 @@ def ranked_with_caps(key: np.ndarray, room: np.ndarray, limit: int, taken: np.nd
     limit = min(int(limit), capacity)
     if limit <= 0:
         return np.zeros(0, np.int64)
-    flat_key = key.ravel()
     taken = np.zeros(0, np.int64) if taken is None else np.asarray(taken, np.int64)
+    active = np.flatnonzero(room > 0)
+    if len(active) <= B // 2:  # most requests take no part (e.g. few confident ones): rank only the others' rows
+        where = np.full(B, -1, np.int64)
+        where[active] = np.arange(len(active))
+        t_row = where[taken // S]
+        t_local = t_row[t_row >= 0] * S + taken[t_row >= 0] % S
+        sub = ranked_with_caps(key[active], room[active], limit, t_local, ordered)
+        return active[sub // S] * S + sub % S
+    flat_key = key.ravel()
     if len(taken):
         is_taken = np.zeros(flat_key.size, bool)
         is_taken[taken] = True
-    if limit == capacity:  # everyone fills its room: a per-request top, no batch-wide ranking needed
-        idx = np.flatnonzero(room > 0)
+    if limit == capacity or (2 * limit >= capacity and len(active) * S <= 32768):
+        # (nearly) everyone fills its room: a request's chosen nodes are always its best ones, so take each
+        # request's room[i] best (a row-wise partition of few rows) and keep the best `limit` of those
+        idx = active
         extra = np.bincount(taken // S, minlength=B)[idx] if len(taken) else 0
         sub = top_per_request(key[idx], room[idx] + extra)  # room[i] best once the taken ones are left out
         top = idx[sub // S] * S + sub % S
@@ -112,6 +130,7 @@ def ranked_with_caps(key: np.ndarray, room: np.ndarray, limit: int, taken: np.nd
             top = top[~is_taken[top]]
             if (np.bincount(top // S, minlength=B) > room).any():  # some taken nodes were not among the best
                 top = _best_per_request(flat_key, top, S, room)
+        top = _best(flat_key, top, limit)
         return top[np.argsort(-flat_key[top])] if ordered else top
     want = limit + len(taken) + B
     while True:
