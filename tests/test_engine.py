@@ -209,7 +209,6 @@ def test_records_are_the_simulators_schema(models, prompts, reference, tmp_path)
 SHIPPED = Path(__file__).resolve().parents[1] / "echo_exec" / "models"
 
 
-@pytest.mark.skipif(not (SHIPPED / "tiny-draft" / "config.json").exists(), reason="the shipped pair is not there")
 def test_shipped_pair_is_lossless():
     """The trained pair on held-out code: real acceptance, same tokens as plain decoding."""
     from echo_exec.train_tiny import split_files
