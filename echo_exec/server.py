@@ -552,6 +552,19 @@ class EchoServer:
         if req.sampling["max_new_tokens"] == 0:
             raise BadRequest("'max_new_tokens' must be >= 1 when streaming")
         handle = self._submit(req, stream=True)
+        text = ""
+
+        def chunks(ids, new, delta, result):  # SGLang streams the whole text so far, every time
+            nonlocal text
+            text += delta
+            if new or result is not None:
+                yield {"text": text, "output_ids": ids, "meta_info": self._meta(handle, req, ids, result)}
+
+        return await self._stream(request, handle, chunks)
+
+    async def _stream(self, request: web.Request, handle, chunks) -> web.StreamResponse:
+        """Server-sent events over a request's token events: `chunks(ids, new, delta, result)` gives the JSON
+        payloads of each event (ids so far, the new ids, their text, and the result on the last event)."""
         finished = False
         try:
             first = await self._first_event(handle)
@@ -559,21 +572,15 @@ class EchoServer:
             await resp.prepare(request)
             ids: list[int] = []
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            text = ""
             try:
                 async for event in self._events(handle, first):
-                    if event[0] == "tokens":
-                        new = event[1]
-                        result = None
-                    else:
-                        result = event[1]
-                        new = result.output_ids[len(ids):]   # tokens the callbacks did not deliver, if any
-                        finished = True
+                    result = event[1] if event[0] == "done" else None
+                    new = event[1] if result is None else result.output_ids[len(ids):]  # what callbacks missed
                     ids.extend(new)
-                    text += decoder.decode(_byte_text(new), final=result is not None)
-                    if new or result is not None:
-                        await resp.write(_sse({"text": text, "output_ids": ids,
-                                               "meta_info": self._meta(handle, req, ids, result)}))
+                    finished |= result is not None
+                    delta = decoder.decode(_byte_text(new), final=result is not None)
+                    for payload in chunks(ids, new, delta, result):
+                        await resp.write(_sse(payload))
             except BadRequest as exc:  # headers are sent: report the failure in-band, as SGLang does
                 await resp.write(_sse({"error": {"message": str(exc), "code": exc.status}}))
             await resp.write(b"data: [DONE]\n\n")
@@ -644,43 +651,25 @@ class EchoServer:
 
     async def _completions_stream(self, request, req: GenRequest, include_usage: bool, model: str):
         handle = self._submit(req, stream=True)
-        finished = False
         created = int(time.time())
 
         def chunk(text: str, finish: str | None) -> dict:
             return {"id": req.request_id, "object": "text_completion", "created": created, "model": model,
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
-        try:
-            first = await self._first_event(handle)
-            resp = web.StreamResponse(headers=SSE_HEADERS)
-            await resp.prepare(request)
-            ids: list[int] = []
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            try:
-                async for event in self._events(handle, first):
-                    result = event[1] if event[0] == "done" else None
-                    new = event[1] if result is None else result.output_ids[len(ids):]
-                    ids.extend(new)
-                    delta = decoder.decode(_byte_text(new), final=result is not None)
-                    finish = None
-                    if result is not None:
-                        finished = True
-                        fr = _finish_reason(result.finish_reason, ids)
-                        finish = fr["type"] if fr else None
-                    if delta or result is not None:
-                        await resp.write(_sse(chunk(delta, finish)))
-                if include_usage:
-                    usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(ids),
-                             "total_tokens": len(req.prompt_ids) + len(ids)}
-                    await resp.write(_sse({**chunk("", None), "choices": [], "usage": usage}))
-            except BadRequest as exc:
-                await resp.write(_sse({"error": {"message": str(exc), "code": exc.status}}))
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-            return resp
-        finally:
-            self._release(handle, finished)
+        def chunks(ids, new, delta, result):  # OpenAI streams text deltas, then usage if asked
+            if result is None:
+                if delta:
+                    yield chunk(delta, None)
+                return
+            fr = _finish_reason(result.finish_reason, ids)
+            yield chunk(delta, fr["type"] if fr else None)
+            if include_usage:
+                usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(ids),
+                         "total_tokens": len(req.prompt_ids) + len(ids)}
+                yield {**chunk("", None), "choices": [], "usage": usage}
+
+        return await self._stream(request, handle, chunks)
 
     # -- info ----------------------------------------------------------------------------------------------
     async def server_info(self, request: web.Request) -> web.Response:
