@@ -25,6 +25,7 @@ class StepPricer:
         self.cost = cost
         self.per_token_ms, self.per_draft_row_ms = per_token_ms, per_draft_row_ms
         self._draft: dict[tuple, tuple[float, float, float]] = {}   # (rows per depth, bucket) -> parts
+        self._budget: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # budget candidates -> step ms
         self._depth: dict[tuple, tuple[float, float, float]] = {}   # (depth, rows, seqs, bucket) -> parts
         # the per-iteration overhead an empty batch still pays (counted once, with the target forward)
         self._base_overhead = float(cost.step_time(StepBatch(0.0, 0.0, 0.0, 0.0, 0.0)).overhead_ms)
@@ -48,6 +49,21 @@ class StepPricer:
         goodput budgets maximize against. Same terms as `price`, vectorized over the candidates."""
         t = np.asarray(tokens, dtype=np.float64)
         b = max(int(batch_size), 1)
+        # budgets ask for the same candidates iteration after iteration: memoize by batch, context bucket and
+        # candidate range, evaluated at the bucket's centre (as the draft part is)
+        bucket = int(mean_ctx) // CTX_BUCKET
+        key = (b, bucket, float(t[0]), len(t), draft_rows) if t.ndim == 1 and len(t) else None
+        hit = self._budget.get(key) if key is not None else None
+        if hit is not None and np.array_equal(hit[0], t):
+            return hit[1]
+        total = self._budget_ms(t, b, (bucket + 0.5) * CTX_BUCKET, draft_rows)
+        if key is not None:
+            if len(self._budget) > 4096:
+                self._budget.clear()
+            self._budget[key] = (t.copy(), total)
+        return total
+
+    def _budget_ms(self, t: np.ndarray, b: int, mean_ctx: float, draft_rows: tuple) -> np.ndarray:
         total = np.asarray(self.cost.step_time(StepBatch.uniform(b, t / b, mean_ctx)).total_ms, dtype=np.float64)
         total = total + self.per_token_ms * t
         if draft_rows:

@@ -4,14 +4,19 @@ synthetic drafter, reduced to what the replica needs per request (tokens verifie
 
 Two ways to get those numbers, selected by `core`:
 - exact: every iteration drafts, gates, selects, packs and verifies the live batch (draft -> select -> pack ->
-  target_argmax -> verify_greedy -> observe). Needed when a policy couples the requests of a batch (a goodput or
-  fixed budget, TETRIS's batch-wide top-C, SmartSpec's batch-size plan and its running acceptance estimate), and
-  for per-node records.
+  target_argmax -> verify_greedy -> observe). Needed when a policy couples the requests of a batch otherwise than
+  below (a fixed budget, TETRIS's batch-wide top-C, SmartSpec's batch-size plan and its running acceptance
+  estimate), and for per-node records.
 - table: for policies that treat each request on its own (AR, EAGLE-2/3, DDD, OPT-Tree, ECHO with a per-request
   budget that never binds), a request's outcome in a step depends only on its own difficulty and dataset, and
   steps are independent draws. So the same core runs once, up front, on a stratified sample of difficulties per
   dataset (`bins` strata x `rows` rows), and each request-step then draws one row of its stratum. The outcome
   distribution is the core's own; the per-iteration cost drops from ~60 us per request to a table lookup.
+- table for ECHO with a goodput budget: the budget couples the batch, but only through how long a prefix of each
+  request's own score order it verifies (floor, then Priority 1, then Priority 2, each request's nodes in score
+  order). So the tables keep, per row, that order's node probabilities and the ranks of the nodes the target
+  accepts; each iteration merges the drawn rows' orders, lets the budget choose the prefix (the same
+  `Budget.choose` on the same gains), and reads off each request's verified and accepted counts.
 - auto: table when the policy allows it and no records are asked for, else exact.
 """
 
@@ -29,6 +34,11 @@ from echosim.spec.records import step_records, write_records
 from echosim.spec.verify import verify_greedy
 
 CORE_CHUNK_ROWS = 2048  # rows per core call while building tables (bounds the forest's memory)
+
+
+def prefix_tabled(policy: Policy) -> bool:
+    """ECHO (and its ablations) with a goodput budget: tabled as per-request priority orders (module docstring)."""
+    return policy.name in ("echo", "echo_dense", "echo_fixed") and policy.config.budget.kind == "goodput"
 
 
 def row_independent(policy: Policy) -> bool:
@@ -80,7 +90,8 @@ class Speculator:
     def __init__(self, policy: Policy, acceptance, *, seed: int, core: str = "auto", records_path=None,
                  bins: int = 32, rows_per_bin: int = 256):
         self.policy, self.acceptance = policy, acceptance
-        independent = row_independent(policy)
+        self.prefix = prefix_tabled(policy)
+        independent = row_independent(policy) or self.prefix
         if core == "auto":
             core = "table" if independent and records_path is None else "exact"
         if core == "table" and not independent:
@@ -112,6 +123,12 @@ class Speculator:
         self._plain = np.zeros((0, 6), np.int64)  # AR: every request verifies its root, accepts nothing
         self._draw_pos = 0
         self.table_build_s = 0.0
+        if self.prefix:  # per tabled row: its priority order's probabilities, accepted ranks, Priority 1 or not
+            c = policy.config
+            self._cap = max(c.num_draft_tokens, c.remaining_num_draft_tokens) - 1
+            self._probs = np.zeros((0, self._cap), np.float32)
+            self._acc_rank = np.zeros((0, max(self.depth, 1)), np.int16)
+            self._confident = np.zeros(0, bool)
 
     # --- per request ----------------------------------------------------------------------------------------
 
@@ -148,7 +165,11 @@ class Speculator:
                 self._draws = self.rng_table.integers(0, self.rows_per_bin, size=max(1 << 16, B))
                 pos = 0
             self._draw_pos = pos + B
-            rows = self._rows.take(offset + self._draws[pos:pos + B], axis=0)
+            drawn = offset + self._draws[pos:pos + B]
+            rows = self._rows.take(drawn, axis=0)
+            if self.prefix:
+                self.mean_ctx = float(kv_len.mean())
+                rows = self._choose_prefix(rows, drawn)
             if self._stop_const:
                 return StepOutcome(rows, tuple(B * w for w in self.width))
         else:
@@ -170,20 +191,68 @@ class Speculator:
 
     # --- the core -------------------------------------------------------------------------------------
 
-    def _run_core(self, difficulty, dataset, kv_len, request_ids):
+    def _run_core(self, difficulty, dataset, kv_len, request_ids, policy=None, prefix_out=None):
         B = len(difficulty)
+        policy = policy or self.policy
         self.drafter.set_batch(difficulty, dataset)
-        forest = draft(self.drafter, self.policy, np.zeros(B, np.int64), kv_len)
-        selection = self.policy.select(forest)
+        forest = draft(self.drafter, policy, np.zeros(B, np.int64), kv_len)
+        selection = policy.select(forest)
         batch = pack(forest, selection)
         result = verify_greedy(batch, self.drafter.target_argmax(batch))
-        self.policy.observe(forest, selection, result.accept_len)
+        policy.observe(forest, selection, result.accept_len)
+        if prefix_out is not None:
+            prefix_out.append(self._prefix_rows(forest, selection, batch, result))
         if self.records_path is not None:
             rec = step_records(forest, batch, result, self.step_index, request_ids)
             write_records(self.records_path, rec, append=True)
         self.step_index += 1
         stop = forest.stop_depth if forest.stop_depth is not None else np.zeros(B, np.int32)
         return batch.tree_sizes.astype(np.int64), result.accept_len.astype(np.int64), stop.astype(np.int64)
+
+    def _prefix_rows(self, forest, selection, batch, result) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per request of a full-cap step: its verified nodes' probabilities in score order [B, C] (0 = none), the
+        ranks in that order of the nodes the target accepted [B, D] (C = none), and whether it is in Priority 1."""
+        B, S = forest.token.shape
+        C, D = self._cap, max(self.depth, 1)
+        req = selection // S
+        score = forest.score.ravel()[selection]
+        order = np.lexsort((-score, req))  # by request, then best first
+        req, sel, score = req[order], selection[order], score[order]
+        starts = np.searchsorted(req, np.arange(B))
+        rank = np.arange(len(req)) - starts[req]
+        probs = np.zeros((B, C), np.float32)
+        probs[req, rank] = np.exp(score)
+        # the accepted nodes: the target's path among the verified ones, depth by depth from the root
+        acc_rank = np.full((B, D), C, np.int16)
+        depth = forest.slot_depth[sel % S]
+        accepted_node = np.isin(sel, batch.node[result.accepted_nodes()])
+        acc_rank[req[accepted_node], depth[accepted_node] - 1] = rank[accepted_node]
+        stop = forest.stop_depth if forest.stop_depth is not None else np.zeros(B, np.int32)
+        confident = (stop > 0) & (stop >= forest.max_depth)
+        return probs, acc_rank, confident
+
+    def _choose_prefix(self, rows: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+        """ECHO's goodput budget over the drawn rows' priority orders: floor first, then Priority 1 and Priority 2
+        by probability, the budget choosing how many to verify; returns the outcome rows for that choice."""
+        B = len(drawn)
+        c = self.policy.config
+        probs, acc_rank, confident = self._probs[drawn], self._acc_rank[drawn], self._confident[drawn]
+        floor = np.minimum(rows[:, STOP] > 0, 1) * min(c.floor_tokens, self._cap)
+        floor = np.minimum(floor, (probs > 0).sum(axis=1))
+        j = np.arange(self._cap)
+        rest = (j[None, :] >= floor[:, None]) & (probs > 0)
+        key = np.where(rest, probs + 2.0 * confident[:, None], -1.0)  # Priority 1 ranks above Priority 2
+        n_floor = int(floor.sum())
+        room = max(c.budget.upper_bound(B) - n_floor, 0)
+        n_rest = min(int(rest.sum()), room)
+        flat = key.ravel()
+        top = np.argpartition(-flat, n_rest - 1)[:n_rest] if 0 < n_rest < flat.size else np.flatnonzero(rest.ravel())
+        top = top[np.argsort(-flat[top], kind="stable")][:n_rest]
+        gains = np.concatenate([probs[j[None, :] < floor[:, None]], probs.ravel()[top]]).astype(np.float64)
+        k = max(c.budget.choose(B, gains, self.policy.step_time), n_floor)
+        m = floor + np.bincount(top[:k - n_floor] // self._cap, minlength=B)
+        accepted = (acc_rank < m[:, None]).sum(axis=1)
+        return outcome_rows(m + 1, accepted, rows[:, STOP])
 
     def _build_table(self, dataset: int) -> int:
         """Stratified outcomes for one dataset: sorted difficulties split into `bins` equal strata."""
@@ -199,16 +268,37 @@ class Speculator:
         order = rng.permutation(n)  # core batches mix strata, as live batches do
         tok, acc, stop = (np.empty(n, np.int64) for _ in range(3))
         kv = np.full(n, 512, np.int64)
+        # goodput ECHO: table every request's whole capped priority order (the budget picks a prefix later)
+        full = self._full_cap_policy() if self.prefix else None
+        probs = np.zeros((n, self._cap), np.float32) if self.prefix else None
+        acc_rank = np.zeros((n, max(self.depth, 1)), np.int16) if self.prefix else None
+        confident = np.zeros(n, bool) if self.prefix else None
         for lo in range(0, n, CORE_CHUNK_ROWS):
             idx = order[lo:lo + CORE_CHUNK_ROWS]
-            tok[idx], acc[idx], stop[idx] = self._run_core(diff[idx], ds[idx], kv[idx], idx)
+            out = [] if self.prefix else None
+            tok[idx], acc[idx], stop[idx] = self._run_core(diff[idx], ds[idx], kv[idx], idx, full, out)
+            if self.prefix:
+                probs[idx], acc_rank[idx], confident[idx] = out[0]
         self._rows = np.concatenate([self._rows, outcome_rows(tok, acc, stop)])
+        if self.prefix:
+            self._probs = np.concatenate([self._probs, probs])
+            self._acc_rank = np.concatenate([self._acc_rank, acc_rank])
+            self._confident = np.concatenate([self._confident, confident])
         self._stop_const = bool((self._rows[:, STOP] == self.depth).all())
         self._edges.append(edges)
         slot = len(self._edges) - 1
         self._dataset_slot[dataset] = slot
         self.table_build_s += time.perf_counter() - t0
         return slot
+
+    def _full_cap_policy(self) -> Policy:
+        """The same ECHO with a per-request budget at its cap: it verifies each request's whole priority order."""
+        from dataclasses import replace
+
+        from echosim.spec.budget import Budget
+
+        c = self.policy.config
+        return type(self.policy)(replace(c, budget=Budget("per_request", self._cap)))
 
     def describe(self) -> dict:
         out = {"core": self.core, "policy": self.policy.describe()}
