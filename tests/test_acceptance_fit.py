@@ -133,3 +133,28 @@ def test_cli_bad_records_and_bad_preset_are_one_line_errors(tmp_path, capsys):
     assert "field 'parent_accepted'" in capsys.readouterr().err
     assert main(["fit-acceptance", "--records", str(bad), "-o", str(tmp_path / "m.json"), "--base", "nope"]) == 2
     assert "unknown acceptance preset 'nope'" in capsys.readouterr().err
+
+
+def test_fit_to_engine_records_predicts_the_engine_mat(tmp_path):
+    """Records of the shipped pair in the real engine: the fitted model's MAT for another tree shape matches the
+    engine's on other prompts (benchmarks/acceptance_from_engine.py does the same at full size)."""
+    from echo_exec.engine import Engine, SamplingParams
+    from echo_exec.train_tiny import MODELS_DIR, split_files
+
+    _, held = split_files()
+    files = [f for f in held if f.stat().st_size > 3000][:16]
+    prompts = [list(f.read_bytes()[1000:1128]) for f in files]
+
+    def engine(shape, batch, records=None):
+        eng = Engine(MODELS_DIR / "tiny-target", MODELS_DIR / "tiny-draft", policy="eagle3", policy_config=shape,
+                     max_running=8, records_path=records)
+        eng.generate(batch, SamplingParams(max_new_tokens=64))
+        eng.flush_records()
+        return eng.stats()["avg_accept_length"]
+
+    engine({"steps": 4, "topk": 4, "num_draft_tokens": 16}, prompts[:10], tmp_path / "r.jsonl")
+    fit = fit_records(read_records(tmp_path / "r.jsonl"))
+    chain = {"steps": 4, "topk": 1, "num_draft_tokens": 5}
+    real = engine(chain, prompts[10:])
+    predicted = measure_mat(fit.model, make_policy("eagle3", chain), "default", requests=512, steps=12)["mat"]
+    assert real > 2.0 and abs(predicted / real - 1) < 0.1, (predicted, real)
