@@ -94,16 +94,17 @@ def test_echo_expresses_the_paper_settings():
         cfg = EchoConfig.from_sglang(*row)
         p = make_policy("echo", {k: v for k, v in vars(cfg).items()})
         assert p.plan(16).depth == row[0] and p.plan(16).k == row[1]
-        assert p.config.gates == [(row[3], row[4])]
+        gate_depth = row[3] + 1  # after SGLang's draft step of loop index judge_depth
+        assert p.config.gates == [(gate_depth, row[4])]
         forest = draft(MixedDrafter(0.97, 0.3), p, np.zeros(64, np.int64), np.zeros(64, np.int64))
         sel = p.select(forest)
         counts = np.bincount(sel // forest.num_slots, minlength=64)
-        truncated = forest.stop_depth < row[0]
-        assert truncated.any() and (~truncated).any()
-        assert (counts[~truncated] == row[2] - 1).all()
-        assert (counts[truncated] <= row[5] - 1).all()
-        # Truncated requests stopped exactly after the judge depth.
-        assert (forest.stop_depth[truncated] == row[3]).all()
+        gated = forest.gated
+        assert gated.any() and (~gated).any()
+        assert (counts[~gated] == row[2] - 1).all()
+        assert (counts[gated] <= row[5] - 1).all()
+        # Gated requests stopped exactly at the gate's depth (at the last depth, the gate only cuts the budget).
+        assert (forest.stop_depth[gated] == gate_depth).all() and (forest.stop_depth[~gated] == row[0]).all()
 
 
 def test_echo_gates_on_confidence_at_sweet_spots_only():

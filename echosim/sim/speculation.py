@@ -228,7 +228,8 @@ class Speculator:
         accepted_node = np.isin(sel, batch.node[result.accepted_nodes()])
         acc_rank[req[accepted_node], depth[accepted_node] - 1] = rank[accepted_node]
         stop = forest.stop_depth if forest.stop_depth is not None else np.zeros(B, np.int32)
-        confident = (stop > 0) & (stop >= forest.max_depth)
+        gated = forest.gated if forest.gated is not None else stop < forest.max_depth
+        confident = (stop > 0) & ~gated
         return probs, acc_rank, confident
 
     def _choose_prefix(self, rows: np.ndarray, drawn: np.ndarray) -> np.ndarray:

@@ -51,7 +51,7 @@ def draft(drafter: Drafter, policy: Policy, root_token: np.ndarray, kv_len: np.n
         token=np.zeros((B, S), np.int64), logp=np.full((B, S), MIN_LOGP, np.float32),
         score=np.full((B, S), -np.inf, np.float64), parent=np.full((B, S), -1, np.int32),
         valid=np.zeros((B, S), bool), slot_depth=slot_depth, slot_rank=slot_rank, depth_offsets=off,
-        k1=k1, k=k, stop_depth=np.zeros(B, np.int32))
+        k1=k1, k=k, stop_depth=np.zeros(B, np.int32), gated=np.zeros(B, bool))
 
     rows = np.nonzero(policy.start(B))[0]
     if len(rows) == 0:
@@ -68,12 +68,14 @@ def draft(drafter: Drafter, policy: Policy, root_token: np.ndarray, kv_len: np.n
     forest.stop_depth[at] = 1
     beam = _top_k_rows(lp, k)  # slots of the depth-1 beam
 
-    for d in range(2, D + 1):
+    last = D + 1 if policy.gates_last_depth else D  # a gate after the last depth only marks requests
+    for d in range(2, last + 1):
         beam_scores = forest.score[rows[:, None], beam]
         keep = np.asarray(policy.gate(d - 1, rows, beam_scores, forest), dtype=bool)
         if not keep.all():
+            forest.gated[rows[~keep]] = True
             rows, beam, beam_scores = rows[keep], beam[keep], beam_scores[keep]
-        if len(rows) == 0:
+        if len(rows) == 0 or d > D:
             break
         n, kb = beam.shape
         at = slice(None) if n == B else rows

@@ -58,6 +58,7 @@ class DraftForest:
     k1: int = 0              # children drafted at the root
     k: int = 0               # children per beam node, and beam width, below the root
     stop_depth: np.ndarray | None = None  # int32 [B]: deepest drafted depth per request (0 = none)
+    gated: np.ndarray | None = None       # bool [B]: a gate failed (at the last depth it stops nothing else)
 
     @property
     def batch_size(self) -> int:
@@ -146,4 +147,4 @@ def empty_forest(root_token: np.ndarray, kv_len: np.ndarray) -> DraftForest:
         token=z.astype(np.int64), logp=z.astype(np.float32), score=z.astype(np.float64),
         parent=z.astype(np.int32), valid=z.astype(bool), slot_depth=np.zeros(0, np.int32),
         slot_rank=np.zeros(0, np.int32), depth_offsets=np.zeros(1, np.int64),
-        stop_depth=np.zeros(B, np.int32))
+        stop_depth=np.zeros(B, np.int32), gated=np.zeros(B, bool))

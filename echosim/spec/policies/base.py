@@ -52,6 +52,10 @@ class Policy(ABC):
     def start(self, batch_size: int) -> np.ndarray:
         return np.ones(batch_size, dtype=bool)
 
+    # Also gate after the last drafted depth: nothing is left to stop, but forest.gated records who failed
+    # (ECHO gives gated requests a smaller budget even when the gate sits at the last depth).
+    gates_last_depth = False
+
     def gate(self, depth: int, rows: np.ndarray, beam_scores: np.ndarray, forest: DraftForest) -> np.ndarray:
         """After drafting `depth`: which of the drafting requests `rows` continue. beam_scores [n, k]: the
         cumulative log scores of each row's beam at that depth, best first."""

@@ -39,9 +39,12 @@ class EchoConfig:
     @classmethod
     def from_sglang(cls, steps: int, topk: int, num_draft_tokens: int, judge_depth: int, threshold: float,
                     remaining_num_draft_tokens: int) -> EchoConfig:
-        """The paper's SGLang-level settings (echo_reported.md): gate once at judge_depth with threshold."""
+        """The paper's SGLang-level settings (echo_reported.md): gate once with threshold after the draft step of
+        loop index judge_depth, i.e. at depth judge_depth + 1 (SGLang's draft loop index i handles the depth-i+1
+        candidates). The authors' reference code names its gates by the same kind of loop index: its Qwen3-8B gate
+        (loop index 2 there, depth 4, threshold 0.3) is the paper's SGLang Qwen3-8B setting (judge_depth 3, 0.3)."""
         return cls(steps=steps, topk=topk, num_draft_tokens=num_draft_tokens,
-                   remaining_num_draft_tokens=remaining_num_draft_tokens, gates=[(judge_depth, threshold)],
+                   remaining_num_draft_tokens=remaining_num_draft_tokens, gates=[(judge_depth + 1, threshold)],
                    budget=Budget("per_request", num_draft_tokens - 1))
 
 
@@ -50,6 +53,7 @@ class Echo(Policy):
     name = "echo"
     config_cls = EchoConfig
     gate_mode: str | None = None  # the ablation subclasses force theirs
+    gates_last_depth = True
 
     def check(self) -> None:
         c = self.config
@@ -101,7 +105,8 @@ class Echo(Policy):
         if S == 0 or B == 0:
             return np.zeros(0, np.int64)
         drafting = forest.stop_depth > 0
-        truncated = drafting & (forest.stop_depth < forest.max_depth)
+        gated = forest.gated if forest.gated is not None else forest.stop_depth < forest.max_depth
+        truncated = drafting & gated
         cap = np.where(truncated, c.remaining_num_draft_tokens - 1, c.num_draft_tokens - 1)
         bound = c.budget.upper_bound(B)
         key = forest.score
