@@ -62,6 +62,8 @@ def test_pack_round_trip_and_mask_rows(seed, B, topk, steps, n, pad_to):
     forest, sel = random_step(seed, B, "eagle3", dict(steps=steps, topk=topk,
                                                       num_draft_tokens=min(n, size) + 1))
     batch = pack(forest, sel, pad_to=pad_to)
+    unchecked = pack(forest, sel, pad_to=pad_to, check=False)  # what the simulator runs: the same batch
+    assert all(np.array_equal(getattr(batch, f), getattr(unchecked, f)) for f in vars(batch))
     T = batch.num_tokens
     assert len(batch.tokens) % pad_to == 0 and len(batch.tokens) >= T
     # Round trip: the packed nodes are exactly the selection, in order.

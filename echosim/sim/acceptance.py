@@ -325,7 +325,7 @@ def synthetic_step(drafter, policy, z: np.ndarray, ds: np.ndarray, root_tokens: 
     drafter.set_batch(z, ds)
     forest = draft(drafter, policy, root_tokens, kv_len)
     sel = policy.select(forest)
-    batch = pack(forest, sel)
+    batch = pack(forest, sel, check=False)
     res = verify_greedy(batch, drafter.target_argmax(batch))
     policy.observe(forest, sel, res.accept_len)
     return forest, sel, batch, res

@@ -197,7 +197,7 @@ class Speculator:
         self.drafter.set_batch(difficulty, dataset)
         forest = draft(self.drafter, policy, np.zeros(B, np.int64), kv_len)
         selection = policy.select(forest)
-        batch = pack(forest, selection)
+        batch = pack(forest, selection, check=False)
         result = verify_greedy(batch, self.drafter.target_argmax(batch))
         policy.observe(forest, selection, result.accept_len)
         if prefix_out is not None:

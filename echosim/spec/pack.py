@@ -64,16 +64,17 @@ class VerifyBatch:
         return np.concatenate([np.ones((n, kv), bool), self.request_mask(i)], axis=1)
 
 
-def pack(forest: DraftForest, selection: np.ndarray, pad_to: int = 1) -> VerifyBatch:
+def pack(forest: DraftForest, selection: np.ndarray, pad_to: int = 1, check: bool = True) -> VerifyBatch:
     """Ragged pack of `selection` (sorted flat node indices). The total token count is rounded up to a multiple
-    of `pad_to` (a CUDA-graph bucket); padding tokens belong to no request."""
+    of `pad_to` (a CUDA-graph bucket); padding tokens belong to no request. `check=False` skips validating the
+    selection (sorted, drafted, ancestor-closed): for a selection a policy's select() made, which guarantees it."""
     B, S = forest.token.shape
     sel = np.asarray(selection, dtype=np.int64)
-    if len(sel) and (sel[0] < 0 or sel[-1] >= B * S or (np.diff(sel) <= 0).any()):
+    if check and len(sel) and (sel[0] < 0 or sel[-1] >= B * S or (np.diff(sel) <= 0).any()):
         raise PackError("selection must be strictly increasing flat node indices within the forest")
     req = sel // S if S else np.zeros(0, np.int64)
     slot = sel - req * S
-    if len(sel) and not forest.valid.ravel()[sel].all():
+    if check and len(sel) and not forest.valid.ravel()[sel].all():
         raise PackError("selection contains a node that was never drafted")
     counts = np.bincount(req, minlength=B)
     sizes = counts + 1
@@ -102,7 +103,7 @@ def pack(forest: DraftForest, selection: np.ndarray, pad_to: int = 1) -> VerifyB
     pflat = req * S + pslot
     pos = np.searchsorted(sel, pflat)
     pos_c = np.minimum(pos, max(len(sel) - 1, 0))
-    if (has_parent & ((pos >= len(sel)) | (sel[pos_c] != pflat))).any():
+    if check and (has_parent & ((pos >= len(sel)) | (sel[pos_c] != pflat))).any():
         raise PackError("selection is not ancestor-closed: a node's parent is not selected")
     parent = np.full(T_pad, -1, np.int32)
     parent[out] = np.where(has_parent, pos_c - sel_first[req] + 1, 0)
