@@ -127,11 +127,12 @@ def main() -> None:
     print(f"{'batch':>5} {'policy':>10} {'cands/req':>9} {'verified':>8} {'gate us':>8} {'select us':>9} "
           f"{'pack us':>8} {'total us':>8} {'x eagle3':>8}")
     for B in batches:
-        rows = {}
-        for name, cfg in configs(B).items():
-            forest = None
-            gate_s, select_s, pack_s = [], [], []
-            for r in range(args.repeats):
+        # Round robin over the policies, one step each per repeat: this machine's speed drifts over seconds,
+        # and interleaving lets every policy see the same drift, so the ratios hold even when the totals move.
+        timings: dict[str, list[tuple[float, float, float]]] = {name: [] for name in configs(B)}
+        last = {}
+        for r in range(args.repeats):
+            for name, cfg in configs(B).items():
                 policy = TimedPolicy(make_policy(name, cfg))
                 forest = draft(RandomDrafter(vocab_size=32000, concentration=0.3, seed=r), policy,
                                np.zeros(B, np.int64), np.full(B, 512))
@@ -140,12 +141,15 @@ def main() -> None:
                 t1 = time.perf_counter()
                 batch = pack(forest, sel, check=False)
                 t2 = time.perf_counter()
-                gate_s.append(policy.gate_s)
-                select_s.append(t1 - t0)
-                pack_s.append(t2 - t1)
-            total = np.array(gate_s) + np.array(select_s) + np.array(pack_s)
+                timings[name].append((policy.gate_s, t1 - t0, t2 - t1))
+                last[name] = (forest, batch)
+        rows = {}
+        for name, samples in timings.items():
+            gate_s, select_s, pack_s = np.array(samples).T
+            total = gate_s + select_s + pack_s
+            forest, batch = last[name]
             rows[name] = (forest.num_valid().mean() if B else 0, batch.num_tokens - B, median_us(gate_s),
-                          median_us(select_s), median_us(pack_s), median_us(list(total)))
+                          median_us(select_s), median_us(pack_s), median_us(total))
         for name, (cands, verified, g, s, p, tot) in rows.items():
             print(f"{B:5d} {name:>10} {cands:9.0f} {verified:8d} {g:8.0f} {s:9.0f} {p:8.0f} {tot:8.0f} "
                   f"{tot / rows['eagle3'][5]:8.2f}")

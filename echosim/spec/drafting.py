@@ -51,7 +51,8 @@ def draft(drafter: Drafter, policy: Policy, root_token: np.ndarray, kv_len: np.n
         token=np.zeros((B, S), np.int64), logp=np.full((B, S), MIN_LOGP, np.float32),
         score=np.full((B, S), -np.inf, np.float64), parent=np.full((B, S), -1, np.int32),
         valid=np.zeros((B, S), bool), slot_depth=slot_depth, slot_rank=slot_rank, depth_offsets=off,
-        k1=k1, k=k, stop_depth=np.zeros(B, np.int32), gated=np.zeros(B, bool))
+        k1=k1, k=k, stop_depth=np.zeros(B, np.int32), gated=np.zeros(B, bool),
+        beam_slot=np.full((B, D, k), -1, np.int32), beam_score=np.full((B, D, k), -np.inf))
 
     rows = np.nonzero(policy.start(B))[0]
     if len(rows) == 0:
@@ -67,10 +68,12 @@ def draft(drafter: Drafter, policy: Policy, root_token: np.ndarray, kv_len: np.n
     forest.valid[at, cols] = True
     forest.stop_depth[at] = 1
     beam = _top_k_rows(lp, k)  # slots of the depth-1 beam
+    beam_scores = np.take_along_axis(lp, beam, axis=1)
+    forest.beam_slot[at, 0, :beam.shape[1]] = beam
+    forest.beam_score[at, 0, :beam.shape[1]] = beam_scores
 
     last = D + 1 if policy.gates_last_depth else D  # a gate after the last depth only marks requests
     for d in range(2, last + 1):
-        beam_scores = forest.score[rows[:, None], beam]
         keep = np.asarray(policy.gate(d - 1, rows, beam_scores, forest), dtype=bool)
         if not keep.all():
             forest.gated[rows[~keep]] = True
@@ -91,5 +94,8 @@ def draft(drafter: Drafter, policy: Policy, root_token: np.ndarray, kv_len: np.n
         forest.parent[at, cols] = np.repeat(beam, k, axis=1)
         forest.valid[at, cols] = True
         forest.stop_depth[at] = d
-        beam = lo + _top_k_rows(score, k)
+        top = _top_k_rows(score, k)
+        beam, beam_scores = lo + top, np.take_along_axis(score, top, axis=1)
+        forest.beam_slot[at, d - 1] = beam
+        forest.beam_score[at, d - 1] = beam_scores
     return forest

@@ -59,6 +59,11 @@ class DraftForest:
     k: int = 0               # children per beam node, and beam width, below the root
     stop_depth: np.ndarray | None = None  # int32 [B]: deepest drafted depth per request (0 = none)
     gated: np.ndarray | None = None       # bool [B]: a gate failed (at the last depth it stops nothing else)
+    # The beam of every drafted depth, best first: slots int32 [B, D, k] (-1 none) and their scores float64 (-inf
+    # none). Every node's parent is a beam node and a depth's n best (n <= k) are its beam's first n, so a
+    # request's top n (n <= k) lie among its beam nodes: selection can rank D*k keys instead of S.
+    beam_slot: np.ndarray | None = None
+    beam_score: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:

@@ -73,7 +73,6 @@ def pack(forest: DraftForest, selection: np.ndarray, pad_to: int = 1, check: boo
     if check and len(sel) and (sel[0] < 0 or sel[-1] >= B * S or (np.diff(sel) <= 0).any()):
         raise PackError("selection must be strictly increasing flat node indices within the forest")
     req = sel // S if S else np.zeros(0, np.int64)
-    slot = sel - req * S
     if check and len(sel) and not forest.valid.ravel()[sel].all():
         raise PackError("selection contains a node that was never drafted")
     counts = np.bincount(req, minlength=B)
@@ -83,13 +82,14 @@ def pack(forest: DraftForest, selection: np.ndarray, pad_to: int = 1, check: boo
     T = int(qo[-1])
     T_pad = -(-T // pad_to) * pad_to if pad_to > 1 else T
     roots = qo[:-1]
-    sel_first = np.cumsum(counts) - counts             # where each request's run starts in `sel`
-    local = np.arange(len(sel)) - sel_first[req] + 1   # local index of each selected node (root = 0)
-    out = roots[req] + local                           # batch index of each selected node
+    # The k-th selected node sits after the k nodes before it and the roots of its request and those before.
+    out = np.arange(len(sel)) + req + 1                # batch index of each selected node
+    root_of = roots[req]                               # batch index of its request's root
 
     tokens = np.zeros(T_pad, np.int64)
     tokens[roots] = forest.root_token
     tokens[out] = forest.token.ravel()[sel]
+    slot = sel - req * S
     depth = np.zeros(T_pad, np.int32)
     depth[out] = forest.slot_depth[slot]
     positions = np.zeros(T_pad, np.int64)
@@ -97,50 +97,54 @@ def pack(forest: DraftForest, selection: np.ndarray, pad_to: int = 1, check: boo
     node = np.full(T_pad, -1, np.int64)
     node[out] = sel
 
-    # Parent: find the parent's flat index in the (sorted) selection.
+    # Parent: find the parent's flat index in the (sorted) selection; its batch index is then out[pos].
     pslot = forest.parent.ravel()[sel]
     has_parent = pslot >= 0
-    pflat = req * S + pslot
+    pflat = sel - slot + pslot
     pos = np.searchsorted(sel, pflat)
     pos_c = np.minimum(pos, max(len(sel) - 1, 0))
     if check and (has_parent & ((pos >= len(sel)) | (sel[pos_c] != pflat))).any():
         raise PackError("selection is not ancestor-closed: a node's parent is not selected")
+    up = np.full(T, -1, np.int64)                      # batch index of each token's parent, -1 for roots
+    if len(sel):
+        up[out] = np.where(has_parent, out[pos_c], root_of)
     parent = np.full(T_pad, -1, np.int32)
-    parent[out] = np.where(has_parent, pos_c - sel_first[req] + 1, 0)
+    parent[out] = up[out] - root_of
 
     # First child / next sibling. In the slot layout a parent's children occupy consecutive slots, so in a
     # selection (slot order) siblings are adjacent: runs of equal parent are sibling lists, no sort needed.
     next_token = np.full(T_pad, -1, np.int32)
     next_sibling = np.full(T_pad, -1, np.int32)
     if len(sel):
-        pg = roots[req] + parent[out]
+        pg, child, loc = up[out], out, out - root_of
         first = np.empty(len(pg), bool)
         first[0] = True
         np.not_equal(pg[1:], pg[:-1], out=first[1:])
-        if (np.bincount(pg[first], minlength=T) > 1).any():  # a hand-made forest without that layout
-            order = np.argsort(pg, kind="stable")
-            pg, child, loc = pg[order], out[order], local[order]
-            first = np.r_[True, pg[1:] != pg[:-1]]
-        else:
-            child, loc = out, local
         next_token[pg[first]] = loc[first]
+        if np.count_nonzero(next_token >= 0) < np.count_nonzero(first):  # a parent's children are not adjacent
+            order = np.argsort(pg, kind="stable")  # (a hand-made forest without that layout)
+            pg, child, loc = pg[order], out[order], loc[order]
+            first = np.r_[True, pg[1:] != pg[:-1]]
+            next_token[pg[first]] = loc[first]
         cont = ~first[1:]
         next_sibling[child[:-1][cont]] = loc[1:][cont]
 
-    # Tree mask: row of each node = itself + its ancestors, walked up one level per pass.
+    # Tree mask: row of each token = itself + its ancestors. Walk all tokens up one level per pass (a root is its
+    # own parent, so finished walks stay put), then set every (token, ancestor) cell in one scatter.
     mask_indptr = np.zeros(B + 1, np.int64)
     np.cumsum(sizes * sizes, out=mask_indptr[1:])
     mask = np.zeros(int(mask_indptr[-1]), bool)
     tok_req = np.repeat(np.arange(B), sizes)
-    tok_local = np.arange(T) - roots[tok_req]
-    row_base = mask_indptr[tok_req] + tok_local * sizes[tok_req]
-    mask[row_base + tok_local] = True
-    cur = parent[:T].astype(np.int64)
-    live = np.nonzero(cur >= 0)[0]
-    while len(live):
-        mask[row_base[live] + cur[live]] = True
-        cur[live] = parent[roots[tok_req[live]] + cur[live]]
-        live = live[cur[live] >= 0]
+    tok_root = roots[tok_req]
+    cell = mask_indptr[tok_req] + (np.arange(T) - tok_root) * sizes[tok_req] - tok_root  # + a column's batch index
+    up[roots] = roots
+    levels = int(depth[:T].max(initial=0))
+    walk = np.empty((levels + 1, T), np.int64)
+    walk[0] = np.arange(T)
+    for level in range(1, levels + 1):
+        np.take(up, walk[level - 1], out=walk[level])
+    mask[(walk + cell).ravel()] = True
+    up[roots] = -1
 
     return VerifyBatch(qo_indptr=qo, tokens=tokens, positions=positions, depth=depth, parent=parent, node=node,
                        retrive_index=np.arange(T_pad, dtype=np.int64), retrive_next_token=next_token,

@@ -19,7 +19,7 @@ from echosim.spec.budget import Budget
 from echosim.spec.forest import DraftForest
 from echosim.spec.policies.base import ConfigError, DraftPlan, Policy, register
 from echosim.spec.policies.static import max_tree_nodes
-from echosim.spec.select import ranked_with_caps, top_per_request
+from echosim.spec.select import band_per_row, ranked_with_caps, top_per_request
 
 
 @dataclass
@@ -111,7 +111,10 @@ class Echo(Policy):
         bound = c.budget.upper_bound(B)
         key = forest.score
         # Floor: every drafting request's best floor_tokens nodes (they lie within the first floor_tokens depths).
-        if c.floor_tokens > 0:
+        if c.floor_tokens == 1 and forest.beam_slot is not None:  # a request's best node heads its depth-1 beam
+            rows = np.flatnonzero(drafting & (cap > 0) & (forest.beam_score[:, 0, 0] > -np.inf))
+            floor = (rows * S + forest.beam_slot[rows, 0, 0])[:bound]
+        elif c.floor_tokens > 0:
             hi = int(forest.depth_offsets[min(c.floor_tokens, forest.max_depth)])
             sub = top_per_request(key[:, :hi], np.where(drafting, np.minimum(cap, c.floor_tokens), 0))
             floor = ((sub // hi) * S + sub % hi)[:bound]
@@ -121,11 +124,37 @@ class Echo(Policy):
         # Priority 1: confident requests extend (deepest, most likely paths first). Priority 2: truncated widen.
         ordered = c.budget.kind == "goodput"  # only the goodput budget reads the priority order
         room = bound - len(floor)
-        p1 = ranked_with_caps(key, np.where(drafting & ~truncated, cap - floor_n, 0), room, floor, ordered)
-        p2 = ranked_with_caps(key, np.where(truncated, cap - floor_n, 0), room - len(p1), floor, ordered)
+        p1 = self._tier(forest, drafting & ~truncated, cap, floor, floor_n, room, ordered)
+        p2 = self._tier(forest, truncated, cap, floor, floor_n, room - len(p1), ordered)
         ranked = np.concatenate([floor, p1, p2])
         k = c.budget.choose(B, np.exp(key.ravel()[ranked]), self.step_time) if ordered else len(ranked)
-        return np.sort(ranked[:max(k, len(floor))])
+        return np.sort(ranked[:max(k, len(floor))], kind="stable")  # merges sorted runs (floor, p1, p2) in O(n)
+
+    @staticmethod
+    def _tier(forest: DraftForest, members: np.ndarray, cap: np.ndarray, floor: np.ndarray, floor_n: np.ndarray,
+              limit: int, ordered: bool) -> np.ndarray:
+        """One priority tier: each member request's best nodes after its floor, up to its cap, the best `limit`
+        across the tier. The floor holds each request's top floor_n nodes (a top-n set lies within its first n
+        depths), so the tier is a band of each request's ranking (band_per_row) over a few candidates per
+        request: its beam nodes when cap <= k, else all its slots while the rows are few."""
+        rows = np.flatnonzero(members & (cap > floor_n))
+        if limit <= 0 or len(rows) == 0:
+            return np.zeros(0, np.int64)
+        S = forest.num_slots
+        n = int(cap[rows].max())
+        if not ordered and forest.beam_slot is not None and n <= forest.k:
+            D, k = forest.beam_slot.shape[1:]
+            band = band_per_row(forest.beam_score[rows].reshape(-1, D * k), floor_n[rows], cap[rows], limit)
+            if band is not None:
+                r = rows[band // (D * k)]
+                return np.sort(r * S + forest.beam_slot.reshape(-1, D * k)[r, band % (D * k)])
+        elif not ordered and len(rows) * S <= 16384:  # a sort of each row's slots pays while the rows are few
+            band = band_per_row(forest.score[rows], floor_n[rows], cap[rows], limit)
+            if band is not None:
+                return rows[band // S] * S + band % S
+        room = np.zeros(len(cap), np.int64)
+        room[rows] = cap[rows] - floor_n[rows]
+        return ranked_with_caps(forest.score, room, limit, floor, ordered)
 
 
 @register
