@@ -90,14 +90,10 @@ class Echo(Policy):
         return DraftPlan(c.steps, max(c.root_width, c.topk), c.topk)
 
     def gate(self, depth, rows, beam_scores, forest):
-        best = beam_scores[:, 0]  # log c_{i,d}: the best path at this depth
-        keep = np.ones(len(rows), dtype=bool)
+        tau = self._log_tau.get(depth, -np.inf)
         if depth == 1:
-            keep &= best >= self._log_root
-        tau = self._log_tau.get(depth)
-        if tau is not None:
-            keep &= best >= tau
-        return keep
+            tau = max(tau, self._log_root)
+        return beam_scores[:, 0] >= tau  # log c_{i,d}, the best path at this depth, against log tau_d
 
     def select(self, forest: DraftForest) -> np.ndarray:
         c = self.config
