@@ -83,8 +83,9 @@ def pack(forest: DraftForest, selection: np.ndarray, pad_to: int = 1, check: boo
     T_pad = -(-T // pad_to) * pad_to if pad_to > 1 else T
     roots = qo[:-1]
     # The k-th selected node sits after the k nodes before it and the roots of its request and those before.
-    out = np.arange(len(sel)) + req + 1                # batch index of each selected node
+    out = req + np.arange(1, len(sel) + 1)             # batch index of each selected node
     root_of = roots[req]                               # batch index of its request's root
+    tok_req = np.repeat(np.arange(B), sizes)           # request of each token
 
     tokens = np.zeros(T_pad, np.int64)
     tokens[roots] = forest.root_token
@@ -93,7 +94,7 @@ def pack(forest: DraftForest, selection: np.ndarray, pad_to: int = 1, check: boo
     depth = np.zeros(T_pad, np.int32)
     depth[out] = forest.slot_depth[slot]
     positions = np.zeros(T_pad, np.int64)
-    positions[:T] = np.repeat(forest.kv_len, sizes) + depth[:T]
+    positions[:T] = forest.kv_len[tok_req] + depth[:T]
     node = np.full(T_pad, -1, np.int64)
     node[out] = sel
 
@@ -105,18 +106,18 @@ def pack(forest: DraftForest, selection: np.ndarray, pad_to: int = 1, check: boo
     pos_c = np.minimum(pos, max(len(sel) - 1, 0))
     if check and (has_parent & ((pos >= len(sel)) | (sel[pos_c] != pflat))).any():
         raise PackError("selection is not ancestor-closed: a node's parent is not selected")
+    up_sel = np.where(has_parent, out[pos_c], root_of) if len(sel) else out
     up = np.full(T, -1, np.int64)                      # batch index of each token's parent, -1 for roots
-    if len(sel):
-        up[out] = np.where(has_parent, out[pos_c], root_of)
+    up[out] = up_sel
     parent = np.full(T_pad, -1, np.int32)
-    parent[out] = up[out] - root_of
+    parent[out] = up_sel - root_of
 
     # First child / next sibling. In the slot layout a parent's children occupy consecutive slots, so in a
     # selection (slot order) siblings are adjacent: runs of equal parent are sibling lists, no sort needed.
     next_token = np.full(T_pad, -1, np.int32)
     next_sibling = np.full(T_pad, -1, np.int32)
     if len(sel):
-        pg, child, loc = up[out], out, out - root_of
+        pg, child, loc = up_sel, out, out - root_of
         first = np.empty(len(pg), bool)
         first[0] = True
         np.not_equal(pg[1:], pg[:-1], out=first[1:])
@@ -134,7 +135,6 @@ def pack(forest: DraftForest, selection: np.ndarray, pad_to: int = 1, check: boo
     mask_indptr = np.zeros(B + 1, np.int64)
     np.cumsum(sizes * sizes, out=mask_indptr[1:])
     mask = np.zeros(int(mask_indptr[-1]), bool)
-    tok_req = np.repeat(np.arange(B), sizes)
     tok_root = roots[tok_req]
     cell = mask_indptr[tok_req] + (np.arange(T) - tok_root) * sizes[tok_req] - tok_root  # + a column's batch index
     up[roots] = roots
