@@ -136,13 +136,14 @@ def main() -> int:
     policies = args.policies.split(",")
     configs = {"ar": None, "eagle3": EAGLE3, "echo": args.echo_config or ECHO_CANDIDATES[0]}
     max_b = max(sizes)
-    blocks = max_b * -(-(args.prompt_len + args.gen_len + 80) // 16)
+    context = args.prompt_len + args.gen_len // 2
+    # room for max_b requests, and for the step-time measurement's one request (context + up to 512 tokens)
+    blocks = max(max_b * -(-(args.prompt_len + args.gen_len + 80) // 16), -(-(context + 512) // 16) + 1)
     engines = {}
     for name in policies:
         engines[name] = Engine(args.target, None if name == "ar" else args.draft, policy=name,
                                policy_config=configs.get(name), device=args.device, max_running=max_b,
                                num_kv_blocks=blocks, max_prefill_tokens=1024, seed=args.seed)
-    context = args.prompt_len + args.gen_len // 2
     step_model = engines["ar"].measure_step_time(context=context, repeats=8) if "ar" in engines else None
     prompts = held_out_prompts(max(args.prompts, max_b), args.prompt_len, args.gen_len, args.seed)
     for eng in engines.values():  # warm-up
