@@ -40,12 +40,29 @@ from echo_exec.sampling import target_probs
 from echo_exec.tokenizer import EOS_ID
 from echo_exec.verify_torch import tree_index, tree_tensors, verify_greedy, verify_sampling
 from echosim.errors import UserError
-from echosim.spec.drafting import draft
+from echosim.spec.drafting import depth_widths, draft, draft_rows
 from echosim.spec.pack import pack
 from echosim.spec.policies import ConfigError, Policy, make_policy
 from echosim.spec.records import NodeRecords, step_records, write_records
 from echosim.spec.verify import VerifyResult
 from echosim.spec.verify import verify_greedy as verify_greedy_np
+
+
+@dataclass
+class IterationRecord:
+    """One engine step in the terms a step-time model prices (cost_models' StepBatch.from_requests), with its
+    measured time: what the simulator's per-step overheads are fitted from (echo_exec/crossval.py)."""
+
+    start_s: float                       # on Engine.clock
+    step_ms: float                       # the whole step: admission, prefill, draft, verify, commit, emit
+    draft_ms: float = 0.0                # drafting + select + pack
+    target_ms: float = 0.0               # the verify forward, verification and the commit
+    prefill_chunks: list = field(default_factory=list)  # (chunk tokens, tokens already cached) per prefill
+    verify_tokens: np.ndarray | None = None  # per decoding request: tokens verified, the root included
+    context_lens: np.ndarray | None = None   # per decoding request: cached tokens before the step
+    draft_rows: tuple = ()               # per depth: rows the draft model ran, the batch together
+    accepted: int = 0                    # drafts accepted, the batch together
+    waiting: int = 0                     # requests queued after admission
 
 
 @dataclass
@@ -122,7 +139,7 @@ class Engine:
 
     def __init__(self, target_dir, draft_dir=None, policy="echo", policy_config: dict | None = None, device="cpu",
                  dtype=torch.float32, max_running=32, num_kv_blocks=None, block_size=16, max_prefill_tokens=512,
-                 records_path=None, seed=0):
+                 records_path=None, seed=0, log_iterations=False):
         self.device = torch.device(device)
         try:
             self.policy: Policy = policy if isinstance(policy, Policy) else make_policy(policy, policy_config)
@@ -172,6 +189,9 @@ class Engine:
         self._records: list[NodeRecords] = []
         if self.records_path is not None:
             self.records_path.write_text("")
+        # one IterationRecord per step that did work, when asked (the caller empties it as it reads)
+        self.iterations: list[IterationRecord] | None = [] if log_iterations else None
+        self._it: IterationRecord | None = None
         self._stats = dict(steps=0, decode_steps=0, prefill_tokens=0, verify_tokens=0, generated_tokens=0,
                            accepted_drafts=0, verified_accepted=0, request_verifies=0, preemptions=0, finished=0,
                            draft_ms=0.0, target_ms=0.0, step_ms=0.0)
@@ -213,6 +233,8 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        if self.iterations is not None:
+            self._it = IterationRecord(start_s=self.clock(), step_ms=0.0)
         with torch.inference_mode():
             self._drain_inbox()
             self._admit()
@@ -221,7 +243,12 @@ class Engine:
         done = [r.snapshot() for r in self._aborted] + done
         self._aborted = []
         self._stats["steps"] += 1
-        self._stats["step_ms"] += (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        self._stats["step_ms"] += ms
+        it = self._it
+        if it is not None and (it.prefill_chunks or it.verify_tokens is not None):
+            it.step_ms, it.waiting = ms, len(self.waiting)
+            self.iterations.append(it)
         if self._records and (len(self._records) >= 64 or not self.has_unfinished()):
             self.flush_records()
         return done
@@ -378,6 +405,8 @@ class Engine:
         for r, s, k in chunks:
             r.kv_len = s + k
         self._stats["prefill_tokens"] += int(n.sum())
+        if self._it is not None:
+            self._it.prefill_chunks = [(int(k), int(s)) for _, s, k in chunks]
 
     def _decode(self) -> list[RequestOutput]:
         ready = [r for r in self.running if r.kv_len == len(r.tokens) - 1]
@@ -438,6 +467,13 @@ class Engine:
         st["target_ms"] += (t2 - t1) * 1e3
         st["verify_tokens"] += tree_tokens
         st["verified_accepted"] += int(result.accept_len.sum())
+        if self._it is not None:
+            it = self._it
+            it.draft_ms, it.target_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+            it.verify_tokens = batch.tree_sizes.copy() if len(selection) else np.ones(B, np.int64)
+            it.context_lens, it.accepted = kv.copy(), int(result.accept_len.sum())
+            it.draft_rows = draft_rows(forest.stop_depth, depth_widths(forest.max_depth, forest.k1, forest.k)) \
+                if self.drafter is not None else ()
         return self._emit(ready, emitted, result.accept_len, reserve)
 
     def _coins(self, ready, temps, width: int) -> torch.Tensor:

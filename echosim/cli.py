@@ -21,6 +21,7 @@ COMMANDS = [
     "fit_acceptance",  # echosim fit-acceptance: the acceptance model from per-node records
     "serve",      # the engine behind an HTTP server (SGLang /generate, OpenAI /v1/completions)
     "replay",     # replay a trace against an HTTP server
+    "validate",   # strict replay: the same trace through the engine and the simulator, their errors
 ]
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from echosim.errors import UserError
-from echosim.spec.drafting import draft
+from echosim.spec.drafting import depth_widths, draft, draft_rows
 from echosim.spec.pack import pack
 from echosim.spec.policies import Policy
 from echosim.spec.records import step_records, write_records
@@ -118,7 +118,7 @@ class Speculator:
         self._edges: list[np.ndarray] = []
         self._rows = np.zeros((0, 6), np.int64)  # outcome rows; row stratum * rows_per_bin + r
         self._stop_const = False  # every tabled row drafts to full depth (no gating): rows per depth are fixed
-        self.width = ([1.0, float(min(self.k, self.k1))] + [float(self.k)] * max(self.depth - 2, 0))[:self.depth]
+        self.width = depth_widths(self.depth, self.k1, self.k)
         self._draws = np.zeros(0, np.int64)  # row draws, made 65,536 at a time
         self._plain = np.zeros((0, 6), np.int64)  # AR: every request verifies its root, accepts nothing
         self._draw_pos = 0
@@ -178,16 +178,7 @@ class Speculator:
         return StepOutcome(rows, self.draft_rows(rows[:, STOP]))
 
     def draft_rows(self, stop_depth: np.ndarray) -> tuple:
-        """Draft-model rows per depth: depth 1 runs on each drafting request's root, deeper depths on its beam
-        (min(k, k1) nodes at depth 2, k below)."""
-        if self.depth == 0:
-            return ()
-        counts = np.bincount(stop_depth, minlength=self.depth + 1).tolist()
-        out, alive = [], 0
-        for d in range(self.depth, 0, -1):  # requests that drafted depth d or deeper
-            alive += counts[d]
-            out.append(alive * self.width[d - 1])
-        return tuple(out[::-1])
+        return draft_rows(stop_depth, self.width)
 
     # --- the core -------------------------------------------------------------------------------------
 

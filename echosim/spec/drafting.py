@@ -26,6 +26,25 @@ class Drafter(Protocol):
         ...
 
 
+def depth_widths(depth: int, k1: int, k: int) -> list[float]:
+    """Draft-model rows per drafting request at each depth: the root at depth 1, its beam below (min(k, k1) nodes
+    feed depth 2, k nodes every deeper depth)."""
+    return ([1.0, float(min(k, k1))] + [float(k)] * max(depth - 2, 0))[:depth]
+
+
+def draft_rows(stop_depth: np.ndarray, widths: list[float]) -> tuple:
+    """Rows the draft model runs per depth, the batch together, from each request's deepest drafted depth."""
+    depth = len(widths)
+    if depth == 0:
+        return ()
+    counts = np.bincount(stop_depth, minlength=depth + 1).tolist()
+    out, alive = [], 0
+    for d in range(depth, 0, -1):  # requests that drafted depth d or deeper
+        alive += counts[d]
+        out.append(alive * widths[d - 1])
+    return tuple(out[::-1])
+
+
 def _top_k_rows(block: np.ndarray, k: int) -> np.ndarray:
     """Column indices of the k largest entries of each row, largest first. [n, w] -> [n, min(k, w)]."""
     w = block.shape[1]

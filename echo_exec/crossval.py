@@ -1,0 +1,480 @@
+"""Strict replay: one trace through the real engine and through the simulator, and how far apart they land.
+
+DESIGN.md, "Validation": the same arrivals and lengths go through both; the simulator prices its steps with a
+cost model fitted from the engine's own profile on this machine, its acceptance model is fitted from the engine's
+records on other prompts than the replay's, and its KV capacity, batch limits and policy are the engine's.
+Reported: signed and absolute percentage error of token throughput, MAT, TTFT, TPOT and E2E (mean, P50, P90, P99).
+
+Phases, each writing into the run folder so that the run describes itself:
+1. prompts: the held-out standard-library files (never trained on) split in two, calibration and replay;
+2. profile: the target's and the draft's packed forwards timed on this device and fitted (cost_models);
+3. calibrate: the engine decodes calibration prompts at a few batch sizes, logging per-node records and per-step
+   times; the acceptance model is fitted to the records, and the engine's own CPU work per step (scheduling,
+   sampling, bookkeeping: what a forward profile does not see) to what the fitted forwards leave unexplained;
+4. engine: the replay's requests sent by the replay client to the engine behind the HTTP server (127.0.0.1);
+5. sim: the same requests (the trace's arrivals, the engine's prompt and output token counts) simulated;
+6. compare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from echosim.errors import UserError
+
+# Metrics compared, as (summary key, sub-key or None). Percentiles come from the same definitions on both sides
+# (echosim.sim.metrics.Metrics).
+METRICS = [("throughput_tok_s", None), ("mat", None)] + [
+    (name, q) for name in ("ttft_ms", "tpot_ms", "e2e_ms") for q in ("mean", "p50", "p90", "p99")]
+
+
+@dataclass
+class CrossValConfig:
+    model: str                          # target model directory (config.json + safetensors)
+    draft: str | None                   # draft model directory (None for ar)
+    policy: str = "eagle3"
+    policy_config: dict | None = None
+    trace: str = "synthetic_bursty_4rps"
+    limit: int = 48                     # the trace's first N requests
+    time_scale: float = 1.0
+    max_prompt_tokens: int = 256        # lengths clipped alike for both sides
+    max_output_tokens: int = 64
+    max_running: int = 16
+    num_kv_blocks: int | None = None    # default: room for max_running requests of the longest clipped length
+    block_size: int = 16
+    max_prefill_tokens: int = 512
+    calibration_prompts: int = 16
+    calibration_batches: tuple[int, ...] = ()  # default: 1, max_running / 4, max_running
+    profile_repeats: int = 5
+    device: str = "cpu"
+    threads: int = 1
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("limit", "max_prompt_tokens", "max_output_tokens", "max_running", "block_size",
+                     "max_prefill_tokens", "calibration_prompts", "profile_repeats", "threads"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
+        if not self.time_scale > 0:
+            raise UserError(f"time_scale must be > 0, got {self.time_scale}", field="time_scale")
+        for flag, d in (("model", self.model), ("draft", self.draft)):
+            if d is not None and not (Path(d) / "config.json").is_file():
+                raise UserError(f"{flag}: not a model directory (no config.json)", path=str(d))
+        if self.draft is None and self.policy != "ar":
+            raise UserError(f"policy {self.policy!r} needs a draft model", field="draft")
+
+    def batches(self) -> list[int]:
+        if self.calibration_batches:
+            return sorted(set(int(b) for b in self.calibration_batches))
+        return sorted({1, max(self.max_running // 4, 1), self.max_running})
+
+    def kv_blocks(self) -> int:
+        if self.num_kv_blocks is not None:
+            return int(self.num_kv_blocks)
+        per_request = -(-(self.max_prompt_tokens + self.max_output_tokens + 128) // self.block_size)
+        return self.max_running * per_request
+
+
+@dataclass
+class Overheads:
+    """The engine's per-step CPU work beyond its forwards, in the simulator's terms (ClusterConfig)."""
+
+    step_overhead_ms: float
+    overhead_per_token_ms: float
+    overhead_per_draft_row_ms: float
+    steps: int = 0
+    median_ape_pct: float = 0.0        # per-step time, fitted forwards + these overheads, on the calibration steps
+    p90_ape_pct: float = 0.0
+    forward_share: float = 0.0         # of the calibration steps' time, the share the fitted forwards explain
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. prompts
+
+
+def prompt_files() -> tuple[list[Path], list[Path]]:
+    """(calibration files, replay files): the held-out standard-library files, alternating in sorted order."""
+    from echo_exec.train_tiny import split_files
+
+    _, held = split_files()
+    held = sorted(f for f in held if f.stat().st_size >= 1024)  # skip near-empty files (__init__.py...)
+    if len(held) < 4:
+        raise UserError("too few held-out standard-library files for calibration and replay prompts")
+    return held[0::2], held[1::2]
+
+
+def _text(path: Path, limit: int = 8192) -> str:
+    return path.read_bytes()[:limit].decode("utf-8", errors="ignore")
+
+
+def calibration_prompts(files: list[Path], n: int, prompt_len: int, seed: int) -> list[list[int]]:
+    """n byte-token prompts of prompt_len from the calibration files, at seeded offsets."""
+    rng = np.random.default_rng(seed)
+    out = []
+    pool = [f for f in files if f.stat().st_size > prompt_len + 16]
+    for f in [pool[i] for i in rng.permutation(len(pool))[:n]]:
+        data = f.read_bytes()
+        start = int(rng.integers(0, len(data) - prompt_len))
+        out.append(list(data[start:start + prompt_len]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. profile and fit
+
+
+def profile_and_fit(cfg: CrossValConfig, out: Path, log) -> Path:
+    """Profiles of the target and the draft on this device, and the step-time model fitted to both."""
+    import torch
+
+    from cost_models.fitted import ape_stats, fit_params, heldout_stats, predict_obs
+    from cost_models.profiler import profile_model, write_profile
+    from cost_models.profiles import concat, read_profile
+    from cost_models.roofline import RooflineParams
+    from cost_models.specs import load_model
+
+    torch.set_num_threads(cfg.threads)
+    from echosim.spec.policies import make_policy
+
+    # the grid spans what the engine will run: contexts up to the longest request, trees up to the policy's
+    # largest (verify), beams of every request (draft)
+    ctx = sorted({0, cfg.max_prompt_tokens // 2, cfg.max_prompt_tokens + cfg.max_output_tokens})
+    batches = sorted({1, 2, 4, 8, cfg.max_running})
+    plan = make_policy(cfg.policy, cfg.policy_config).plan(1)
+    tree = 1 + plan.k1 + max(plan.depth - 1, 0) * plan.k * plan.k
+    tree_tokens = [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if t < 2 * tree] or [1]
+    jobs = [("target", cfg.model, batches, tree_tokens)]
+    if cfg.draft:
+        jobs.append(("draft", cfg.draft, sorted({*batches, max(plan.k, 1) * cfg.max_running}), [1, 2, 4, 8]))
+    paths = []
+    for role, d, widths, tokens in jobs:
+        t0 = time.perf_counter()
+        spec = load_model(d)
+        rows = profile_model(spec, device=cfg.device, batch_sizes=widths, tokens_per_seq=tokens, kv_lens=ctx,
+                             warmup=2, repeats=cfg.profile_repeats)
+        if role == "target":  # prefill chunks: one sequence, up to the chunk budget
+            chunks = [t for t in (64, 128, 256, 512, 1024, 2048) if t <= cfg.max_prefill_tokens]
+            rows += profile_model(spec, device=cfg.device, batch_sizes=(1,), tokens_per_seq=chunks,
+                                  kv_lens=(0, cfg.max_prompt_tokens // 2), warmup=2, repeats=cfg.profile_repeats)
+        path = out / f"profile_{role}.csv"
+        write_profile(rows, path)
+        paths.append(path)
+        log(f"profiled the {role} ({spec.name}): {len(rows)} points in {time.perf_counter() - t0:.1f} s")
+    base = RooflineParams(hardware="this-machine", gemm_tflops=1.0, gemm_gbps=100.0, elem_gbps=100.0,
+                          attn_tflops=1.0, attn_gbps=100.0, attn_kv_block=1.0)
+    tables = [read_profile(p) for p in paths]
+    res = fit_params(concat(tables), base, kv_block=1.0)
+    stats = {}
+    for t, p in zip(tables, paths, strict=True):
+        stats[p.name] = {"full_fit": ape_stats(predict_obs(t, res.params), t.obs_measured_ms),
+                         "heldout": heldout_stats(t, base, kv_block=1.0)}
+        h = stats[p.name]["heldout"]["test"]
+        log(f"step-time fit, {p.name}: held-out median {h['median_ape_pct']}% P90 {h['p90_ape_pct']}%")
+    fit = {"kind": "fitted", "hardware": "this-machine", "params": res.params.to_dict(),
+           "fitted_parameters": res.fitted, "profiles": [p.name for p in paths], "stats": stats,
+           "command": "echosim validate (echo_exec/crossval.py)"}
+    path = out / "cost_fit.json"
+    path.write_text(json.dumps(fit, indent=2) + "\n")
+    (out / "hardware.json").write_text(json.dumps({
+        "name": "this-machine", "peak_bf16_tflops": 1.0, "hbm_tbps": 0.1, "memory_gb": 1.0, "nvlink_gbps": 1.0,
+        "source": "the machine the profiles ran on (memory unused: the KV capacity is the engine's)"}, indent=2))
+    return path
+
+
+def step_predictor(cfg: CrossValConfig, fit_path: Path):
+    """The fitted step-time model of this engine (target + draft) on this machine."""
+    from cost_models.fitted import FittedCostModel
+
+    return FittedCostModel(cfg.model, fit_path.parent / "hardware.json", draft=cfg.draft, params=fit_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. calibrate: acceptance and per-step overheads
+
+
+def make_engine(cfg: CrossValConfig, *, policy: str | None = None, policy_config: dict | None = None,
+                records: Path | None = None, log_iterations: bool = True):
+    import torch
+
+    from echo_exec.engine import Engine
+
+    torch.set_num_threads(cfg.threads)
+    name = policy or cfg.policy
+    return Engine(cfg.model, cfg.draft if name != "ar" else None, policy=name,
+                  policy_config=policy_config if policy else cfg.policy_config, device=cfg.device,
+                  max_running=cfg.max_running, num_kv_blocks=cfg.kv_blocks(), block_size=cfg.block_size,
+                  max_prefill_tokens=cfg.max_prefill_tokens, records_path=records, seed=cfg.seed,
+                  log_iterations=log_iterations)
+
+
+def records_shape(cfg: CrossValConfig) -> dict | None:
+    """The static tree whose records the acceptance model is fitted from: the policy's draft shape, every
+    candidate verified (up to 64 tokens), so no gating or budget filters what the records show of the drafter.
+    None when the policy's own records are that already (eagle3) or it drafts nothing (ar)."""
+    from echosim.spec.policies import make_policy
+
+    if cfg.policy in ("ar", "eagle3"):
+        return None
+    plan = make_policy(cfg.policy, cfg.policy_config).plan(1)
+    if plan.depth == 0:
+        return None
+    tree = 1 + plan.k1 + (plan.depth - 1) * plan.k * plan.k
+    return {"steps": plan.depth, "topk": plan.k, "num_draft_tokens": min(tree, 64)}
+
+
+def predicted_forward_ms(cost, iterations) -> np.ndarray:
+    """The fitted model's time of each logged engine step (target forward over trees and prefill chunks, draft)."""
+    from cost_models.interface import StepBatch
+
+    out = np.zeros(len(iterations))
+    for i, it in enumerate(iterations):
+        verify = it.verify_tokens if it.verify_tokens is not None else np.zeros(0, np.int64)
+        ctx = it.context_lens if it.context_lens is not None else np.zeros(0, np.int64)
+        batch = StepBatch.from_requests(verify.tolist(), ctx.tolist(), it.draft_rows, it.prefill_chunks)
+        out[i] = float(cost.step_time(batch).total_ms)
+    return out
+
+
+def fit_overheads(cost, iterations) -> Overheads:
+    """overhead = a + b * tokens + c * draft rows, >= 0 each, robust least squares on what the fitted forwards
+    leave unexplained in each step's measured time (Cauchy loss: a step stalled by the machine barely counts)."""
+    from scipy.optimize import least_squares
+
+    if len(iterations) < 8:
+        raise UserError("too few calibration steps to fit the engine's overheads (raise calibration_prompts)")
+    pred = predicted_forward_ms(cost, iterations)
+    meas = np.array([it.step_ms for it in iterations])
+    tokens = np.array([(0 if it.verify_tokens is None else int(it.verify_tokens.sum()))
+                       + sum(c for c, _ in it.prefill_chunks) for it in iterations], np.float64)
+    rows = np.array([sum(it.draft_rows) for it in iterations], np.float64)
+    X = np.stack([np.ones_like(tokens), tokens, rows], axis=1)
+    resid = meas - pred
+    x = np.array([max(float(np.median(resid)), 0.0), 0.0, 0.0])
+    scale = max(float(np.median(np.abs(resid))), 0.1)
+    for _ in range(2):  # the second pass scales the loss by the first fit's own spread (MAD)
+        x = least_squares(lambda x, s=scale: (X @ x - resid) / s, x0=x, bounds=(0.0, np.inf), loss="cauchy").x
+        r = X @ x - resid
+        scale = max(1.4826 * float(np.median(np.abs(r - np.median(r)))), 0.05)
+    a, b, c = (float(v) for v in x)
+    ape = np.abs(pred + X @ x - meas) / meas * 100
+    return Overheads(step_overhead_ms=float(cost.params.step_overhead_ms) + a, overhead_per_token_ms=b,
+                     overhead_per_draft_row_ms=c, steps=len(iterations),
+                     median_ape_pct=round(float(np.median(ape)), 2),
+                     p90_ape_pct=round(float(np.percentile(ape, 90)), 2),
+                     forward_share=round(float(pred.sum() / meas.sum()), 4))
+
+
+def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_len: int, log):
+    """Engine runs on calibration prompts at each calibration batch size: per-node records -> acceptance model,
+    per-step times of the policy -> overheads. Returns (acceptance path, Overheads)."""
+    from echo_exec.engine import SamplingParams
+    from echosim.sim.acceptance_fit import fit_records
+    from echosim.spec.records import read_records
+
+    prompts = calibration_prompts(files, cfg.calibration_prompts, prompt_len, cfg.seed + 1)
+    params = SamplingParams(max_new_tokens=cfg.max_output_tokens, ignore_eos=True)
+
+    def decode(eng) -> list:
+        bind_budget(eng, cost, None, prompt_len + cfg.max_output_tokens / 2)
+        eng.generate(prompts[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
+        eng.iterations.clear()
+        t0 = time.perf_counter()
+        for b in cfg.batches():
+            for i in range(0, len(prompts), b):
+                eng.generate(prompts[i:i + b], params)
+        eng.close()
+        log(f"calibration ({eng.policy.name}): {len(prompts)} prompts at batch {cfg.batches()}, "
+            f"{len(eng.iterations)} steps in {time.perf_counter() - t0:.1f} s, MAT "
+            f"{eng.stats()['avg_accept_length']:.2f}")
+        return list(eng.iterations)
+
+    records = out / "calibration_records.jsonl" if cfg.policy != "ar" else None
+    shape = records_shape(cfg)
+    if shape is not None:
+        decode(make_engine(cfg, policy="eagle3", policy_config=shape, records=records, log_iterations=True))
+    its = decode(make_engine(cfg, records=records if shape is None else None))
+    write_iterations(out / "calibration_iterations.csv", its, t_origin=its[0].start_s if its else 0.0)
+    over = fit_overheads(cost, its)
+    log(f"engine overheads: {over.step_overhead_ms:.3f} ms/step + {over.overhead_per_token_ms:.4f} ms/token + "
+        f"{over.overhead_per_draft_row_ms:.4f} ms/draft row (fitted forwards explain "
+        f"{over.forward_share:.0%} of step time; per-step median error {over.median_ape_pct}%)")
+    if records is None:
+        return None, over
+    rec = read_records(records)
+    fitted = fit_records(rec, name="engine-calibration")
+    acc_path = out / "acceptance.json"
+    fitted.model.save(acc_path)
+    log(f"acceptance model fitted to {len(rec):,} calibration records"
+        + (f" (eagle3 {shape})" if shape is not None else ""))
+    return acc_path, over
+
+
+def bind_budget(engine, cost, over: Overheads | None, mean_ctx: float) -> None:
+    """Goodput budgets pick their size against the step time: give the engine's policy the fitted one, priced as
+    the simulator prices its budgets (StepPricer.budget_step_ms)."""
+    from echosim.sim.pricing import StepPricer
+    from echosim.spec.drafting import depth_widths
+
+    pricer = StepPricer(cost, over.overhead_per_token_ms if over else 0.0,
+                        over.overhead_per_draft_row_ms if over else 0.0)
+    plan = engine.policy.plan(1)
+    widths = depth_widths(plan.depth, plan.k1, plan.k)
+
+    def step_ms(tokens, batch_size):  # the plan's full drafting, as the simulator's budgets price it
+        return pricer.budget_step_ms(tokens, batch_size, mean_ctx, tuple(batch_size * w for w in widths))
+
+    engine.policy.bind(step_ms)
+
+
+def write_iterations(path: Path, iterations, t_origin: float) -> None:
+    """The engine's steps in the simulator's iterations.csv columns (the split: draft, target, the rest)."""
+    from echosim.sim.metrics import ITERATION_COLUMNS
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(ITERATION_COLUMNS)
+        for it in iterations:
+            start = it.start_s - t_origin
+            batch = 0 if it.verify_tokens is None else len(it.verify_tokens)
+            verified = 0 if it.verify_tokens is None else int(it.verify_tokens.sum())
+            kv = 0 if it.context_lens is None else int(it.context_lens.sum())
+            rest = it.step_ms - it.draft_ms - it.target_ms
+            w.writerow([0, f"{start:.6f}", f"{start + it.step_ms / 1e3:.6f}", batch,
+                        sum(c for c, _ in it.prefill_chunks), verified, it.accepted, f"{it.draft_ms:.4f}",
+                        f"{it.target_ms:.4f}", "0", f"{rest:.4f}", f"{it.step_ms:.4f}", kv, it.waiting])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. engine replay, 5. simulation, 6. comparison
+
+
+def replay_engine(cfg: CrossValConfig, items, cost, over: Overheads, mean_ctx: float, out: Path, log) -> dict:
+    """The replay client against the engine behind the HTTP server on 127.0.0.1 (this process, its own thread)."""
+    from echo_exec.engine import SamplingParams
+    from echo_exec.replay import replay, summarize, write_outputs
+    from echo_exec.server import EchoServer, Limits, ServerThread
+    from echo_exec.tokenizer import ByteTokenizer
+
+    eng = make_engine(cfg)
+    bind_budget(eng, cost, over, mean_ctx)
+    eng.generate([[65] * 32], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
+    eng.iterations.clear()
+    server = EchoServer(eng, make_params=SamplingParams, limits=Limits(eng.vocab_size, eng.max_len),
+                        info={"policy": cfg.policy}, encode=ByteTokenizer().encode)
+    thread = ServerThread(server)
+    try:
+        log(f"engine: replaying {len(items)} requests over {items[-1].scheduled_s:.1f} s to {thread.url}")
+        records = asyncio.run(replay(thread.url, items))
+    finally:
+        thread.stop()
+    summary = summarize(records)
+    its = list(eng.iterations)
+    # what a client cannot see, the engine's own log can: fill the per-step keys the simulator reports
+    steps = [it for it in its if it.verify_tokens is not None]
+    summary.update(iterations=len(its), mean_batch=round(np.mean([len(it.verify_tokens) for it in steps]), 3)
+                   if steps else 0.0, step_ms_mean=round(float(np.mean([it.step_ms for it in its])), 4) if its else 0.0,
+                   verified_tokens=int(sum(int(it.verify_tokens.sum()) for it in steps)),
+                   prefill_tokens=int(sum(c for it in its for c, _ in it.prefill_chunks)))
+    write_outputs(out, records, summary, {"command": "echosim validate: engine side", **asdict(cfg)})
+    t0 = min((it.start_s for it in its), default=0.0)
+    write_iterations(out / "iterations.csv", its, t_origin=t0)
+    if summary["failed"]:
+        raise UserError(f"{summary['failed']} replayed requests failed, e.g. {summary['errors'][0]}")
+    return {"summary": summary, "records": records}
+
+
+def simulate_same(cfg: CrossValConfig, records, fit_path: Path, acc_path: Path | None, over: Overheads,
+                  mean_ctx: float, out: Path) -> dict:
+    """The engine's requests (trace arrivals; the prompt and output tokens it served) through the simulator."""
+    from echosim.sim.config import ClusterConfig, SimConfig
+    from echosim.sim.simulator import simulate
+    from echosim.sim.workload import WorkloadSpec
+    from traces.request import TraceArrays
+    from traces.writer import write_jsonl
+
+    order = sorted(records, key=lambda r: r.index)
+    trace = out / "trace.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(trace, TraceArrays(arrival_s=np.array([r.scheduled_s for r in order]),
+                                   prompt_tokens=np.array([r.prompt_tokens for r in order], np.int64),
+                                   output_tokens=np.array([r.output_tokens for r in order], np.int64)))
+    cluster = ClusterConfig(model=cfg.model, hardware=str(fit_path.parent / "hardware.json"), draft=cfg.draft,
+                            cost_model=str(fit_path), step_overhead_ms=over.step_overhead_ms,
+                            overhead_per_token_ms=over.overhead_per_token_ms,
+                            overhead_per_draft_row_ms=over.overhead_per_draft_row_ms, max_running=cfg.max_running,
+                            max_batched_tokens=cfg.max_prefill_tokens + cfg.max_running * 64,
+                            block_tokens=cfg.block_size, kv_blocks=cfg.kv_blocks())
+    policy = {"policy": cfg.policy, **(cfg.policy_config or {})}
+    sim = SimConfig(cluster=cluster, policy=policy, acceptance=str(acc_path) if acc_path else "qwen3-8b",
+                    core="exact", seed=cfg.seed)
+    result = simulate(sim, WorkloadSpec(kind="trace", trace=str(trace)), out_dir=out)
+    return result.summary
+
+
+def _get(summary: dict, key: str, sub: str | None):
+    v = summary.get(key)
+    if sub is not None:
+        v = (v or {}).get(sub)
+    return None if v is None else float(v)
+
+
+def compare(engine: dict, sim: dict) -> list[dict]:
+    """Per metric: engine value, simulated value, signed error (sim - engine) / engine in %, and its absolute."""
+    rows = []
+    for key, sub in METRICS:
+        e, s = _get(engine, key, sub), _get(sim, key, sub)
+        err = None if e is None or s is None or e == 0 else (s - e) / abs(e) * 100
+        rows.append({"metric": key if sub is None else f"{key}.{sub}", "engine": e, "sim": s,
+                     "signed_pct": None if err is None else round(err, 2),
+                     "abs_pct": None if err is None else round(abs(err), 2)})
+    return rows
+
+
+def format_comparison(rows: list[dict]) -> str:
+    def cell(x, digits=1):
+        return "n/a" if x is None else f"{x:,.{digits}f}"
+
+    lines = ["| metric | engine | sim | signed error | abs error |", "|---|---|---|---|---|"]
+    for r in rows:
+        d = 3 if r["metric"] == "mat" else 1
+        lines.append(f"| {r['metric']} | {cell(r['engine'], d)} | {cell(r['sim'], d)} | "
+                     f"{cell(r['signed_pct'])}% | {cell(r['abs_pct'])}% |")
+    return "\n".join(lines)
+
+
+def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
+    from echo_exec.replay import plan_from_trace
+
+    cfg.check()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"command": "echosim validate", **asdict(cfg)}, indent=2) + "\n")
+    t_start = time.perf_counter()
+    cal_files, replay_files = prompt_files()
+    prompt_set = out / "replay_prompts.jsonl"
+    prompt_set.write_text("".join(json.dumps({"prompt": _text(f)}) + "\n" for f in replay_files))
+    items = plan_from_trace(cfg.trace, time_scale=cfg.time_scale, limit=cfg.limit, prompt_set=prompt_set,
+                            max_prompt_tokens=cfg.max_prompt_tokens, max_output_tokens=cfg.max_output_tokens)
+    prompt_len = int(np.median([it.target_prompt_tokens for it in items]))
+    mean_ctx = prompt_len + cfg.max_output_tokens / 2
+
+    fit_path = profile_and_fit(cfg, out, log)
+    cost = step_predictor(cfg, fit_path)
+    acc_path, over = calibrate(cfg, cal_files, cost, out, prompt_len, log)
+    (out / "overheads.json").write_text(json.dumps(asdict(over), indent=2) + "\n")
+    engine = replay_engine(cfg, items, cost, over, mean_ctx, out / "engine", log)
+    sim = simulate_same(cfg, engine["records"], fit_path, acc_path, over, mean_ctx, out / "sim")
+    rows = compare(engine["summary"], sim)
+    result = {"metrics": rows, "engine": engine["summary"], "sim": {k: v for k, v in sim.items() if k != "sim"},
+              "overheads": asdict(over), "wall_s": round(time.perf_counter() - t_start, 1)}
+    (out / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = format_comparison(rows)
+    (out / "validation.md").write_text(table + "\n")
+    return result

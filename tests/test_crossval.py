@@ -1,0 +1,129 @@
+"""Strict replay (echo_exec/crossval.py, `echosim validate`): the engine's step log, the overhead fit, the
+comparison, and one small end-to-end run with the shipped pair behind a real server on 127.0.0.1."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cost_models.interface import StepTime
+from echo_exec.crossval import METRICS, compare, fit_overheads
+from echo_exec.engine import Engine, IterationRecord, SamplingParams
+from echo_exec.train_tiny import MODELS_DIR
+from echosim.cli import main
+
+SMALL_EAGLE = {"steps": 3, "topk": 2, "num_draft_tokens": 6}
+
+
+def test_engine_iteration_log_accounts_for_every_token():
+    eng = Engine(MODELS_DIR / "tiny-target", MODELS_DIR / "tiny-draft", policy="eagle3", policy_config=SMALL_EAGLE,
+                 max_running=4, num_kv_blocks=64, max_prefill_tokens=40, log_iterations=True)
+    prompts = [list(b"def f(x):\n    return x + 1\n" * (i + 1)) for i in range(5)]
+    eng.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    st, its = eng.stats(), eng.iterations
+    assert len(its) == st["steps"] and all(it.step_ms > 0 for it in its)
+    decode = [it for it in its if it.verify_tokens is not None]
+    assert len(decode) == st["decode_steps"]
+    assert sum(int(it.verify_tokens.sum()) for it in decode) == st["verify_tokens"]
+    assert sum(it.accepted for it in decode) == st["verified_accepted"]
+    assert sum(c for it in its for c, _ in it.prefill_chunks) == st["prefill_tokens"]
+    assert all(sum(c for c, _ in it.prefill_chunks) <= 40 for it in its)  # the chunk budget
+    for it in decode:
+        B = len(it.verify_tokens)
+        assert len(it.context_lens) == B and (it.context_lens > 0).all()
+        assert len(it.draft_rows) == 3 and it.draft_rows[0] <= B  # depth 1: one row per drafting request
+        assert all(r <= 2 * B for r in it.draft_rows[1:])          # deeper: its beam (topk 2)
+        assert it.draft_ms + it.target_ms <= it.step_ms
+
+
+class _LinearCost:
+    """A stand-in step-time model: 2 ms per target token."""
+
+    class params:  # noqa: N801
+        step_overhead_ms = 0.5
+
+    def step_time(self, batch):
+        return StepTime(0.0, 2.0 * float(batch.target_tokens), 0.0, 0.0)
+
+
+def _iteration(rng, a, b, c):
+    B = int(rng.integers(1, 9))
+    verify = rng.integers(1, 12, B)
+    rows = tuple(float(x) for x in rng.integers(0, 20, 3))
+    tokens = int(verify.sum())
+    ms = 2.0 * tokens + a + b * tokens + c * sum(rows)
+    return IterationRecord(start_s=0.0, step_ms=ms, verify_tokens=verify, context_lens=np.full(B, 100),
+                           draft_rows=rows)
+
+
+def test_overhead_fit_recovers_known_terms_and_shrugs_off_outliers():
+    rng = np.random.default_rng(0)
+    its = [_iteration(rng, 3.0, 0.25, 0.1) for _ in range(200)]
+    for it in its[:10]:  # a few steps stalled by the machine (GC, another process)
+        it.step_ms *= 3
+    over = fit_overheads(_LinearCost(), its)
+    assert over.step_overhead_ms == pytest.approx(0.5 + 3.0, abs=0.1)  # the model's own overhead + the fitted one
+    assert over.overhead_per_token_ms == pytest.approx(0.25, abs=0.01)
+    assert over.overhead_per_draft_row_ms == pytest.approx(0.1, abs=0.01)
+    assert over.median_ape_pct < 1.0 and over.steps == 200
+
+
+def test_overhead_fit_never_goes_negative():
+    rng = np.random.default_rng(1)
+    its = [_iteration(rng, 0.0, 0.0, 0.0) for _ in range(50)]
+    for it in its:
+        it.step_ms *= 0.8  # the model over-predicts: nothing left to attribute
+    over = fit_overheads(_LinearCost(), its)
+    assert over.overhead_per_token_ms >= 0 and over.overhead_per_draft_row_ms >= 0
+    assert over.step_overhead_ms >= 0.5
+    assert over.forward_share == pytest.approx(1.25, rel=1e-3)
+
+
+def test_compare_signed_and_absolute_errors():
+    engine = {"throughput_tok_s": 200.0, "mat": 4.0, "ttft_ms": {"mean": 100.0, "p50": 80.0, "p90": 0.0, "p99": None},
+              "tpot_ms": {"mean": 10.0, "p50": 10.0, "p90": 12.0, "p99": 15.0},
+              "e2e_ms": {"mean": 1000.0, "p50": 900.0, "p90": 1500.0, "p99": 2000.0}}
+    sim = {**engine, "throughput_tok_s": 180.0, "mat": 4.4, "ttft_ms": {"mean": 125.0, "p50": 80.0, "p90": 5.0,
+                                                                       "p99": 1.0}}
+    rows = {r["metric"]: r for r in compare(engine, sim)}
+    assert len(rows) == len(METRICS) == 14
+    assert rows["throughput_tok_s"]["signed_pct"] == pytest.approx(-10.0)
+    assert rows["throughput_tok_s"]["abs_pct"] == pytest.approx(10.0)
+    assert rows["mat"]["signed_pct"] == pytest.approx(10.0)
+    assert rows["ttft_ms.mean"]["signed_pct"] == pytest.approx(25.0)
+    assert rows["ttft_ms.p50"]["signed_pct"] == 0.0
+    assert rows["ttft_ms.p90"]["signed_pct"] is None  # no error relative to zero
+    assert rows["ttft_ms.p99"]["engine"] is None and rows["ttft_ms.p99"]["abs_pct"] is None
+
+
+def test_validate_end_to_end_small(tmp_path, capsys):
+    out = tmp_path / "val"
+    code = main(["validate", "--limit", "6", "--max-prompt-tokens", "48", "--max-output-tokens", "16",
+                 "--max-running", "4", "--calibration-prompts", "8", "--policy", "eagle3",
+                 "--policy-config", json.dumps(SMALL_EAGLE), "--time-scale", "0.25", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| throughput_tok_s |" in printed and "| e2e_ms.p99 |" in printed
+    for name in ("config.json", "profile_target.csv", "profile_draft.csv", "cost_fit.json", "overheads.json",
+                 "acceptance.json", "calibration_records.jsonl", "calibration_iterations.csv",
+                 "engine/requests.csv", "engine/summary.json", "engine/iterations.csv", "sim/requests.csv",
+                 "sim/summary.json", "sim/iterations.csv", "sim/trace.jsonl", "validation.json", "validation.md"):
+        assert (out / name).is_file(), name
+    res = json.loads((out / "validation.json").read_text())
+    eng, sim = res["engine"], res["sim"]
+    assert eng["completed"] == 6 and eng["failed"] == 0 and sim["requests"] == 6
+    assert eng["output_tokens"] == sim["output_tokens"] == 6 * 16  # ignore_eos: the trace's lengths, both sides
+    rows = {r["metric"]: r for r in res["metrics"]}
+    assert all(rows[m]["engine"] is not None and rows[m]["sim"] is not None for m in rows)
+    # the acceptance model fitted on other prompts predicts the engine's MAT, and the fitted step times its speed
+    assert rows["mat"]["abs_pct"] < 25, rows["mat"]
+    assert rows["throughput_tok_s"]["abs_pct"] < 60, rows["throughput_tok_s"]
+    assert res["overheads"]["forward_share"] > 0.3
+
+
+def test_validate_bad_model_dir_is_one_line(tmp_path, capsys):
+    code = main(["validate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "v")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "not a model directory" in err and "nope" in err
+    assert not (tmp_path / "v").exists()  # nothing written before the inputs are checked
