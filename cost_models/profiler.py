@@ -31,6 +31,13 @@ class Timing:
     p10_ms: float
     p90_ms: float
     repeats: int
+    samples_ms: tuple = ()
+
+    @classmethod
+    def of(cls, samples_ms) -> Timing:
+        a = np.asarray(samples_ms, dtype=np.float64)
+        return cls(float(np.median(a)), float(np.percentile(a, 10)), float(np.percentile(a, 90)), len(a),
+                   tuple(a.tolist()))
 
 
 def time_forward(fn, *, warmup: int = 2, repeats: int = 5, device: str = "cpu") -> Timing:
@@ -55,8 +62,7 @@ def time_forward(fn, *, warmup: int = 2, repeats: int = 5, device: str = "cpu") 
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    a = np.asarray(times)
-    return Timing(float(np.median(a)), float(np.percentile(a, 10)), float(np.percentile(a, 90)), len(a))
+    return Timing.of(times)
 
 
 def build_model(spec: ModelSpec, device: str, dtype: str, num_layers: int | None = None, seed: int = 0):
@@ -83,21 +89,26 @@ def build_model(spec: ModelSpec, device: str, dtype: str, num_layers: int | None
 
 
 def profile_model(spec: ModelSpec, *, device: str = "cpu", dtype: str = "float32", batch_sizes=(1,),
-                  tokens_per_seq=(1,), kv_lens=(0,), warmup: int = 2, repeats: int = 5,
+                  tokens_per_seq=(1,), kv_lens=(0,), warmup: int = 2, repeats: int = 5, rounds: int = 1,
                   num_layers: int | None = None, block_size: int = 16, progress=None) -> list[dict]:
-    """One row per (batch, tokens per sequence, KV length): the median time of one packed forward."""
+    """One row per (batch, tokens per sequence, KV length): the median time of one packed forward. With
+    rounds > 1 the whole grid is timed `rounds` times over (repeats calls per point each time) and each point
+    keeps the median of all its calls: a slow spell of a shared machine then hits every point a little instead of
+    a few points a lot."""
     import torch
 
     from echo_exec.model import KVCache, make_attn_meta
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
+    if rounds < 1 or repeats < 1:
+        raise UserError("rounds and repeats must be >= 1")
     model, cfg = build_model(spec, device, dtype, num_layers)
     max_slots = max(batch_sizes) * (max(kv_lens) + max(tokens_per_seq))
     cache = KVCache(cfg, num_blocks=-(-max_slots // block_size), block_size=block_size,
                     dtype=getattr(torch, dtype), device=device)
-    rows = []
     gen = torch.Generator(device="cpu").manual_seed(0)
+    points = []
     for b in batch_sizes:
         for t in tokens_per_seq:
             for kv in kv_lens:
@@ -112,15 +123,23 @@ def profile_model(spec: ModelSpec, *, device: str = "cpu", dtype: str = "float32
                     with torch.inference_mode():
                         model.forward_packed(tokens, positions, meta, cache)
 
-                tm = time_forward(fwd, warmup=warmup, repeats=repeats, device=device)
-                rows.append(dict(model=spec.name, device=device, dtype=dtype, batch_size=b, tokens_per_seq=t,
-                                 kv_len=kv, num_tokens=b * t, time_ms=round(tm.median_ms, 6),
-                                 time_ms_p10=round(tm.p10_ms, 6), time_ms_p90=round(tm.p90_ms, 6),
-                                 repeats=tm.repeats, hidden_size=cfg.hidden_size, num_layers=cfg.n_layers,
-                                 num_heads=cfg.n_heads, num_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                                 intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size))
-                if progress:
-                    progress(rows[-1])
+                points.append(((b, t, kv), fwd, []))
+    rows = []
+    for r in range(rounds):
+        for (b, t, kv), fwd, samples in points:
+            samples.extend(time_forward(fwd, warmup=warmup if r == 0 else 1, repeats=repeats,
+                                        device=device).samples_ms)
+            if r < rounds - 1:
+                continue
+            tm = Timing.of(samples)
+            rows.append(dict(model=spec.name, device=device, dtype=dtype, batch_size=b, tokens_per_seq=t,
+                             kv_len=kv, num_tokens=b * t, time_ms=round(tm.median_ms, 6),
+                             time_ms_p10=round(tm.p10_ms, 6), time_ms_p90=round(tm.p90_ms, 6),
+                             repeats=tm.repeats, hidden_size=cfg.hidden_size, num_layers=cfg.n_layers,
+                             num_heads=cfg.n_heads, num_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                             intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size))
+            if progress:
+                progress(rows[-1])
     return rows
 
 

@@ -52,14 +52,17 @@ class CrossValConfig:
     max_prefill_tokens: int = 512
     calibration_prompts: int = 16
     calibration_batches: tuple[int, ...] = ()  # default: 1, max_running / 4, max_running
-    profile_repeats: int = 5
+    profile_repeats: int = 3             # timed calls per grid point per round
+    profile_rounds: int = 3              # passes over the grid (a slow spell hits every point a little)
+    engine_runs: int = 2                 # the replay through the engine again: the noise floor of the errors
     device: str = "cpu"
     threads: int = 1
     seed: int = 0
 
     def check(self) -> None:
         for name in ("limit", "max_prompt_tokens", "max_output_tokens", "max_running", "block_size",
-                     "max_prefill_tokens", "calibration_prompts", "profile_repeats", "threads"):
+                     "max_prefill_tokens", "calibration_prompts", "profile_repeats", "profile_rounds",
+                     "engine_runs", "threads"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
         if not self.time_scale > 0:
@@ -148,8 +151,10 @@ def profile_and_fit(cfg: CrossValConfig, out: Path, log) -> Path:
     # largest (verify), beams of every request (draft)
     ctx = sorted({0, cfg.max_prompt_tokens // 2, cfg.max_prompt_tokens + cfg.max_output_tokens})
     batches = sorted({1, 2, 4, 8, cfg.max_running})
-    plan = make_policy(cfg.policy, cfg.policy_config).plan(1)
-    tree = 1 + plan.k1 + max(plan.depth - 1, 0) * plan.k * plan.k
+    policy = make_policy(cfg.policy, cfg.policy_config)
+    plan = policy.plan(1)
+    candidates = plan.k1 + max(plan.depth - 1, 0) * plan.k * plan.k
+    tree = min(1 + candidates, max(getattr(policy.config, "num_draft_tokens", 1 + candidates), 1))
     tree_tokens = [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if t < 2 * tree] or [1]
     jobs = [("target", cfg.model, batches, tree_tokens)]
     if cfg.draft:
@@ -159,11 +164,12 @@ def profile_and_fit(cfg: CrossValConfig, out: Path, log) -> Path:
         t0 = time.perf_counter()
         spec = load_model(d)
         rows = profile_model(spec, device=cfg.device, batch_sizes=widths, tokens_per_seq=tokens, kv_lens=ctx,
-                             warmup=2, repeats=cfg.profile_repeats)
+                             warmup=2, repeats=cfg.profile_repeats, rounds=cfg.profile_rounds)
         if role == "target":  # prefill chunks: one sequence, up to the chunk budget
             chunks = [t for t in (64, 128, 256, 512, 1024, 2048) if t <= cfg.max_prefill_tokens]
             rows += profile_model(spec, device=cfg.device, batch_sizes=(1,), tokens_per_seq=chunks,
-                                  kv_lens=(0, cfg.max_prompt_tokens // 2), warmup=2, repeats=cfg.profile_repeats)
+                                  kv_lens=(0, cfg.max_prompt_tokens // 2), warmup=2, repeats=cfg.profile_repeats,
+                                  rounds=cfg.profile_rounds)
         path = out / f"profile_{role}.csv"
         write_profile(rows, path)
         paths.append(path)
@@ -356,15 +362,13 @@ def write_iterations(path: Path, iterations, t_origin: float) -> None:
 # 4. engine replay, 5. simulation, 6. comparison
 
 
-def replay_engine(cfg: CrossValConfig, items, cost, over: Overheads, mean_ctx: float, out: Path, log) -> dict:
+def replay_engine(cfg: CrossValConfig, items, eng, out: Path, log) -> dict:
     """The replay client against the engine behind the HTTP server on 127.0.0.1 (this process, its own thread)."""
     from echo_exec.engine import SamplingParams
     from echo_exec.replay import replay, summarize, write_outputs
     from echo_exec.server import EchoServer, Limits, ServerThread
     from echo_exec.tokenizer import ByteTokenizer
 
-    eng = make_engine(cfg)
-    bind_budget(eng, cost, over, mean_ctx)
     eng.generate([[65] * 32], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
     eng.iterations.clear()
     server = EchoServer(eng, make_params=SamplingParams, limits=Limits(eng.vocab_size, eng.max_len),
@@ -426,15 +430,24 @@ def _get(summary: dict, key: str, sub: str | None):
     return None if v is None else float(v)
 
 
-def compare(engine: dict, sim: dict) -> list[dict]:
-    """Per metric: engine value, simulated value, signed error (sim - engine) / engine in %, and its absolute."""
+def _err(ref: float | None, x: float | None) -> float | None:
+    return None if ref is None or x is None or ref == 0 else (x - ref) / abs(ref) * 100
+
+
+def compare(engine: dict, sim: dict, reruns: list[dict] = ()) -> list[dict]:
+    """Per metric: engine value, simulated value, signed error (sim - engine) / engine in %, and its absolute;
+    with reruns of the engine on the same replay, the largest absolute error of a rerun against the first run
+    (the machine's own noise: the floor under any simulator error)."""
     rows = []
     for key, sub in METRICS:
         e, s = _get(engine, key, sub), _get(sim, key, sub)
-        err = None if e is None or s is None or e == 0 else (s - e) / abs(e) * 100
+        err = _err(e, s)
+        noise = [_err(e, _get(r, key, sub)) for r in reruns]
         rows.append({"metric": key if sub is None else f"{key}.{sub}", "engine": e, "sim": s,
                      "signed_pct": None if err is None else round(err, 2),
-                     "abs_pct": None if err is None else round(abs(err), 2)})
+                     "abs_pct": None if err is None else round(abs(err), 2),
+                     "engine_rerun_abs_pct": None if not noise or None in noise else
+                     round(max(abs(x) for x in noise), 2)})
     return rows
 
 
@@ -442,11 +455,14 @@ def format_comparison(rows: list[dict]) -> str:
     def cell(x, digits=1):
         return "n/a" if x is None else f"{x:,.{digits}f}"
 
-    lines = ["| metric | engine | sim | signed error | abs error |", "|---|---|---|---|---|"]
+    lines = ["| metric | engine | sim | signed error | abs error | engine rerun (abs) |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         d = 3 if r["metric"] == "mat" else 1
+        rerun = r.get("engine_rerun_abs_pct")
         lines.append(f"| {r['metric']} | {cell(r['engine'], d)} | {cell(r['sim'], d)} | "
-                     f"{cell(r['signed_pct'])}% | {cell(r['abs_pct'])}% |")
+                     f"{cell(r['signed_pct'])}% | {cell(r['abs_pct'])}% | "
+                     f"{'-' if rerun is None else cell(rerun) + '%'} |")
     return "\n".join(lines)
 
 
@@ -469,11 +485,15 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
     cost = step_predictor(cfg, fit_path)
     acc_path, over = calibrate(cfg, cal_files, cost, out, prompt_len, log)
     (out / "overheads.json").write_text(json.dumps(asdict(over), indent=2) + "\n")
-    engine = replay_engine(cfg, items, cost, over, mean_ctx, out / "engine", log)
+    eng = make_engine(cfg)
+    bind_budget(eng, cost, over, mean_ctx)
+    engine = replay_engine(cfg, items, eng, out / "engine", log)
+    reruns = [replay_engine(cfg, items, eng, out / f"engine_rerun{i}", log)["summary"]
+              for i in range(1, cfg.engine_runs)]
     sim = simulate_same(cfg, engine["records"], fit_path, acc_path, over, mean_ctx, out / "sim")
-    rows = compare(engine["summary"], sim)
+    rows = compare(engine["summary"], sim, reruns)
     result = {"metrics": rows, "engine": engine["summary"], "sim": {k: v for k, v in sim.items() if k != "sim"},
-              "overheads": asdict(over), "wall_s": round(time.perf_counter() - t_start, 1)}
+              "engine_reruns": reruns, "overheads": asdict(over), "wall_s": round(time.perf_counter() - t_start, 1)}
     (out / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
     table = format_comparison(rows)
     (out / "validation.md").write_text(table + "\n")

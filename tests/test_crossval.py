@@ -94,6 +94,12 @@ def test_compare_signed_and_absolute_errors():
     assert rows["ttft_ms.p50"]["signed_pct"] == 0.0
     assert rows["ttft_ms.p90"]["signed_pct"] is None  # no error relative to zero
     assert rows["ttft_ms.p99"]["engine"] is None and rows["ttft_ms.p99"]["abs_pct"] is None
+    assert rows["mat"]["engine_rerun_abs_pct"] is None  # no rerun, no noise floor
+    rerun_a = {**engine, "throughput_tok_s": 210.0}
+    rerun_b = {**engine, "throughput_tok_s": 170.0}
+    rows = {r["metric"]: r for r in compare(engine, sim, [rerun_a, rerun_b])}
+    assert rows["throughput_tok_s"]["engine_rerun_abs_pct"] == pytest.approx(15.0)  # the larger of 5% and 15%
+    assert rows["mat"]["engine_rerun_abs_pct"] == 0.0
 
 
 def test_validate_end_to_end_small(tmp_path, capsys):
@@ -107,7 +113,8 @@ def test_validate_end_to_end_small(tmp_path, capsys):
     for name in ("config.json", "profile_target.csv", "profile_draft.csv", "cost_fit.json", "overheads.json",
                  "acceptance.json", "calibration_records.jsonl", "calibration_iterations.csv",
                  "engine/requests.csv", "engine/summary.json", "engine/iterations.csv", "sim/requests.csv",
-                 "sim/summary.json", "sim/iterations.csv", "sim/trace.jsonl", "validation.json", "validation.md"):
+                 "sim/summary.json", "sim/iterations.csv", "sim/trace.jsonl", "validation.json", "validation.md",
+                 "engine_rerun1/summary.json"):
         assert (out / name).is_file(), name
     res = json.loads((out / "validation.json").read_text())
     eng, sim = res["engine"], res["sim"]
@@ -119,6 +126,7 @@ def test_validate_end_to_end_small(tmp_path, capsys):
     assert rows["mat"]["abs_pct"] < 25, rows["mat"]
     assert rows["throughput_tok_s"]["abs_pct"] < 60, rows["throughput_tok_s"]
     assert res["overheads"]["forward_share"] > 0.3
+    assert res["engine_reruns"][0]["output_tokens"] == 6 * 16 and rows["mat"]["engine_rerun_abs_pct"] == 0.0
 
 
 def test_validate_bad_model_dir_is_one_line(tmp_path, capsys):

@@ -32,7 +32,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tokens-per-seq", type=_ints, default=None, help="verify tokens per sequence, e.g. 1,4,16")
     p.add_argument("--kv-lens", type=_ints, default=None, help="cached tokens per sequence, e.g. 0,128,512")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per grid point per round")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time the whole grid this many times over and pool each point's calls (noisy machines)")
     p.add_argument("--num-layers", type=int, default=None,
                    help="build only this many decoder layers (the CSV records it; the fit scales per layer)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -46,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from cost_models.specs import load_model
     from echosim.errors import UserError
 
-    if args.repeats < 1 or args.warmup < 0:
-        raise UserError("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.rounds < 1 or args.warmup < 0:
+        raise UserError("--repeats and --rounds must be >= 1 and --warmup >= 0")
     spec = load_model(args.model)
     cuda = args.device.startswith("cuda")
     if not cuda and args.device != "cpu":
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                          batch_sizes=args.batch_sizes or grid["batch_sizes"],
                          tokens_per_seq=args.tokens_per_seq or grid["tokens_per_seq"],
                          kv_lens=args.kv_lens or grid["kv_lens"], warmup=args.warmup, repeats=args.repeats,
-                         num_layers=args.num_layers, progress=show)
+                         rounds=args.rounds, num_layers=args.num_layers, progress=show)
     write_profile(rows, args.out)
     print(f"wrote {len(rows)} rows to {args.out}")
     return 0

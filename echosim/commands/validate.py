@@ -35,6 +35,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (default: room for max-running)")
     p.add_argument("--calibration-prompts", type=int, default=16,
                    help="calibration prompts (other files than the replay's) per batch size (default 16)")
+    p.add_argument("--engine-runs", type=int, default=2,
+                   help="replays through the engine (default 2: the second measures the machine's own noise)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -52,7 +54,8 @@ def run(args) -> int:
                          policy_config=config, trace=args.trace, limit=args.limit, time_scale=args.time_scale,
                          max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
                          max_running=args.max_running, num_kv_blocks=args.num_kv_blocks,
-                         calibration_prompts=args.calibration_prompts, device=args.device, threads=args.threads,
+                         calibration_prompts=args.calibration_prompts, engine_runs=args.engine_runs,
+                         device=args.device, threads=args.threads,
                          seed=args.seed)
     out = Path(args.out) if args.out else Path("runs") / f"validate-{policy}"
     if out.exists() and not out.is_dir():
