@@ -22,7 +22,7 @@ import asyncio
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +96,6 @@ class Overheads:
     median_ape_pct: float = 0.0        # per-step time, fitted forwards + these overheads, on the calibration steps
     p90_ape_pct: float = 0.0
     forward_share: float = 0.0         # of the calibration steps' time, the share the fitted forwards explain
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,10 +142,9 @@ def profile_and_fit(cfg: CrossValConfig, out: Path, log) -> Path:
     from cost_models.profiles import concat, read_profile
     from cost_models.roofline import RooflineParams
     from cost_models.specs import load_model
-
-    torch.set_num_threads(cfg.threads)
     from echosim.spec.policies import make_policy
 
+    torch.set_num_threads(cfg.threads)
     # the grid spans what the engine will run: contexts up to the longest request, trees up to the policy's
     # largest (verify), beams of every request (draft)
     ctx = sorted({0, cfg.max_prompt_tokens // 2, cfg.max_prompt_tokens + cfg.max_output_tokens})
