@@ -219,10 +219,20 @@ def make_engine(cfg: CrossValConfig, *, policy: str | None = None, policy_config
                   log_iterations=log_iterations)
 
 
+def verifies_every_candidate(policy: str, config: dict | None) -> bool:
+    """A static tree whose token budget holds all its drafted candidates (records then show the drafter whole)."""
+    from echosim.spec.policies import make_policy
+
+    pol = make_policy(policy, config)
+    plan = pol.plan(1)
+    candidates = plan.k1 + max(plan.depth - 1, 0) * plan.k * plan.k
+    return plan.depth > 0 and getattr(pol.config, "num_draft_tokens", 0) >= 1 + candidates
+
+
 def records_shape(cfg: CrossValConfig) -> dict | None:
     """The static tree whose records the acceptance model is fitted from: the policy's draft shape, every
     candidate verified (up to 64 tokens), so no gating or budget filters what the records show of the drafter.
-    None when the policy's own records are that already (eagle3) or it drafts nothing (ar)."""
+    None when the policy's own records serve (eagle3) or it drafts nothing (ar)."""
     from echosim.spec.policies import make_policy
 
     if cfg.policy in ("ar", "eagle3"):
@@ -313,11 +323,13 @@ def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_le
     if records is None:
         return None, over
     rec = read_records(records)
-    fitted = fit_records(rec, name="engine-calibration")
+    # the records' own draft distribution is kept when they show every candidate (docs/ACCEPTANCE.md)
+    marginal = "empirical" if verifies_every_candidate("eagle3", shape or cfg.policy_config) else "logit-normal"
+    fitted = fit_records(rec, name="engine-calibration", draft_marginal=marginal)
     acc_path = out / "acceptance.json"
     fitted.model.save(acc_path)
     log(f"acceptance model fitted to {len(rec):,} calibration records"
-        + (f" (eagle3 {shape})" if shape is not None else ""))
+        + (f" (eagle3 {shape})" if shape is not None else "") + f", {marginal} draft marginal")
     return acc_path, over
 
 

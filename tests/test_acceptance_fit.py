@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from echosim.cli import main
+from echosim.errors import UserError
 from echosim.sim.acceptance import AcceptanceModel, AcceptParams, DraftParams, measure_mat
 from echosim.sim.acceptance_fit import calibrate_skill, fit_records, infer_parent_accepted, simulate_records
 from echosim.spec.policies import make_policy
@@ -30,7 +31,7 @@ def records():
 
 @pytest.fixture(scope="module")
 def fitted(records):
-    return fit_records(records)
+    return fit_records(records)  # the default, logit-normal, is the generating form: its parameters come back
 
 
 def test_ml_fit_recovers_the_generating_parameters(fitted):
@@ -158,3 +159,44 @@ def test_fit_to_engine_records_predicts_the_engine_mat(tmp_path):
     real = engine(chain, prompts[10:])
     predicted = measure_mat(fit.model, make_policy("eagle3", chain), "default", requests=512, steps=12)["mat"]
     assert real > 2.0 and abs(predicted / real - 1) < 0.1, (predicted, real)
+
+
+def _top_logits(rec, depth: int, on_path: bool) -> np.ndarray:
+    sel = (rec.depth == depth) & (rec.rank == 0) & (rec.parent_accepted if on_path else ~rec.parent_accepted)
+    q = np.clip(rec.draft_prob[sel], 1e-12, 1 - 1e-12)
+    return np.log(q) - np.log1p(-q)
+
+
+def test_empirical_draft_marginal_reproduces_a_drafter_the_parametric_form_cannot():
+    """A drafter whose top probabilities never fall below ~0.1 and drop off the target's path (as a real small
+    draft model's do): the empirical fit gives back that marginal, on and off the path, and the same MAT."""
+    from echosim.sim.acceptance import QUANTILE_PROBS
+
+    on = np.quantile(np.random.default_rng(0).uniform(-2.0, 4.0, 4000), QUANTILE_PROBS)
+    true = AcceptanceModel("floor", DraftParams(conf_mean=[0.0], conf_ease=1.0, conf_sd=0.8,
+                                                conf_quantiles=[on.tolist()],
+                                                conf_quantiles_off=[(on - 1.5).tolist()]),
+                           TRUE.accept_params, {"default": 0.5})
+    pol = make_policy("eagle3", {"steps": 4, "topk": 2, "num_draft_tokens": 15})
+    rec = simulate_records(true, pol, ["default"], requests=96, steps=60, seed=3)
+    emp = fit_records(rec, draft_marginal="empirical").model
+    par = fit_records(rec).model
+    back = simulate_records(emp, pol, ["default"], requests=96, steps=60, seed=4)
+    for d in (1, 3):
+        got, want = _top_logits(back, d, True), _top_logits(rec, d, True)
+        assert abs(np.median(got) - np.median(want)) < 0.25 and got.min() > -2.2, d
+    off_gap = np.median(_top_logits(rec, 3, False)) - np.median(_top_logits(rec, 3, True))
+    got_gap = np.median(_top_logits(back, 3, False)) - np.median(_top_logits(back, 3, True))
+    assert off_gap < -1.0 and abs(got_gap - off_gap) < 0.4
+    # the parametric form spreads into the floor the drafter never goes below
+    para = simulate_records(par, pol, ["default"], requests=96, steps=60, seed=4)
+    assert (_top_logits(para, 1, True) < -2.2).mean() > 0.005 and (_top_logits(back, 1, True) < -2.2).sum() == 0
+    want = measure_mat(true, pol, requests=256, steps=8)["mat"]
+    assert abs(measure_mat(emp, pol, requests=256, steps=8)["mat"] / want - 1) < 0.06
+    # it survives a round trip through JSON (4 decimals), and a bad quantile row is named
+    back_json = AcceptanceModel.from_json(json.loads(json.dumps(emp.to_json()))).draft_params
+    assert np.allclose(back_json.conf_quantiles_off, emp.draft_params.conf_quantiles_off, atol=1e-4)
+    bad = emp.to_json()
+    bad["draft"]["conf_quantiles"][0] = bad["draft"]["conf_quantiles"][0][::-1]
+    with pytest.raises(UserError, match="conf_quantiles.*non-decreasing|non-decreasing.*conf_quantiles"):
+        AcceptanceModel.from_json(bad, path="m.json")

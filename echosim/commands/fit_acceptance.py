@@ -15,6 +15,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", required=True, help="where to write the fitted model (JSON)")
     p.add_argument("--base", help="a preset name or model JSON supplying what records cannot (vocabulary, policy)")
     p.add_argument("--name", default="fitted", help="model name stored in the output (default: fitted)")
+    p.add_argument("--draft-marginal", choices=("logit-normal", "empirical"), default="logit-normal",
+                   help="top draft probabilities: the parametric logit-normal (default), or the records' own "
+                        "distribution per depth, on and off the accepted path (for records of a tree that "
+                        "verifies every candidate)")
     p.add_argument("--max-records", type=int, default=1_000_000,
                    help="fit a random subset of whole requests beyond this many records (default 1000000)")
     p.set_defaults(func=run)
@@ -34,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     records = read_records(args.records)
     if args.max_records < 1:
         raise UserError("--max-records must be >= 1")
-    fit = fit_records(records, base=base, name=args.name, max_records=args.max_records)
+    fit = fit_records(records, base=base, name=args.name, max_records=args.max_records,
+                      draft_marginal=args.draft_marginal)
     fit.model.save(args.out)
     r, m = fit.report, fit.model
     a, d = m.accept_params, m.draft_params

@@ -7,7 +7,10 @@ per-step latent w (drawn each step, N(0, sigma_step): some stretches of text are
 
 Every expanded node gets k sorted, distinct candidates. Draft probabilities: the top one is
 q1 = sigmoid(x1), x1 = conf_mean[d] + conf_ease * e + conf_sd * N(0, 1), so drafts are more confident where the
-text is easier; each further rank divides by exp(step), step = max(rank_decay + rank_sd * N(0, 1), 0.01), and the
+text is easier (a model fitted to records carries the records' quantiles of x1 per depth, for nodes on the
+target's path and off it: x1 is then a normal score, mapped through the quantiles of the node's kind to a logit,
+so the drafts keep their link to e and take the real drafter's shape on and off the path);
+each further rank divides by exp(step), step = max(rank_decay + rank_sd * N(0, 1), 0.01), and the
 ranks below the first are scaled down if needed so that the k candidates leave some mass to the rest of the
 vocabulary.
 
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.special import ndtr
 
 from echosim.errors import UserError
 from echosim.spec.drafting import draft
@@ -69,6 +73,12 @@ class DraftParams:
     conf_sd: float = 1.5     # per-node noise of the top draft logit
     rank_decay: float = 1.2  # mean log-ratio between consecutive ranks
     rank_sd: float = 0.6
+    conf_quantiles: list[list[float]] | None = None  # per depth: x1 at QUANTILE_PROBS (from records), or None
+    conf_quantiles_off: list[list[float]] | None = None  # the same below a node off the target's path
+
+
+# the probabilities at which a fitted model stores the quantiles of the top draft logit
+QUANTILE_PROBS = (np.arange(32) + 0.5) / 32
 
 
 @dataclass
@@ -114,6 +124,9 @@ class AcceptanceModel:
     def _tables(self) -> None:
         d, a = self.draft_params, self.accept_params
         self.conf_mean = _per_depth(d.conf_mean)
+        # [depth_max + 1, Q]: quantiles of x1 per depth (row 0 unused), on and off the target's path, when fitted
+        self.conf_q = _per_depth_rows(d.conf_quantiles)
+        self.conf_q_off = _per_depth_rows(d.conf_quantiles_off) if self.conf_q is not None else None
         self.gamma = _per_depth(a.gamma)
         self.beta = _per_depth(a.beta)
 
@@ -165,7 +178,9 @@ class AcceptanceModel:
                             conf_ease=need(dr, "conf_ease", "num", "draft."),
                             conf_sd=need(dr, "conf_sd", "num", "draft."),
                             rank_decay=need(dr, "rank_decay", "num", "draft."),
-                            rank_sd=need(dr, "rank_sd", "num", "draft."))
+                            rank_sd=need(dr, "rank_sd", "num", "draft."),
+                            conf_quantiles=_quantiles(dr.get("conf_quantiles"), path, "conf_quantiles"),
+                            conf_quantiles_off=_quantiles(dr.get("conf_quantiles_off"), path, "conf_quantiles_off"))
         accept = AcceptParams(gamma=need(ac, "gamma", "list", "accept."), beta=need(ac, "beta", "list", "accept."),
                               rank_bias=need(ac, "rank_bias", "num", "accept."),
                               sigma_request=need(ac, "sigma_request", "num", "accept."),
@@ -194,7 +209,10 @@ class AcceptanceModel:
         out = {"format": FORMAT, "model": self.model, "notes": self.notes, "vocab_size": self.vocab_size,
                "policy": self.policy,
                "draft": {"conf_mean": [r(x) for x in d.conf_mean], "conf_ease": r(d.conf_ease),
-                         "conf_sd": r(d.conf_sd), "rank_decay": r(d.rank_decay), "rank_sd": r(d.rank_sd)},
+                         "conf_sd": r(d.conf_sd), "rank_decay": r(d.rank_decay), "rank_sd": r(d.rank_sd),
+                         **{k: [[r(x) for x in row] for row in v] for k, v in (
+                             ("conf_quantiles", d.conf_quantiles), ("conf_quantiles_off", d.conf_quantiles_off))
+                            if v}},
                "accept": {"gamma": [r(x) for x in a.gamma], "beta": [r(x) for x in a.beta],
                           "rank_bias": r(a.rank_bias), "sigma_request": r(a.sigma_request),
                           "sigma_step": r(a.sigma_step)},
@@ -232,6 +250,28 @@ class AcceptanceModel:
         return SyntheticDrafter(self, seed)
 
 
+def _per_depth_rows(rows) -> np.ndarray | None:
+    """Per-depth rows [D, Q] -> [65, Q] indexed by depth 1..64 (row 0 unused; the last row repeats)."""
+    if not rows:
+        return None
+    q = np.asarray(rows, np.float64)
+    return np.concatenate([q[:1], q, np.repeat(q[-1:], 64, axis=0)])[:65]
+
+
+def _quantiles(v, path, name: str) -> list[list[float]] | None:
+    """draft.<name>: absent, or one non-decreasing list of len(QUANTILE_PROBS) numbers per depth."""
+    if v is None:
+        return None
+    ok = isinstance(v, list) and v and all(
+        isinstance(row, list) and len(row) == len(QUANTILE_PROBS)
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in row)
+        and all(a <= b for a, b in zip(row, row[1:], strict=False)) for row in v)
+    if not ok:
+        raise UserError(f"must be a list (per depth) of {len(QUANTILE_PROBS)} non-decreasing numbers", path=path,
+                        field=f"draft.{name}")
+    return [[float(x) for x in row] for row in v]
+
+
 class SyntheticDrafter:
     """Implements echosim.spec.drafting.Drafter. Call set_batch before each draft(); target_argmax after pack()."""
 
@@ -241,6 +281,7 @@ class SyntheticDrafter:
         d, a = model.draft_params, model.accept_params
         self._conf_ease, self._conf_sd = d.conf_ease, d.conf_sd
         self._decay, self._rank_sd = d.rank_decay, d.rank_sd
+        self._on: np.ndarray | None = None  # bool [B, S + 1]: node on the target's path (column 0: the root)
         self._rank_bias, self._sigma_step = a.rank_bias, a.sigma_step
         self._ease: np.ndarray | None = None
         self._match: np.ndarray | None = None  # int16 [B, S + 1]: rank of the target's child, K = none
@@ -267,6 +308,9 @@ class SyntheticDrafter:
             self._S = forest.num_slots
             self._K = max(forest.k1, forest.k, k)
             self._match = np.full((forest.batch_size, self._S + 1), self._K, np.int16)
+            if self.m.conf_q_off is not None:
+                self._on = np.zeros((forest.batch_size, self._S + 1), bool)
+                self._on[:, 0] = True
         m = self.m
         d = min(depth, len(m.conf_mean) - 1)
         F = len(rows)
@@ -277,6 +321,15 @@ class SyntheticDrafter:
         # top draft logit x1 [F, 1]: log q1 = -softplus(-x1) (accurate in float32 for confident drafts)
         x1 = noise[:, :1] * self._conf_sd
         x1 += e * self._conf_ease + float(m.conf_mean[d])
+        if m.conf_q is not None:  # a normal score: the records' logit at that quantile
+            p = ndtr(x1).ravel()
+            x1 = np.interp(p, QUANTILE_PROBS, m.conf_q[d]).astype(np.float32)[:, None]
+            if m.conf_q_off is not None and depth > 1:  # below a parent that is not the target's token:
+                up = forest.parent[rows, parents]     # the records' off-path marginal, drawn by the node's own
+                on = self._on[rows, up + 1] & (self._match[rows, up + 1] == forest.slot_rank[parents])
+                self._on[rows, parents + 1] = on      # noise (never accepted: its link to e would not show)
+                off = np.flatnonzero(~on)
+                x1[off, 0] = np.interp(ndtr(noise[off, 0]), QUANTILE_PROBS, m.conf_q_off[d])
         np.minimum(np.maximum(x1, -30.0, out=x1), 30.0, out=x1)
         top = -np.logaddexp(0.0, -x1)
         if k > 1:

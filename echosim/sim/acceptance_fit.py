@@ -90,6 +90,7 @@ class _Obs:
     siblings all missed. Sorted by (request, step, depth, rank)."""
     y: np.ndarray        # accepted
     x: np.ndarray        # logit(q~), clipped
+    xs: np.ndarray       # the draft-density variable: x, or its normal score under the records' quantiles
     depth: np.ndarray
     ranked: np.ndarray   # rank > 0
     ds: np.ndarray       # dataset index
@@ -103,7 +104,25 @@ class _Obs:
     datasets: list[str]
 
 
-def _observations(rec, datasets: list[str]) -> _Obs:
+def normal_scores(x: np.ndarray, depth: np.ndarray, quantiles: list[list[float]] | None) -> np.ndarray:
+    """Top draft logits -> their normal scores under the per-depth quantiles (the inverse of the generator's
+    map from a Gaussian score to a logit); x itself without quantiles."""
+    from scipy.special import ndtri
+
+    from echosim.sim.acceptance import QUANTILE_PROBS
+
+    if not quantiles:
+        return x
+    out = np.empty(len(x))
+    ramp = np.arange(len(QUANTILE_PROBS)) * 1e-9  # np.interp wants increasing points
+    for d in np.unique(depth):
+        sel = depth == d
+        q = np.asarray(quantiles[min(int(d), len(quantiles)) - 1]) + ramp
+        out[sel] = ndtri(np.interp(x[sel], q, QUANTILE_PROBS))
+    return out
+
+
+def _observations(rec, datasets: list[str], quantiles: list[list[float]] | None = None) -> _Obs:
     from echosim.sim.acceptance import X_CLIP, canonical_dataset
 
     pa = rec.parent_accepted if rec.parent_accepted is not None else infer_parent_accepted(rec)
@@ -148,7 +167,8 @@ def _observations(rec, datasets: list[str]) -> _Obs:
     top_idx = np.nonzero(top)[0]
     top_step = compact[step_id[top_idx]]
     ok = top_step >= 0
-    return _Obs(y=y[idx].astype(float), x=x[idx], depth=depth[idx], ranked=(rank[idx] > 0).astype(float),
+    return _Obs(y=y[idx].astype(float), x=x[idx], xs=normal_scores(x[idx], depth[idx], quantiles),
+                depth=depth[idx], ranked=(rank[idx] > 0).astype(float),
                 ds=ds[idx], step_start=step_start, req_start=req_start,
                 top_q=q[top_idx][ok], top_depth=depth[top_idx][ok], top_ds=ds[top_idx][ok],
                 top_step=top_step[ok], rank_steps=rank_steps, datasets=datasets)
@@ -204,7 +224,7 @@ class _Likelihood:
         cm, ce, csd = self.unpack_draft(theta)
         top = self.top
         mu0 = cm[o.depth[top]] + ce * skill[o.ds[top]]
-        r0 = o.x[top] - mu0
+        r0 = o.xs[top] - mu0
         ll[top] += -0.5 * ((r0[:, None] - ce * self.t[None, :]) / csd) ** 2 - np.log(csd) - 0.5 * np.log(2 * np.pi)
         l_s = np.add.reduceat(ll, o.step_start, axis=0)                      # [G, T]
         m_s = l_s.max(axis=1, keepdims=True)
@@ -279,12 +299,18 @@ class RecordsFit:
     report: dict
 
 
+DRAFT_MARGINALS = ("empirical", "logit-normal")
+
+
 def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
-                max_records: int = 1_000_000, seed: int = 0) -> RecordsFit:
+                max_records: int = 1_000_000, seed: int = 0, draft_marginal: str = "logit-normal") -> RecordsFit:
     """Maximum-likelihood parameters (skills, gamma, beta, rank_bias, sigma_request, sigma_step and the top draft
     logit's conf_mean, conf_ease, conf_sd) from per-node records, conditioning on the parent being accepted;
     rank_decay/rank_sd by moments. `base` supplies what records cannot (vocabulary, policy). Beyond `max_records`
-    records, a random subset of whole requests is fitted (the likelihood's memory grows with the nodes)."""
+    records, a random subset of whole requests is fitted (the likelihood's memory grows with the nodes).
+    draft_marginal 'logit-normal': the parametric form alone (conf_* in logits); 'empirical': the top draft logit
+    keeps the records' own distribution per depth, on and off the accepted path (top_logit_quantiles; conf_* are
+    then in normal-score units), for records of a tree that verifies every candidate (no policy filtered them)."""
     from scipy.optimize import minimize
 
     from echosim.errors import UserError
@@ -300,14 +326,19 @@ def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
         reqs = np.unique(rec.request)
         keep = np.random.default_rng(seed).permutation(reqs)[:max(1, int(len(reqs) * max_records / len(rec)))]
         rec = _subset(rec, np.isin(rec.request, keep))
-    obs = _observations(rec, names)
+    if draft_marginal not in DRAFT_MARGINALS:
+        raise UserError(f"draft_marginal must be one of {', '.join(DRAFT_MARGINALS)}, not {draft_marginal!r}")
+    D_all = int(rec.depth.max())
+    quantiles = top_logit_quantiles(rec, D_all, on_path=True) if draft_marginal == "empirical" else None
+    quantiles_off = top_logit_quantiles(rec, D_all, on_path=False) if quantiles else None
+    obs = _observations(rec, names, quantiles)
     if len(obs.y) < 50 or obs.y.sum() < 5 or (1 - obs.y).sum() < 5:
         raise UserError(f"too few usable records to fit: {len(obs.y)} nodes with an accepted parent "
                         f"({int(obs.y.sum())} accepted); need at least 50 with 5 accepted and 5 rejected")
     D = int(obs.depth.max())
     lik = _Likelihood(obs, D)
     nds = len(names)
-    x_top = obs.x[lik.top]
+    x_top = obs.xs[lik.top]
     cm0 = [float(np.mean(x_top[obs.depth[lik.top] == d])) if (obs.depth[lik.top] == d).any() else 1.0
            for d in range(1, D + 1)]
     sd0 = float(np.std(x_top)) if len(x_top) > 1 else 1.0
@@ -338,8 +369,9 @@ def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
     skills = dict(zip(names, skill.tolist(), strict=True))
     model = AcceptanceModel(
         name, DraftParams(conf_mean=conf_mean, conf_ease=float(conf_ease), conf_sd=float(conf_sd),
-                          rank_decay=rank_decay,
-                          rank_sd=rank_sd),
+                          rank_decay=rank_decay, rank_sd=rank_sd,
+                          conf_quantiles=quantiles[:D] if quantiles else None,
+                          conf_quantiles_off=quantiles_off[:D] if quantiles_off else None),
         AcceptParams(gamma=gamma[1:D + 1].tolist(), beta=beta[1:D + 1].tolist(), rank_bias=float(rank_bias),
                      sigma_request=float(sr), sigma_step=float(ss)),
         skills, vocab_size=base.vocab_size if base is not None else 32000,
@@ -356,7 +388,7 @@ def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
     step_of_obs = np.repeat(np.arange(len(obs.step_start)), np.diff(np.r_[obs.step_start, n]))
     first = obs.step_start  # each step's first obs is its depth-1, rank-0 child
     var_t = 1.0 / (1.0 / (sr ** 2 + ss ** 2) + conf_ease ** 2 / conf_sd ** 2)
-    mean_t = var_t * conf_ease * (obs.x[first] - cm[1] - conf_ease * skill[obs.ds[first]]) / conf_sd ** 2
+    mean_t = var_t * conf_ease * (obs.xs[first] - cm[1] - conf_ease * skill[obs.ds[first]]) / conf_sd ** 2
     gx, gw = np.polynomial.hermite_e.hermegauss(24)
     t_nodes = mean_t[step_of_obs][:, None] + np.sqrt(var_t) * gx[None, :]
     pred = (1.0 / (1.0 + np.exp(-(eta0[:, None] + t_nodes)))) @ (gw / gw.sum())
@@ -381,6 +413,32 @@ def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
               "auroc": round(auroc(eta0, obs.y.astype(bool)), 4),
               "by_depth": depth_rows, "by_q": q_rows}
     return RecordsFit(model, report)
+
+
+def top_logit_quantiles(rec, D: int, on_path: bool, min_nodes: int = 64) -> list[list[float]] | None:
+    """Per depth 1..D, the quantiles (at QUANTILE_PROBS) of the top draft logit of the nodes expanded on the
+    accepted path (on_path) or off it (rank-0 children whose parent is, or is not, accepted; depth 1 is always
+    on it). The fit models the normal scores of the on-path logits (a Gaussian copula: the real marginal, the
+    model's links to the latents) and the generator maps its Gaussian draws back through the quantiles of the
+    node's kind. Depths with fewer than min_nodes take the nearest shallower depth's; None when no depth has
+    enough. Representative when the records come from a tree that verifies every candidate (a static tree), not
+    one a policy filtered."""
+    from echosim.sim.acceptance import QUANTILE_PROBS, X_CLIP
+
+    pa = rec.parent_accepted if rec.parent_accepted is not None else infer_parent_accepted(rec)
+    q = np.clip(rec.draft_prob, 1e-12, 1 - 1e-12)
+    x = np.clip(np.log(q) - np.log1p(-q), -X_CLIP, X_CLIP)
+    rows: list[list[float] | None] = []
+    for d in range(1, D + 1):
+        sel = (rec.depth == d) & (rec.rank == 0) & (pa if on_path else ~pa)
+        rows.append(np.quantile(x[sel], QUANTILE_PROBS).tolist() if sel.sum() >= min_nodes else None)
+    known = [r for r in rows if r is not None]
+    if not known:
+        return None
+    last = known[0]
+    for i, r in enumerate(rows):
+        rows[i] = last = r if r is not None else last
+    return rows
 
 
 def _subset(rec, mask: np.ndarray):
