@@ -72,6 +72,14 @@ class CrossValConfig:
                 raise UserError(f"{flag}: not a model directory (no config.json)", path=str(d))
         if self.draft is None and self.policy != "ar":
             raise UserError(f"policy {self.policy!r} needs a draft model", field="draft")
+        from echosim.spec.policies import ConfigError, make_policy
+        from traces import resolve_trace
+
+        try:
+            make_policy(self.policy, self.policy_config)
+        except ConfigError as exc:
+            raise UserError(str(exc), field="policy_config") from None
+        resolve_trace(str(self.trace))  # a missing trace fails here, before anything is written
 
     def batches(self) -> list[int]:
         if self.calibration_batches:

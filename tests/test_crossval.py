@@ -129,9 +129,16 @@ def test_validate_end_to_end_small(tmp_path, capsys):
     assert res["engine_reruns"][0]["output_tokens"] == 6 * 16 and rows["mat"]["engine_rerun_abs_pct"] == 0.0
 
 
-def test_validate_bad_model_dir_is_one_line(tmp_path, capsys):
-    code = main(["validate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "v")])
+@pytest.mark.parametrize("args, words", [
+    (["--model", "{tmp}/nope"], ["not a model directory", "nope"]),
+    (["--policy", "echo", "--policy-config", '{"steps": 0}'], ["policy_config", "steps"]),
+    (["--policy", "nosuch"], ["unknown policy", "nosuch"]),
+    (["--trace", "{tmp}/missing.jsonl"], ["no such trace file", "missing.jsonl"]),
+    (["--limit", "0"], ["limit"]),
+])
+def test_validate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, words):
+    code = main(["validate", *[a.replace("{tmp}", str(tmp_path)) for a in args], "--out", str(tmp_path / "v")])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.count("\n") == 0
-    assert "not a model directory" in err and "nope" in err
+    assert code == 2 and err.count("\n") == 0 and err.startswith("echosim: error:"), err
+    assert all(w in err for w in words), err
     assert not (tmp_path / "v").exists()  # nothing written before the inputs are checked
