@@ -201,11 +201,13 @@ def profile_and_fit(cfg: CrossValConfig, out: Path, log) -> Path:
     return path
 
 
-def step_predictor(cfg: CrossValConfig, fit_path: Path):
-    """The fitted step-time model of this engine (target + draft) on this machine."""
+def step_predictor(cfg: CrossValConfig, fit_path: Path, step_overhead_ms: float | None = None):
+    """The fitted step-time model of this engine (target + draft) on this machine; with the engine's fitted
+    per-step overhead, it prices a step as the simulator will (ClusterConfig.step_overhead_ms)."""
     from cost_models.fitted import FittedCostModel
 
-    return FittedCostModel(cfg.model, fit_path.parent / "hardware.json", draft=cfg.draft, params=fit_path)
+    return FittedCostModel(cfg.model, fit_path.parent / "hardware.json", draft=cfg.draft, params=fit_path,
+                           step_overhead_ms=step_overhead_ms)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -503,8 +505,8 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
     cost = step_predictor(cfg, fit_path)
     acc_path, over = calibrate(cfg, cal_files, cost, out, prompt_len, log)
     (out / "overheads.json").write_text(json.dumps(asdict(over), indent=2) + "\n")
-    eng = make_engine(cfg)
-    bind_budget(eng, cost, over, mean_ctx)
+    eng = make_engine(cfg)  # goodput budgets see the step time the simulator will use, overheads included
+    bind_budget(eng, step_predictor(cfg, fit_path, over.step_overhead_ms), over, mean_ctx)
     engine = replay_engine(cfg, items, eng, out / "engine", log)
     reruns = [replay_engine(cfg, items, eng, out / f"engine_rerun{i}", log)["summary"]
               for i in range(1, cfg.engine_runs)]
