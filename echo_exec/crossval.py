@@ -159,7 +159,7 @@ def profile_and_fit(cfg: CrossValConfig, out: Path, log) -> Path:
     batches = sorted({1, 2, 4, 8, cfg.max_running})
     policy = make_policy(cfg.policy, cfg.policy_config)
     plan = policy.plan(1)
-    candidates = plan.k1 + max(plan.depth - 1, 0) * plan.k * plan.k
+    candidates = drafted_candidates(plan)
     tree = min(1 + candidates, max(getattr(policy.config, "num_draft_tokens", 1 + candidates), 1))
     tree_tokens = [t for t in (1, 2, 4, 8, 16, 32, 64, 128) if t < 2 * tree] or [1]
     jobs = [("target", cfg.model, batches, tree_tokens)]
@@ -229,14 +229,18 @@ def make_engine(cfg: CrossValConfig, *, policy: str | None = None, policy_config
                   log_iterations=log_iterations)
 
 
+def drafted_candidates(plan) -> int:
+    """Nodes a request drafts under a plan (DraftPlan): k1 at depth 1, k * k at every deeper depth."""
+    return plan.k1 + max(plan.depth - 1, 0) * plan.k * plan.k if plan.depth > 0 else 0
+
+
 def verifies_every_candidate(policy: str, config: dict | None) -> bool:
     """A static tree whose token budget holds all its drafted candidates (records then show the drafter whole)."""
     from echosim.spec.policies import make_policy
 
     pol = make_policy(policy, config)
     plan = pol.plan(1)
-    candidates = plan.k1 + max(plan.depth - 1, 0) * plan.k * plan.k
-    return plan.depth > 0 and getattr(pol.config, "num_draft_tokens", 0) >= 1 + candidates
+    return plan.depth > 0 and getattr(pol.config, "num_draft_tokens", 0) >= 1 + drafted_candidates(plan)
 
 
 def records_shape(cfg: CrossValConfig) -> dict | None:
@@ -250,8 +254,7 @@ def records_shape(cfg: CrossValConfig) -> dict | None:
     plan = make_policy(cfg.policy, cfg.policy_config).plan(1)
     if plan.depth == 0:
         return None
-    tree = 1 + plan.k1 + (plan.depth - 1) * plan.k * plan.k
-    return {"steps": plan.depth, "topk": plan.k, "num_draft_tokens": min(tree, 64)}
+    return {"steps": plan.depth, "topk": plan.k, "num_draft_tokens": min(1 + drafted_candidates(plan), 64)}
 
 
 def predicted_forward_ms(cost, iterations) -> np.ndarray:
