@@ -4,8 +4,11 @@ One `step()`:
 1. admit waiting requests while fewer than `max_running` run and the KV pool has room (a prompt that can never
    fit is refused at `add_request`; one that does not fit *now* waits);
 2. prefill: chunks of the admitted prompts, at most `max_prefill_tokens` per step, into the target's and the
-   draft's KV caches (everything but the last prompt token, which becomes the first tree root);
-3. one speculative decode step for every prefilled request, through the same core as the simulator:
+   draft's KV caches; the chunk that completes a prompt also yields the first output token from the prompt's last
+   position (as SGLang's prefill does: time to first token is the prefill's), which becomes the first tree root. A
+   request resumed after preemption re-prefills everything but its last token (already emitted: the next root);
+3. one speculative decode step for every request prefilled in an earlier step, through the same core as the
+   simulator:
    `draft()` with the ModelDrafter (one batched draft forward per depth), `policy.select`, `pack`, ONE target
    forward over the packed trees with the pack's tree masks, torch verification (greedy, or lossless sampling
    with temperature/top-p), then commit: the accepted path's K/V is copied from its tree slots to
@@ -14,7 +17,8 @@ One `step()`:
 Policy "ar" is plain decoding in the same engine: the tree is the root alone, no draft model.
 
 A request's state: `tokens` (prompt + output so far), `kv_len` (positions with target K/V). While decoding,
-kv_len == len(tokens) - 1: the last token is the root of the next tree.
+kv_len == len(tokens) - 1: the last token is the root of the next tree. spec_verify_ct counts decode steps only,
+so completion tokens = 1 (from the prefill) + verify steps + accepted drafts.
 
 Threading: add_request and abort may be called from another thread than step (they only queue work); step,
 generate and stats belong to one thread. Times are seconds on `Engine.clock` (time.monotonic).
@@ -192,6 +196,7 @@ class Engine:
         # one IterationRecord per step that did work, when asked (the caller empties it as it reads)
         self.iterations: list[IterationRecord] | None = [] if log_iterations else None
         self._it: IterationRecord | None = None
+        self._just_prefilled: set[str] = set()
         self._stats = dict(steps=0, decode_steps=0, prefill_tokens=0, verify_tokens=0, generated_tokens=0,
                            accepted_drafts=0, verified_accepted=0, request_verifies=0, preemptions=0, finished=0,
                            draft_ms=0.0, target_ms=0.0, step_ms=0.0)
@@ -238,8 +243,9 @@ class Engine:
         with torch.inference_mode():
             self._drain_inbox()
             self._admit()
-            self._prefill()
-            done = self._decode()
+            self._just_prefilled = set()
+            done = self._prefill()
+            done += self._decode()
         done = [r.snapshot() for r in self._aborted] + done
         self._aborted = []
         self._stats["steps"] += 1
@@ -378,18 +384,20 @@ class Engine:
         self._stats["preemptions"] += 1
         return req
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> list[RequestOutput]:
         budget = self.max_prefill_tokens
         chunks = []
         for r in self.running:
-            n = min(len(r.tokens) - 1 - r.kv_len, budget)
+            # a fresh prompt is prefilled whole (its last position gives the first token); a resumed request
+            # has emitted its last token already, which is the next root
+            n = min(self._prefill_target(r) - r.kv_len, budget)
             if n > 0:
                 chunks.append((r, r.kv_len, n))
                 budget -= n
             if budget <= 0:
                 break
         if not chunks:
-            return
+            return []
         rows = np.array([r.row for r, _, _ in chunks])
         start = np.array([s for _, s, _ in chunks])
         n = np.array([k for _, _, k in chunks])
@@ -398,7 +406,9 @@ class Engine:
         meta = attn_meta(self.blocks, rows, start + n, n, pos, causal_qpos=pos, device=self.device)
         tok_t = torch.from_numpy(toks).to(self.device)
         pos_t = torch.from_numpy(pos).to(self.device)
-        self.target.forward_packed(tok_t, pos_t, meta, self.cache, tok_t.new_zeros(0))
+        first = [i for i, (r, s, k) in enumerate(chunks) if not r.output and s + k == len(r.tokens)]
+        last_rows = torch.from_numpy(np.cumsum(n)[first] - 1).to(self.device)
+        logits = self.target.forward_packed(tok_t, pos_t, meta, self.cache, last_rows)
         if self.drafter is not None:
             self.drafter.prefill(meta, tok_t, pos_t)
             self.drafter.kv_len[rows] = start + n
@@ -407,9 +417,24 @@ class Engine:
         self._stats["prefill_tokens"] += int(n.sum())
         if self._it is not None:
             self._it.prefill_chunks = [(int(k), int(s)) for _, s, k in chunks]
+        if not first:
+            return []
+        done: list[RequestOutput] = []
+        reqs = [chunks[i][0] for i in first]
+        token = self._sample(reqs, logits)
+        for r, t in zip(reqs, token.tolist(), strict=True):
+            self._just_prefilled.add(r.id)
+            self._stats["generated_tokens"] += 1
+            if self._deliver(r, [t]) is not None:
+                done.append(r.snapshot())
+        return done
+
+    def _prefill_target(self, r: _Request) -> int:
+        return len(r.tokens) if not r.output else len(r.tokens) - 1
 
     def _decode(self) -> list[RequestOutput]:
-        ready = [r for r in self.running if r.kv_len == len(r.tokens) - 1]
+        # requests whose first token came from this step's prefill decode from the next step on (as the simulator)
+        ready = [r for r in self.running if r.kv_len == len(r.tokens) - 1 and r.id not in self._just_prefilled]
         if not ready:
             return []
         bm = self.blocks
@@ -483,20 +508,23 @@ class Engine:
             u[b] = ready[b].rng.random(width)
         return torch.from_numpy(u).to(self.device)
 
+    def _sample(self, reqs, logits: torch.Tensor) -> torch.Tensor:
+        """One token per request from its logits row: argmax, or temperature / top-p with its own generator."""
+        temps = np.array([r.params.temperature for r in reqs])
+        if (temps <= 0).all():
+            return logits.argmax(dim=-1)
+        top_p = np.array([r.params.top_p for r in reqs])
+        probs = target_probs(logits, torch.from_numpy(temps).to(self.device), torch.from_numpy(top_p).to(self.device))
+        u = self._coins(reqs, temps, 1)
+        return (probs.cumsum(dim=1) <= u).sum(dim=1).clamp(max=probs.shape[1] - 1)
+
     def _plain_step(self, ready, rows, kv, roots, temps) -> VerifyResult:
         """Every request verifies its root alone: one token each, no tree, nothing to commit."""
         B = len(ready)
         meta = attn_meta(self.blocks, rows, kv + 1, np.ones(B, np.int64), kv, causal_qpos=kv, device=self.device)
         logits = self.target.forward_packed(torch.from_numpy(roots).to(self.device),
                                             torch.from_numpy(kv).to(self.device), meta, self.cache)
-        if (temps <= 0).all():
-            bonus = logits.argmax(dim=-1)
-        else:
-            top_p = np.array([r.params.top_p for r in ready])
-            probs = target_probs(logits, torch.from_numpy(temps).to(self.device),
-                                 torch.from_numpy(top_p).to(self.device))
-            u = self._coins(ready, temps, 1)
-            bonus = (probs.cumsum(dim=1) <= u).sum(dim=1).clamp(max=probs.shape[1] - 1)
+        bonus = self._sample(ready, logits)
         idx = np.arange(B, dtype=np.int64)
         return VerifyResult(accept_len=np.zeros(B, np.int64), accept_index=idx[:, None], last=idx,
                             bonus=bonus.cpu().numpy().astype(np.int64))
@@ -544,42 +572,51 @@ class Engine:
             self.cache.copy_slots(s, t)
 
     def _emit(self, ready, emitted, accept_len, reserve) -> list[RequestOutput]:
-        done, now = [], self.clock()
+        done = []
         keep_rows, keep_len = [], []
-        st = self._stats
         for b, r in enumerate(ready):
             a = int(accept_len[b])
-            new = emitted[b].tolist()[:r.params.max_new_tokens - len(r.output)]
-            reason = None
-            for i, t in enumerate(new):
-                if t in r.stop:
-                    new, reason = new[:i + 1], "stop"
-                    break
-            if reason is None and len(r.output) + len(new) >= r.params.max_new_tokens:
-                reason = "length"
+            r.kv_len += 1 + a
+            new = emitted[b].tolist()
+            reason = self._deliver(r, new, verified=True)
+            if reason is None:
+                keep_rows.append(r.row)
+                keep_len.append(r.kv_len + reserve)
+            else:
+                done.append(r.snapshot())
+        if keep_rows:  # drop blocks beyond the next step's needs
+            self.blocks.trim(np.array(keep_rows), np.array(keep_len))
+        return done
+
+    def _deliver(self, r: _Request, new: list[int], verified: bool = False) -> str | None:
+        """Append a request's new tokens (cut at a stop token or max_new_tokens), stream them, and finish it if
+        that ends it; a verify step's tokens also count toward the speculation statistics. Returns the finish
+        reason, or None while it goes on."""
+        new = new[:r.params.max_new_tokens - len(r.output)]
+        reason = None
+        for i, t in enumerate(new):
+            if t in r.stop:
+                new, reason = new[:i + 1], "stop"
+                break
+        if reason is None and len(r.output) + len(new) >= r.params.max_new_tokens:
+            reason = "length"
+        if verified:
+            st = self._stats
             r.verify_ct += 1
             r.accepted += len(new) - 1
             st["request_verifies"] += 1
             st["accepted_drafts"] += len(new) - 1
             st["generated_tokens"] += len(new)
-            r.tokens.extend(new)
-            r.output.extend(new)
-            r.kv_len += 1 + a
-            if r.first_token_s is None:
-                r.first_token_s = now
-            if reason is not None:
-                self._release(r)
-                self._finish(r, reason)
-            else:
-                keep_rows.append(r.row)
-                keep_len.append(r.kv_len + reserve)
-            if r.on_tokens is not None:
-                r.on_tokens(r.snapshot(), new)
-            if reason is not None:
-                done.append(r.snapshot())
-        if keep_rows:  # drop blocks beyond the next step's needs
-            self.blocks.trim(np.array(keep_rows), np.array(keep_len))
-        return done
+        r.tokens.extend(new)
+        r.output.extend(new)
+        if r.first_token_s is None:
+            r.first_token_s = self.clock()
+        if reason is not None:
+            self._release(r)
+            self._finish(r, reason)
+        if r.on_tokens is not None:
+            r.on_tokens(r.snapshot(), new)
+        return reason
 
 
 def _truncate(selection: np.ndarray, num_slots: int, cap: np.ndarray) -> np.ndarray:

@@ -143,7 +143,8 @@ def test_blocks_are_freed_and_requests_stream(models, prompts):
         assert o.finished and o.finish_reason in ("stop", "length")
         assert streamed[o.request_id] == o.output_ids
         assert o.first_token_s >= o.arrival_s and o.finish_s >= o.first_token_s
-        assert o.spec_verify_ct >= 1 and o.accepted_drafts + o.spec_verify_ct == len(o.output_ids)
+        # the prefill emits the first token; every verify step one more, plus its accepted drafts
+        assert o.spec_verify_ct >= 1 and 1 + o.accepted_drafts + o.spec_verify_ct == len(o.output_ids)
 
 
 def test_abort_frees_and_reports(models, prompts):
@@ -203,7 +204,8 @@ def test_records_are_the_simulators_schema(models, prompts, reference, tmp_path)
         acc = np.sort(rec.depth[(key == k) & rec.accepted])
         assert (acc == np.arange(1, len(acc) + 1)).all()
     cal = calibrate(rec, min_samples=5)
-    assert [d.depth for d in cal.depths][:3] == [1, 2, 3] and cal.depths[0].samples > 0
+    # the gate at depth 2 (tau 0.3) stops most requests there: per-depth statistics for depths 1 and 2
+    assert [d.depth for d in cal.depths][:2] == [1, 2] and cal.depths[0].samples > 0 and cal.depths[1].samples > 0
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "echo_exec" / "models"
