@@ -290,7 +290,9 @@ async def send_one(session, url: str, item: ReplayItem, *, t0: float, temperatur
     rec.output_tokens = int(meta.get("completion_tokens") or 0)
     rec.steps = int(meta.get("spec_verify_ct") or 0)
     correct = meta.get("spec_num_correct_drafts", meta.get("spec_accepted_drafts"))
-    rec.accepted = int(correct) if correct is not None else max(rec.output_tokens - rec.steps, 0) if rec.steps else 0
+    # without a count of accepted drafts: the prefill gave the first token, each verify step one more plus its drafts
+    rec.accepted = int(correct) if correct is not None else max(rec.output_tokens - 1 - rec.steps, 0) if rec.steps \
+        else 0
     rec.finish_reason = _reason(meta.get("finish_reason"))
     rec.ok = rec.output_tokens > 0
     if not rec.ok:

@@ -175,3 +175,42 @@ def test_replay_without_streaming_has_e2e_but_no_ttft(srv, tmp_path):
     with open(out / "requests.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["ttft_ms"] for r in rows] == ["", ""] and all(float(r["e2e_ms"]) > 0 for r in rows)
+
+
+def test_accepted_drafts_without_a_count_assume_the_first_token_from_prefill(tmp_path):
+    """A server that reports only completion_tokens and spec_verify_ct (as SGLang can): the prefill gave the first
+    token, so accepted drafts = completion - 1 - verify steps."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    async def generate(request):
+        await request.json()
+        return web.json_response({"text": "x" * 9, "meta_info": {"prompt_tokens": 4, "completion_tokens": 9,
+                                                                  "spec_verify_ct": 3}})
+
+    ready, port = threading.Event(), []
+    loop = asyncio.new_event_loop()
+
+    async def serve():
+        app = web.Application()
+        app.add_routes([web.post("/generate", generate)])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port.append(site._server.sockets[0].getsockname()[1])
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(serve()), loop.run_forever()), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        items = plan_from_trace(write_trace(tmp_path / "t.jsonl", [(0.0, 4, 9)]))
+        recs = asyncio.run(replay(f"http://127.0.0.1:{port[0]}", items, stream=False))
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+    assert recs[0].ok and recs[0].output_tokens == 9 and recs[0].steps == 3
+    assert recs[0].accepted == 9 - 1 - 3
+    assert summarize(recs)["mat"] == pytest.approx((5 + 3) / 3, abs=1e-3)
