@@ -8,9 +8,10 @@ Reported: signed and absolute percentage error of token throughput, MAT, TTFT, T
 Phases, each writing into the run folder so that the run describes itself:
 1. prompts: the held-out standard-library files (never trained on) split in two, calibration and replay;
 2. profile: the target's and the draft's packed forwards timed on this device and fitted (cost_models);
-3. calibrate: the engine decodes calibration prompts at a few batch sizes, logging per-node records and per-step
-   times; the acceptance model is fitted to the records, and the engine's own CPU work per step (scheduling,
-   sampling, bookkeeping: what a forward profile does not see) to what the fitted forwards leave unexplained;
+3. calibrate: the engine, behind its HTTP server as in the replay, decodes calibration prompts streamed in bursts
+   of a few batch sizes, logging per-node records and per-step times; the acceptance model is fitted to the
+   records, and the engine's own CPU work per step (scheduling, sampling, bookkeeping, serving: what a forward
+   profile does not see) to what the fitted forwards leave unexplained;
 4. engine: the replay's requests sent by the replay client to the engine behind the HTTP server (127.0.0.1);
 5. sim: the same requests (the trace's arrivals, the engine's prompt and output token counts) simulated;
 6. compare.
@@ -22,6 +23,7 @@ import asyncio
 import csv
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -303,20 +305,27 @@ def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_le
     """Engine runs on calibration prompts at each calibration batch size: per-node records -> acceptance model,
     per-step times of the policy -> overheads. Returns (acceptance path, Overheads)."""
     from echo_exec.engine import SamplingParams
+    from echo_exec.replay import ReplayItem, replay
     from echosim.sim.acceptance_fit import fit_records
     from echosim.spec.records import read_records
 
     prompts = calibration_prompts(files, cfg.calibration_prompts, prompt_len, cfg.seed + 1)
-    params = SamplingParams(max_new_tokens=cfg.max_output_tokens, ignore_eos=True)
 
     def decode(eng) -> list:
+        """The calibration prompts in bursts of each calibration batch size, streamed through the server."""
         bind_budget(eng, cost, None, prompt_len + cfg.max_output_tokens / 2)
         eng.generate(prompts[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
         eng.iterations.clear()
         t0 = time.perf_counter()
-        for b in cfg.batches():
-            for i in range(0, len(prompts), b):
-                eng.generate(prompts[i:i + b], params)
+        texts = [bytes(p).decode("utf-8", errors="ignore") for p in prompts]
+        with served(eng, eng.policy.name) as url:
+            for b in cfg.batches():
+                for i in range(0, len(texts), b):
+                    burst = [ReplayItem(j, f"cal-{b}-{j}", 0.0, texts[j], len(prompts[j]), cfg.max_output_tokens)
+                             for j in range(i, min(i + b, len(texts)))]
+                    failed = [r.error for r in asyncio.run(replay(url, burst)) if not r.ok]
+                    if failed:
+                        raise UserError(f"a calibration request failed: {failed[0]}")
         eng.close()
         log(f"calibration ({eng.policy.name}): {len(prompts)} prompts at batch {cfg.batches()}, "
             f"{len(eng.iterations)} steps in {time.perf_counter() - t0:.1f} s, MAT "
@@ -385,23 +394,33 @@ def write_iterations(path: Path, iterations, t_origin: float) -> None:
 # 4. engine replay, 5. simulation, 6. comparison
 
 
-def replay_engine(cfg: CrossValConfig, items, eng, out: Path, log) -> dict:
-    """The replay client against the engine behind the HTTP server on 127.0.0.1 (this process, its own thread)."""
+@contextmanager
+def served(eng, policy: str):
+    """The engine behind the HTTP server on 127.0.0.1 (this process, its own thread); yields the base URL. The
+    calibration and the replay both go through it, so the overheads fitted include the server's own work."""
     from echo_exec.engine import SamplingParams
-    from echo_exec.replay import replay, summarize, write_outputs
     from echo_exec.server import EchoServer, Limits, ServerThread
     from echo_exec.tokenizer import ByteTokenizer
 
-    eng.generate([[65] * 32], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
-    eng.iterations.clear()
     server = EchoServer(eng, make_params=SamplingParams, limits=Limits(eng.vocab_size, eng.max_len),
-                        info={"policy": cfg.policy}, encode=ByteTokenizer().encode)
+                        info={"policy": policy}, encode=ByteTokenizer().encode)
     thread = ServerThread(server)
     try:
-        log(f"engine: replaying {len(items)} requests over {items[-1].scheduled_s:.1f} s to {thread.url}")
-        records = asyncio.run(replay(thread.url, items))
+        yield thread.url
     finally:
         thread.stop()
+
+
+def replay_engine(cfg: CrossValConfig, items, eng, out: Path, log) -> dict:
+    """The replay client against the engine behind the HTTP server."""
+    from echo_exec.engine import SamplingParams
+    from echo_exec.replay import replay, summarize, write_outputs
+
+    eng.generate([[65] * 32], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
+    eng.iterations.clear()
+    with served(eng, cfg.policy) as url:
+        log(f"engine: replaying {len(items)} requests over {items[-1].scheduled_s:.1f} s to {url}")
+        records = asyncio.run(replay(url, items))
     summary = summarize(records)
     its = list(eng.iterations)
     # what a client cannot see, the engine's own log can: fill the per-step keys the simulator reports
