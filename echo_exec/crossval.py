@@ -97,14 +97,11 @@ class CrossValConfig:
 
 @dataclass
 class Overheads:
-    """How the engine's steps depart from its profiled forwards, in the simulator's terms: a scale on the fitted
-    forwards (the engine runs them warmer or colder than the profile did) and its per-step CPU work beyond them
-    (ClusterConfig's overhead terms)."""
+    """The engine's per-step CPU work beyond its forwards, in the simulator's terms (ClusterConfig)."""
 
     step_overhead_ms: float
     overhead_per_token_ms: float
     overhead_per_draft_row_ms: float
-    forward_scale: float = 1.0
     steps: int = 0
     median_ape_pct: float = 0.0        # per-step time, fitted forwards + these overheads, on the calibration steps
     p90_ape_pct: float = 0.0
@@ -276,9 +273,8 @@ def predicted_forward_ms(cost, iterations) -> np.ndarray:
 
 
 def fit_overheads(cost, iterations) -> Overheads:
-    """step time = scale x fitted forwards + a + b x tokens + c x draft rows (a, b, c >= 0; scale in 0.3..3),
-    robust least squares (Cauchy loss in two passes: a step stalled by the machine barely counts), each batch size
-    weighing the same however many steps it had (a batch-1 run has ten times the steps of a batch-16 one)."""
+    """overhead = a + b * tokens + c * draft rows, >= 0 each, robust least squares on what the fitted forwards
+    leave unexplained in each step's measured time (Cauchy loss: a step stalled by the machine barely counts)."""
     from scipy.optimize import least_squares
 
     if len(iterations) < 8:
@@ -288,41 +284,21 @@ def fit_overheads(cost, iterations) -> Overheads:
     tokens = np.array([(0 if it.verify_tokens is None else int(it.verify_tokens.sum()))
                        + sum(c for c, _ in it.prefill_chunks) for it in iterations], np.float64)
     rows = np.array([sum(it.draft_rows) for it in iterations], np.float64)
-    batch = np.array([0 if it.verify_tokens is None else len(it.verify_tokens) for it in iterations])
-    _, group, count = np.unique(batch, return_inverse=True, return_counts=True)
-    weight = 1.0 / np.sqrt(count[group])
-    X = np.stack([pred, np.ones_like(tokens), tokens, rows], axis=1)
-    x = np.array([1.0, max(float(np.median(meas - pred)), 0.0), 0.0, 0.0])
-    scale = max(float(np.median(np.abs(meas - pred))), 0.1)
-    lo, hi = [0.3, 0.0, 0.0, 0.0], [3.0, np.inf, np.inf, np.inf]
+    X = np.stack([np.ones_like(tokens), tokens, rows], axis=1)
+    resid = meas - pred
+    x = np.array([max(float(np.median(resid)), 0.0), 0.0, 0.0])
+    scale = max(float(np.median(np.abs(resid))), 0.1)
     for _ in range(2):  # the second pass scales the loss by the first fit's own spread (MAD)
-        x = least_squares(lambda x, s=scale: weight * (X @ x - meas) / s, x0=x, bounds=(lo, hi), loss="cauchy").x
-        r = X @ x - meas
+        x = least_squares(lambda x, s=scale: (X @ x - resid) / s, x0=x, bounds=(0.0, np.inf), loss="cauchy").x
+        r = X @ x - resid
         scale = max(1.4826 * float(np.median(np.abs(r - np.median(r)))), 0.05)
-    k, a, b, c = (float(v) for v in x)
-    ape = np.abs(X @ x - meas) / meas * 100
-    return Overheads(step_overhead_ms=k * float(cost.params.step_overhead_ms) + a, overhead_per_token_ms=b,
-                     overhead_per_draft_row_ms=c, forward_scale=k, steps=len(iterations),
+    a, b, c = (float(v) for v in x)
+    ape = np.abs(pred + X @ x - meas) / meas * 100
+    return Overheads(step_overhead_ms=float(cost.params.step_overhead_ms) + a, overhead_per_token_ms=b,
+                     overhead_per_draft_row_ms=c, steps=len(iterations),
                      median_ape_pct=round(float(np.median(ape)), 2),
                      p90_ape_pct=round(float(np.percentile(ape, 90)), 2),
-                     forward_share=round(float(k * pred.sum() / meas.sum()), 4))
-
-
-def scaled_fit(fit_path: Path, scale: float, out: Path) -> Path:
-    """The fit with every time scaled by `scale`: rates divided, per-call and per-key times multiplied (the
-    roofline's smooth max is homogeneous, so each predicted time scales exactly)."""
-    data = json.loads(fit_path.read_text())
-    prm = data["params"]
-    for key in ("gemm_tflops", "gemm_gbps", "elem_gbps", "attn_tflops", "attn_gbps"):
-        prm[key] /= scale
-    for key in ("gemm_launch_us", "elem_launch_us", "attn_launch_us", "attn_per_seq_us", "attn_key_ns",
-                "step_overhead_ms", "draft_depth_overhead_ms"):
-        if key in prm:  # an absent one defaults to 0
-            prm[key] *= scale
-    data["forward_scale"] = scale
-    data["command"] = f"{data.get('command', '')}; times scaled by {scale:.4f} to the engine's calibration steps"
-    out.write_text(json.dumps(data, indent=2) + "\n")
-    return out
+                     forward_share=round(float(pred.sum() / meas.sum()), 4))
 
 
 def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_len: int, log):
@@ -363,9 +339,9 @@ def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_le
     its = decode(make_engine(cfg, records=records if shape is None else None))
     write_iterations(out / "calibration_iterations.csv", its, t_origin=its[0].start_s if its else 0.0)
     over = fit_overheads(cost, its)
-    log(f"engine steps: {over.forward_scale:.3f} x fitted forwards + {over.step_overhead_ms:.3f} ms/step + "
-        f"{over.overhead_per_token_ms:.4f} ms/token + {over.overhead_per_draft_row_ms:.4f} ms/draft row (the "
-        f"forwards {over.forward_share:.0%} of step time; per-step median error {over.median_ape_pct}%)")
+    log(f"engine overheads: {over.step_overhead_ms:.3f} ms/step + {over.overhead_per_token_ms:.4f} ms/token + "
+        f"{over.overhead_per_draft_row_ms:.4f} ms/draft row (fitted forwards explain "
+        f"{over.forward_share:.0%} of step time; per-step median error {over.median_ape_pct}%)")
     if records is None:
         return None, over
     rec = read_records(records)
@@ -547,10 +523,10 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
     prompt_len = int(np.median([it.target_prompt_tokens for it in items]))
     mean_ctx = prompt_len + cfg.max_output_tokens / 2
 
-    profile_fit = profile_and_fit(cfg, out, log)
-    acc_path, over = calibrate(cfg, cal_files, step_predictor(cfg, profile_fit), out, prompt_len, log)
+    fit_path = profile_and_fit(cfg, out, log)
+    cost = step_predictor(cfg, fit_path)
+    acc_path, over = calibrate(cfg, cal_files, cost, out, prompt_len, log)
     (out / "overheads.json").write_text(json.dumps(asdict(over), indent=2) + "\n")
-    fit_path = scaled_fit(profile_fit, over.forward_scale, out / "cost_fit_engine.json")  # what the sim prices
     eng = make_engine(cfg)  # goodput budgets see the step time the simulator will use, overheads included
     bind_budget(eng, step_predictor(cfg, fit_path, over.step_overhead_ms), over, mean_ctx)
     engine = replay_engine(cfg, items, eng, out / "engine", log)
