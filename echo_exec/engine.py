@@ -328,8 +328,8 @@ class Engine:
         plan = self.policy.plan(batch_size)
         if plan.depth == 0:
             return 1
-        slots = plan.k1 + (plan.depth - 1) * plan.k * plan.k
-        return max(ModelDrafter.scratch_tokens(plan.depth, plan.k), 1 + slots)
+        tree = self.policy.max_tree_tokens() or 1 + plan.k1 + (plan.depth - 1) * plan.k * plan.k
+        return max(ModelDrafter.scratch_tokens(plan.depth, plan.k), tree)
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -481,10 +481,10 @@ class Engine:
             result = self._tree_step(ready, rows, kv, batch, temps)
             tree_tokens = batch.num_tokens
             emitted = result.emitted(batch)
-            if self.records_path is not None:
-                self._records.append(step_records(forest, batch, result, self._stats["decode_steps"],
-                                                  np.array([r.seq for r in ready])))
         t2 = time.perf_counter()
+        if self.records_path is not None and len(selection):  # bookkeeping: outside the target's time
+            self._records.append(step_records(forest, batch, result, self._stats["decode_steps"],
+                                              np.array([r.seq for r in ready])))
         self.policy.observe(forest, selection, result.accept_len)
         st = self._stats
         st["decode_steps"] += 1

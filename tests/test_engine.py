@@ -121,6 +121,21 @@ def test_small_kv_pool_queues_and_preempts(models, prompts):
     assert s["preemptions"] > 0 and s["finished"] == 16
 
 
+def test_a_static_tree_reserves_room_for_its_tokens_not_every_candidate(models, prompts):
+    """eagle3 (3, 3, 8) drafts 21 candidates but verifies 8 tokens a request: four requests of 20 prompt tokens
+    run together in a pool of 40 blocks of 4 (room held past each context: 8 tokens, not 22)."""
+    target, draft = models
+    reqs = [list(p[:20]) + [1] * (20 - len(p[:20])) for p in prompts[3:7]]
+    eng = Engine(target, draft, policy="eagle3", policy_config=SMALL["eagle3"], dtype=F64, max_running=4,
+                 num_kv_blocks=40, block_size=4, log_iterations=True)
+    out = eng.generate(reqs, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    ref = Engine(target, None, policy="ar", dtype=F64).generate(reqs, SamplingParams(max_new_tokens=8,
+                                                                                     ignore_eos=True))
+    assert [o.output_ids for o in out] == [o.output_ids for o in ref]
+    assert max(len(it.verify_tokens) for it in eng.iterations if it.verify_tokens is not None) == 4
+    assert eng.stats()["preemptions"] == 0
+
+
 def test_blocks_are_freed_and_requests_stream(models, prompts):
     target, draft = models
     eng = Engine(target, draft, policy="echo", policy_config=SMALL["echo"], dtype=F64, max_running=4)

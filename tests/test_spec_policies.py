@@ -57,6 +57,9 @@ def test_selection_is_ancestor_closed_and_within_budget(name, seed, B, conc):
     assert ancestors_closed(forest, sel)
     counts = np.bincount(sel // max(forest.num_slots, 1), minlength=B)
     assert counts.max(initial=0) <= per_request_limit(p, forest)
+    bound = p.max_tree_tokens()  # the engine reserves KV room by it: it must hold for every selection
+    if bound is not None:
+        assert counts.max(initial=0) + 1 <= bound
     assert len(sel) <= total_limit(p, B)
     batch = pack(forest, sel)
     res = verify_greedy(batch, np.zeros(batch.num_tokens, np.int64))

@@ -52,6 +52,11 @@ class Policy(ABC):
     def start(self, batch_size: int) -> np.ndarray:
         return np.ones(batch_size, dtype=bool)
 
+    def max_tree_tokens(self) -> int | None:
+        """The most tokens one request verifies in a step, the root included (a bound for reserving KV room);
+        None when any drafted candidate may be picked."""
+        return None
+
     # Also gate after the last drafted depth: nothing is left to stop, but forest.gated records who failed
     # (ECHO gives gated requests a smaller budget even when the gate sits at the last depth).
     gates_last_depth = False

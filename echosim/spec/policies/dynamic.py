@@ -49,6 +49,9 @@ class DDD(Policy):
             return np.ones(len(rows), dtype=bool)
         return _logsumexp_rows(beam_scores) >= self.config.theta
 
+    def max_tree_tokens(self) -> int:
+        return self.config.num_draft_tokens
+
     def select(self, forest: DraftForest) -> np.ndarray:
         n = self.config.num_draft_tokens - 1
         return top_per_request(priority_key(forest), n, eligible_slots(forest, n))
@@ -97,6 +100,9 @@ class OptTree(Policy):
         grow = expect - self._expect[rows]
         self._best[rows], self._expect[rows] = best, expect
         return grow > self.config.delta
+
+    def max_tree_tokens(self) -> int:
+        return 1 + self.config.num_nodes
 
     def select(self, forest: DraftForest) -> np.ndarray:
         n = self.config.num_nodes

@@ -89,6 +89,9 @@ class Echo(Policy):
         c = self.config
         return DraftPlan(c.steps, max(c.root_width, c.topk), c.topk)
 
+    def max_tree_tokens(self) -> int:
+        return max(self.config.num_draft_tokens, self.config.remaining_num_draft_tokens)
+
     def gate(self, depth, rows, beam_scores, forest):
         tau = self._log_tau.get(depth, -np.inf)
         if depth == 1:

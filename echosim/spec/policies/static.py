@@ -61,6 +61,9 @@ class Eagle3(Policy):
     def plan(self, batch_size: int) -> DraftPlan:
         return DraftPlan(self.config.steps, self.config.topk, self.config.topk)
 
+    def max_tree_tokens(self) -> int:
+        return self.config.num_draft_tokens
+
     def select(self, forest: DraftForest) -> np.ndarray:
         n = self.config.num_draft_tokens - 1
         return top_per_request(priority_key(forest), n, eligible_slots(forest, n))
@@ -91,6 +94,9 @@ class Eagle2(Policy):
 
     def plan(self, batch_size: int) -> DraftPlan:
         return DraftPlan(self.config.depth, self.config.top_k, self.config.top_k)
+
+    def max_tree_tokens(self) -> int:
+        return 1 + self.config.total_tokens
 
     def select(self, forest: DraftForest) -> np.ndarray:
         n = self.config.total_tokens
