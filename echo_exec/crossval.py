@@ -334,9 +334,9 @@ def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_le
 
     records = out / "calibration_records.jsonl" if cfg.policy != "ar" else None
     shape = records_shape(cfg)
-    if shape is not None:
-        decode(make_engine(cfg, policy="eagle3", policy_config=shape, records=records, log_iterations=True))
-    its = decode(make_engine(cfg, records=records if shape is None else None))
+    if records is not None:  # a run of its own: writing per-node records costs step time the replay never pays
+        decode(make_engine(cfg, policy="eagle3" if shape else None, policy_config=shape, records=records))
+    its = decode(make_engine(cfg))
     write_iterations(out / "calibration_iterations.csv", its, t_origin=its[0].start_s if its else 0.0)
     over = fit_overheads(cost, its)
     log(f"engine overheads: {over.step_overhead_ms:.3f} ms/step + {over.overhead_per_token_ms:.4f} ms/token + "
@@ -456,7 +456,9 @@ def simulate_same(cfg: CrossValConfig, records, fit_path: Path, acc_path: Path |
                             cost_model=str(fit_path), step_overhead_ms=over.step_overhead_ms,
                             overhead_per_token_ms=over.overhead_per_token_ms,
                             overhead_per_draft_row_ms=over.overhead_per_draft_row_ms, max_running=cfg.max_running,
-                            max_batched_tokens=cfg.max_prefill_tokens + cfg.max_running * 64,
+                            # the engine caps each step's prefill chunks, not its trees plus chunks
+                            max_prefill_tokens=cfg.max_prefill_tokens,
+                            max_batched_tokens=cfg.max_prefill_tokens + cfg.max_running * 4096,
                             block_tokens=cfg.block_size, kv_blocks=cfg.kv_blocks())
     policy = {"policy": cfg.policy, **(cfg.policy_config or {})}
     sim = SimConfig(cluster=cluster, policy=policy, acceptance=str(acc_path) if acc_path else "qwen3-8b",

@@ -56,6 +56,19 @@ def test_small_kv_cache_preempts_and_every_request_finishes(tmp_path):
     assert max(int(r["kv_tokens"]) for r in rows(tmp_path / "iterations.csv")) <= 40 * 16
 
 
+def test_prefill_cap_chunks_prompts_whatever_the_token_budget_leaves(tmp_path):
+    # SGLang's chunked_prefill_size: at most 64 prompt tokens an iteration, though 8192 would fit
+    res = run(tmp_path, cluster=ClusterConfig(max_prefill_tokens=64), kind="closed", concurrency=4, requests=8,
+              prompt_tokens=200, output_tokens=20)
+    prefill = np.array([int(r["prefill_tokens"]) for r in rows(tmp_path / "iterations.csv")])
+    assert prefill.max() == 64 and prefill.sum() == 8 * 200
+    free = run(cluster=ClusterConfig(), kind="closed", concurrency=4, requests=8, prompt_tokens=200,
+               output_tokens=20)
+    assert res.summary["ttft_ms"]["mean"] > free.summary["ttft_ms"]["mean"]
+    with pytest.raises(UserError, match="max_prefill_tokens"):
+        run(cluster=ClusterConfig(max_prefill_tokens=0), kind="closed", concurrency=1, requests=1)
+
+
 def test_kv_capacity_is_memory_minus_weights():
     from echosim.sim.config import build_cost_model
 

@@ -52,6 +52,9 @@ def add_parser(subparsers) -> None:
     c.add_argument("--overhead-per-draft-row-ms", type=float, default=0.0, help="extra ms per drafted row")
     c.add_argument("--max-running", type=int, default=256, help="running requests per replica")
     c.add_argument("--max-batched-tokens", type=int, default=8192, help="tokens per iteration per replica")
+    c.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="prefill tokens per iteration per replica, as SGLang's --chunked-prefill-size (default: "
+                        "what --max-batched-tokens leaves after the verify trees)")
     c.add_argument("--block-tokens", type=int, default=16, help="KV-cache block size (tokens)")
     c.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     c.add_argument("--kv-blocks", type=int, default=None, help="KV capacity per replica in blocks (default: "
@@ -169,7 +172,8 @@ def run(args) -> int:
                             step_overhead_ms=args.step_overhead_ms, max_running=args.max_running,
                             overhead_per_token_ms=args.overhead_per_token_ms,
                             overhead_per_draft_row_ms=args.overhead_per_draft_row_ms,
-                            max_batched_tokens=args.max_batched_tokens, block_tokens=args.block_tokens,
+                            max_batched_tokens=args.max_batched_tokens, max_prefill_tokens=args.max_prefill_tokens,
+                            block_tokens=args.block_tokens,
                             gpu_memory_utilization=args.gpu_memory_utilization, kv_blocks=args.kv_blocks)
     specs = split_items(args.compare_policies) if args.compare_policies else [args.policy]
     if not specs:

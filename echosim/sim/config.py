@@ -30,6 +30,8 @@ class ClusterConfig:
     overhead_per_draft_row_ms: float = 0.0  # extra time per drafted row (all depths)
     max_running: int = 256                 # running requests per replica (decoding or prefilling)
     max_batched_tokens: int = 8192         # tokens per iteration per replica (verify trees + prefill chunks)
+    max_prefill_tokens: int | None = None  # prefill tokens per iteration (SGLang's chunked_prefill_size); None = no
+                                           # cap of its own: what max_batched_tokens leaves after the verify trees
     block_tokens: int = 16                 # KV-cache block size
     gpu_memory_utilization: float = 0.9    # share of GPU memory for weights + KV cache
     kv_blocks: int | None = None           # override the KV capacity per replica (blocks); None = from memory
@@ -53,6 +55,8 @@ class SimConfig:
         for name in ("tp", "replicas", "max_running", "max_batched_tokens", "block_tokens"):
             if int(getattr(c, name)) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(c, name)}", field=name)
+        if c.max_prefill_tokens is not None and int(c.max_prefill_tokens) < 1:
+            raise UserError(f"max_prefill_tokens must be >= 1, got {c.max_prefill_tokens}", field="max_prefill_tokens")
         for name in ("step_overhead_ms", "overhead_per_token_ms", "overhead_per_draft_row_ms"):
             v = getattr(c, name)
             if v is not None and not v >= 0:

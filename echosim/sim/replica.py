@@ -5,9 +5,9 @@ Each iteration:
    the Speculator: tokens verified and drafts accepted per request, draft rows per depth;
 2. KV cache: each request holds ceil(tokens / block) blocks; if the step's tokens do not fit, the most recently
    admitted request is preempted (blocks freed; it re-queues first and later recomputes its prefix);
-3. prefill: the token budget left (max_batched_tokens minus the verify trees) goes to prompt chunks, oldest first,
-   then to newly admitted requests (chunked prefill, mixed into the same forward); a request is admitted only if
-   its whole prefix fits in the free KV blocks;
+3. prefill: the token budget left (max_batched_tokens minus the verify trees, at most max_prefill_tokens) goes to
+   prompt chunks, oldest first, then to newly admitted requests (chunked prefill, mixed into the same forward);
+   a request is admitted only if its whole prefix fits in the free KV blocks;
 4. the step-time model prices draft + verify + LM head + overhead, and env.timeout advances time;
 5. results: a decode request emits min(accepted + 1, tokens left); a completed prefill emits the first token.
 Running requests live in NumPy columns, so an iteration is a few vector operations whatever the batch size.
@@ -36,6 +36,7 @@ class Replica:
         self.block = cluster.block_tokens
         self.max_running = cluster.max_running
         self.max_tokens = cluster.max_batched_tokens
+        self.max_prefill = cluster.max_prefill_tokens or cluster.max_batched_tokens
         self.metrics, self.on_finish = metrics, on_finish
         self.waiting: deque[Request] = deque()
         self.reqs: list[Request] = []          # running requests, aligned with the columns
@@ -159,7 +160,7 @@ class Replica:
             n_before = len(self.reqs)  # admissions below append after these rows
 
             # 3. prefill chunks under the token budget: running prefills first (oldest first), then admissions
-            budget = self.max_tokens - T
+            budget = min(self.max_tokens - T, self.max_prefill)
             chunks: list[tuple[int, int]] = []   # (chunk tokens, tokens already cached)
             chunk_rows: list[int] = []
             if (self.n_prefilling or self.waiting) and budget > 0:
