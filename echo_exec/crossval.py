@@ -102,6 +102,7 @@ class Overheads:
     step_overhead_ms: float
     overhead_per_token_ms: float
     overhead_per_draft_row_ms: float
+    overhead_per_request_ms: float = 0.0
     steps: int = 0
     median_ape_pct: float = 0.0        # per-step time, fitted forwards + these overheads, on the calibration steps
     p90_ape_pct: float = 0.0
@@ -260,22 +261,31 @@ def records_shape(cfg: CrossValConfig) -> dict | None:
 
 
 def predicted_forward_ms(cost, iterations) -> np.ndarray:
-    """The fitted model's time of each logged engine step (target forward over trees and prefill chunks, draft)."""
+    """The fitted model's time of each logged engine step: the prefill chunks' target forward, then the trees'
+    target forward and the drafting (the engine runs them one after the other; the simulator's
+    prefill_forward="separate")."""
     from cost_models.interface import StepBatch
 
     out = np.zeros(len(iterations))
     for i, it in enumerate(iterations):
-        verify = it.verify_tokens if it.verify_tokens is not None else np.zeros(0, np.int64)
-        ctx = it.context_lens if it.context_lens is not None else np.zeros(0, np.int64)
-        batch = StepBatch.from_requests(verify.tolist(), ctx.tolist(), it.draft_rows, it.prefill_chunks)
+        if it.verify_tokens is None:
+            out[i] = float(cost.step_time(StepBatch.from_requests([], [], (), it.prefill_chunks)).total_ms)
+            continue
+        batch = StepBatch.from_requests(it.verify_tokens.tolist(), it.context_lens.tolist(), it.draft_rows, [])
         out[i] = float(cost.step_time(batch).total_ms)
+        if it.prefill_chunks:
+            pre = cost.step_time(StepBatch.from_requests([], [], (), it.prefill_chunks))
+            out[i] += float(pre.verify_ms + pre.lm_head_ms)
     return out
 
 
 def fit_overheads(cost, iterations) -> Overheads:
-    """overhead = a + b * tokens + c * draft rows, >= 0 each, robust least squares on what the fitted forwards
-    leave unexplained in each step's measured time (Cauchy loss: a step stalled by the machine barely counts)."""
-    from scipy.optimize import least_squares
+    """overhead = a + b * tokens + c * draft rows + d * decoding requests, >= 0 each, fitted to what the fitted
+    forwards leave unexplained in each step's measured time. Every decode batch size class (1, 2-3, 4-7, ...)
+    weighs the same: batch-1 steps outnumber batch-16 ones twenty to one, and only the large batches tell the
+    per-request term from the per-step one. Iteratively reweighted least squares with Cauchy weights: a step
+    stalled by the machine barely counts."""
+    from scipy.optimize import lsq_linear
 
     if len(iterations) < 8:
         raise UserError("too few calibration steps to fit the engine's overheads (raise calibration_prompts)")
@@ -284,18 +294,23 @@ def fit_overheads(cost, iterations) -> Overheads:
     tokens = np.array([(0 if it.verify_tokens is None else int(it.verify_tokens.sum()))
                        + sum(c for c, _ in it.prefill_chunks) for it in iterations], np.float64)
     rows = np.array([sum(it.draft_rows) for it in iterations], np.float64)
-    X = np.stack([np.ones_like(tokens), tokens, rows], axis=1)
+    batch = np.array([0 if it.verify_tokens is None else len(it.verify_tokens) for it in iterations])
+    X = np.stack([np.ones_like(tokens), tokens, rows, batch.astype(np.float64)], axis=1)
     resid = meas - pred
-    x = np.array([max(float(np.median(resid)), 0.0), 0.0, 0.0])
-    scale = max(float(np.median(np.abs(resid))), 0.1)
-    for _ in range(2):  # the second pass scales the loss by the first fit's own spread (MAD)
-        x = least_squares(lambda x, s=scale: (X @ x - resid) / s, x0=x, bounds=(0.0, np.inf), loss="cauchy").x
+    _, cls, count = np.unique(np.where(batch > 0, np.floor(np.log2(np.maximum(batch, 1))) + 1, 0),
+                              return_inverse=True, return_counts=True)
+    balance = 1.0 / count[cls]  # each class's weights sum to 1
+    robust = np.ones(len(resid))
+    for _ in range(6):  # iteratively reweighted least squares, non-negative terms
+        sw = np.sqrt(balance * robust)
+        x = lsq_linear(X * sw[:, None], resid * sw, bounds=(0.0, np.inf)).x
         r = X @ x - resid
-        scale = max(1.4826 * float(np.median(np.abs(r - np.median(r)))), 0.05)
-    a, b, c = (float(v) for v in x)
+        scale = max(1.4826 * float(np.median(np.abs(r - np.median(r)))), 0.05)  # this fit's own spread (MAD)
+        robust = 1.0 / (1.0 + (r / (2.385 * scale)) ** 2)  # Cauchy, at its usual tuning constant
+    a, b, c, d = (float(v) for v in x)
     ape = np.abs(pred + X @ x - meas) / meas * 100
     return Overheads(step_overhead_ms=float(cost.params.step_overhead_ms) + a, overhead_per_token_ms=b,
-                     overhead_per_draft_row_ms=c, steps=len(iterations),
+                     overhead_per_draft_row_ms=c, overhead_per_request_ms=d, steps=len(iterations),
                      median_ape_pct=round(float(np.median(ape)), 2),
                      p90_ape_pct=round(float(np.percentile(ape, 90)), 2),
                      forward_share=round(float(pred.sum() / meas.sum()), 4))
@@ -340,7 +355,8 @@ def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_le
     write_iterations(out / "calibration_iterations.csv", its, t_origin=its[0].start_s if its else 0.0)
     over = fit_overheads(cost, its)
     log(f"engine overheads: {over.step_overhead_ms:.3f} ms/step + {over.overhead_per_token_ms:.4f} ms/token + "
-        f"{over.overhead_per_draft_row_ms:.4f} ms/draft row (fitted forwards explain "
+        f"{over.overhead_per_draft_row_ms:.4f} ms/draft row + {over.overhead_per_request_ms:.4f} ms/request "
+        f"(fitted forwards explain "
         f"{over.forward_share:.0%} of step time; per-step median error {over.median_ape_pct}%)")
     if records is None:
         return None, over
@@ -362,7 +378,7 @@ def bind_budget(engine, cost, over: Overheads | None, mean_ctx: float) -> None:
     from echosim.spec.drafting import depth_widths
 
     pricer = StepPricer(cost, over.overhead_per_token_ms if over else 0.0,
-                        over.overhead_per_draft_row_ms if over else 0.0)
+                        over.overhead_per_draft_row_ms if over else 0.0, over.overhead_per_request_ms if over else 0.0)
     plan = engine.policy.plan(1)
     widths = depth_widths(plan.depth, plan.k1, plan.k)
 
@@ -455,9 +471,10 @@ def simulate_same(cfg: CrossValConfig, records, fit_path: Path, acc_path: Path |
     cluster = ClusterConfig(model=cfg.model, hardware=str(fit_path.parent / "hardware.json"), draft=cfg.draft,
                             cost_model=str(fit_path), step_overhead_ms=over.step_overhead_ms,
                             overhead_per_token_ms=over.overhead_per_token_ms,
-                            overhead_per_draft_row_ms=over.overhead_per_draft_row_ms, max_running=cfg.max_running,
+                            overhead_per_draft_row_ms=over.overhead_per_draft_row_ms,
+                            overhead_per_request_ms=over.overhead_per_request_ms, max_running=cfg.max_running,
                             # the engine caps each step's prefill chunks, not its trees plus chunks
-                            max_prefill_tokens=cfg.max_prefill_tokens,
+                            max_prefill_tokens=cfg.max_prefill_tokens, prefill_forward="separate",
                             max_batched_tokens=cfg.max_prefill_tokens + cfg.max_running * 4096,
                             block_tokens=cfg.block_size, kv_blocks=cfg.kv_blocks())
     policy = {"policy": cfg.policy, **(cfg.policy_config or {})}

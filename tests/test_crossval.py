@@ -68,6 +68,24 @@ def test_overhead_fit_recovers_known_terms_and_shrugs_off_outliers():
     assert over.median_ape_pct < 1.0 and over.steps == 200
 
 
+def test_overhead_fit_hears_the_few_large_batches():
+    """Calibration logs twenty batch-1 steps for each batch-16 one; the per-request term shows only in the large
+    batches, under jitter and a few stalls in the batch-1 crowd."""
+    rng = np.random.default_rng(2)
+    its = []
+    for B, n in ((1, 1000), (4, 250), (16, 50)):
+        for _ in range(n):
+            verify = rng.integers(2, 7, B)
+            ms = 2.0 * verify.sum() + 3.0 + 0.1 * verify.sum() + 0.5 * B + rng.normal(0.0, 0.3)
+            its.append(IterationRecord(start_s=0.0, step_ms=ms, verify_tokens=verify, context_lens=np.full(B, 100)))
+    for it in its[:30]:
+        it.step_ms += 20.0
+    over = fit_overheads(_LinearCost(), its)
+    assert over.overhead_per_request_ms == pytest.approx(0.5, abs=0.05)
+    assert over.overhead_per_token_ms == pytest.approx(0.1, abs=0.02)
+    assert over.step_overhead_ms == pytest.approx(0.5 + 3.0, abs=0.15)
+
+
 def test_overhead_fit_never_goes_negative():
     rng = np.random.default_rng(1)
     its = [_iteration(rng, 0.0, 0.0, 0.0) for _ in range(50)]

@@ -69,6 +69,23 @@ def test_prefill_cap_chunks_prompts_whatever_the_token_budget_leaves(tmp_path):
         run(cluster=ClusterConfig(max_prefill_tokens=0), kind="closed", concurrency=1, requests=1)
 
 
+def test_a_separate_prefill_forward_costs_its_own_launches(tmp_path):
+    # a closed loop's batches do not depend on step times: the same iterations, priced two ways
+    common = dict(kind="closed", concurrency=4, requests=8, prompt_tokens=60, output_tokens=30)
+    run(tmp_path / "mixed", **common)
+    run(tmp_path / "separate", cluster=ClusterConfig(prefill_forward="separate"), **common)
+    a, b = rows(tmp_path / "mixed" / "iterations.csv"), rows(tmp_path / "separate" / "iterations.csv")
+    assert len(a) == len(b)
+    both = [(float(x["step_ms"]), float(y["step_ms"])) for x, y in zip(a, b, strict=True)
+            if int(x["batch"]) > 0 and int(x["prefill_tokens"]) > 0]
+    alone = [(float(x["step_ms"]), float(y["step_ms"])) for x, y in zip(a, b, strict=True)
+             if int(x["batch"]) == 0 or int(x["prefill_tokens"]) == 0]
+    assert both and all(s > m for m, s in both)
+    assert alone and all(s == m for m, s in alone)
+    with pytest.raises(UserError, match="prefill_forward"):
+        run(cluster=ClusterConfig(prefill_forward="interleaved"), kind="closed", concurrency=1, requests=1)
+
+
 def test_kv_capacity_is_memory_minus_weights():
     from echosim.sim.config import build_cost_model
 
@@ -186,6 +203,10 @@ def test_engine_overheads_add_exactly_in_a_closed_loop():
     ar = run(policy={"policy": "ar"}, **common).summary
     ar_rows = run(policy={"policy": "ar"}, cluster=ClusterConfig(overhead_per_draft_row_ms=5.0), **common).summary
     assert ar_rows["makespan_s"] == ar["makespan_s"]
+    # one per decoding request: request-steps (sum over iterations of the decode batch) x overhead
+    per_req = run(policy={"policy": "ar"}, cluster=ClusterConfig(overhead_per_request_ms=0.2), **common).summary
+    request_steps = ar["output_tokens"] - ar["requests"]  # every token but the prefill's first is a decode step
+    assert per_req["makespan_s"] - ar["makespan_s"] == pytest.approx(request_steps * 0.2e-3, rel=1e-6)
 
 
 def test_pricing_matches_the_cost_model():

@@ -50,8 +50,12 @@ def add_parser(subparsers) -> None:
     c.add_argument("--overhead-per-token-ms", type=float, default=0.0,
                    help="extra ms per token through the target (engine overhead the profiles do not see)")
     c.add_argument("--overhead-per-draft-row-ms", type=float, default=0.0, help="extra ms per drafted row")
+    c.add_argument("--overhead-per-request-ms", type=float, default=0.0,
+                   help="extra ms per request decoded in a step (an engine's sampling, emit and streaming work)")
     c.add_argument("--max-running", type=int, default=256, help="running requests per replica")
     c.add_argument("--max-batched-tokens", type=int, default=8192, help="tokens per iteration per replica")
+    c.add_argument("--prefill-forward", choices=("mixed", "separate"), default="mixed",
+                   help="prefill chunks in the verify forward (mixed, as vLLM) or in a forward of their own")
     c.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="prefill tokens per iteration per replica, as SGLang's --chunked-prefill-size (default: "
                         "what --max-batched-tokens leaves after the verify trees)")
@@ -172,7 +176,9 @@ def run(args) -> int:
                             step_overhead_ms=args.step_overhead_ms, max_running=args.max_running,
                             overhead_per_token_ms=args.overhead_per_token_ms,
                             overhead_per_draft_row_ms=args.overhead_per_draft_row_ms,
+                            overhead_per_request_ms=args.overhead_per_request_ms,
                             max_batched_tokens=args.max_batched_tokens, max_prefill_tokens=args.max_prefill_tokens,
+                            prefill_forward=args.prefill_forward,
                             block_tokens=args.block_tokens,
                             gpu_memory_utilization=args.gpu_memory_utilization, kv_blocks=args.kv_blocks)
     specs = split_items(args.compare_policies) if args.compare_policies else [args.policy]

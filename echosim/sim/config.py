@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from echosim.errors import UserError
 
 ROUTERS = ("round_robin", "least_outstanding", "least_kv")
+PREFILL_FORWARDS = ("mixed", "separate")
 CORE_MODES = ("auto", "exact", "table")
 
 
@@ -28,10 +29,13 @@ class ClusterConfig:
     step_overhead_ms: float | None = None  # per-iteration CPU overhead; None = the cost model's own
     overhead_per_token_ms: float = 0.0     # extra time per token through the target (verify trees + prefill)
     overhead_per_draft_row_ms: float = 0.0  # extra time per drafted row (all depths)
+    overhead_per_request_ms: float = 0.0   # extra time per request decoded in the step (sampling, emit, stream)
     max_running: int = 256                 # running requests per replica (decoding or prefilling)
     max_batched_tokens: int = 8192         # tokens per iteration per replica (verify trees + prefill chunks)
     max_prefill_tokens: int | None = None  # prefill tokens per iteration (SGLang's chunked_prefill_size); None = no
                                            # cap of its own: what max_batched_tokens leaves after the verify trees
+    prefill_forward: str = "mixed"         # mixed: prefill chunks and verify trees in one forward (vLLM);
+                                           # separate: the chunks in a forward of their own, same iteration
     block_tokens: int = 16                 # KV-cache block size
     gpu_memory_utilization: float = 0.9    # share of GPU memory for weights + KV cache
     kv_blocks: int | None = None           # override the KV capacity per replica (blocks); None = from memory
@@ -57,10 +61,14 @@ class SimConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(c, name)}", field=name)
         if c.max_prefill_tokens is not None and int(c.max_prefill_tokens) < 1:
             raise UserError(f"max_prefill_tokens must be >= 1, got {c.max_prefill_tokens}", field="max_prefill_tokens")
-        for name in ("step_overhead_ms", "overhead_per_token_ms", "overhead_per_draft_row_ms"):
+        for name in ("step_overhead_ms", "overhead_per_token_ms", "overhead_per_draft_row_ms",
+                     "overhead_per_request_ms"):
             v = getattr(c, name)
             if v is not None and not v >= 0:
                 raise UserError(f"{name} must be >= 0, got {v}", field=name)
+        if c.prefill_forward not in PREFILL_FORWARDS:
+            raise UserError(f"unknown prefill_forward {c.prefill_forward!r}; known: {', '.join(PREFILL_FORWARDS)}",
+                            field="prefill_forward")
         if c.router not in ROUTERS:
             raise UserError(f"unknown router {c.router!r}; known: {', '.join(ROUTERS)}", field="router")
         if self.core not in CORE_MODES:

@@ -6,8 +6,9 @@ buckets of CTX_BUCKET tokens) and always evaluated at the bucket's centre, so re
 of calls. The draft model is one layer whose attention reads that context: a bucket of 16 tokens moves the step
 time by far less than 0.01%, and the memo saves five of the six model evaluations of an EAGLE step.
 
-Optional overhead terms stand for what kernel profiles do not see (a serving engine's CPU work per token and per
-drafted row: tree masks, sampling, bookkeeping); they are added to the overhead part. benchmarks/sim_paper_shape.py
+Optional overhead terms stand for what kernel profiles do not see (a serving engine's CPU work per token, per
+drafted row and per decoding request: tree masks, sampling, bookkeeping, streaming); they are added to the
+overhead part. benchmarks/sim_paper_shape.py
 fits them to a published throughput column.
 """
 
@@ -21,9 +22,10 @@ CTX_BUCKET = 16
 
 
 class StepPricer:
-    def __init__(self, cost, per_token_ms: float = 0.0, per_draft_row_ms: float = 0.0):
+    def __init__(self, cost, per_token_ms: float = 0.0, per_draft_row_ms: float = 0.0, per_request_ms: float = 0.0):
         self.cost = cost
         self.per_token_ms, self.per_draft_row_ms = per_token_ms, per_draft_row_ms
+        self.per_request_ms = per_request_ms
         self._draft: dict[tuple, tuple[float, float, float]] = {}   # (rows per depth, bucket) -> parts
         self._budget: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # budget candidates -> step ms
         self._depth: dict[tuple, tuple[float, float, float]] = {}   # (depth, rows, seqs, bucket) -> parts
@@ -31,9 +33,16 @@ class StepPricer:
         self._base_overhead = float(cost.step_time(StepBatch(0.0, 0.0, 0.0, 0.0, 0.0)).overhead_ms)
 
     def price(self, tokens: float, kv: float, qk: float, seqs: float, lm_rows: float, draft_rows: tuple,
-              mean_ctx: float) -> StepTime:
+              mean_ctx: float, decoding: float = 0.0, prefill: tuple | None = None) -> StepTime:
+        """One iteration: `decoding` of its `seqs` sequences are decode requests (the rest prefill chunks).
+        `prefill` (tokens, kv, qk, seqs, lm_rows): chunks that run as a target forward of their own."""
         st = self.cost.step_time(StepBatch(tokens, kv, qk, seqs, lm_rows))
-        extra = self.per_token_ms * tokens
+        if prefill is not None:
+            pre = self.cost.step_time(StepBatch(*prefill))
+            st.verify_ms += pre.verify_ms
+            st.lm_head_ms += pre.lm_head_ms
+            tokens += prefill[0]
+        extra = self.per_token_ms * tokens + self.per_request_ms * decoding
         if self.per_draft_row_ms and draft_rows:
             extra += self.per_draft_row_ms * sum(draft_rows)
         if extra:
@@ -65,7 +74,7 @@ class StepPricer:
 
     def _budget_ms(self, t: np.ndarray, b: int, mean_ctx: float, draft_rows: tuple) -> np.ndarray:
         total = np.asarray(self.cost.step_time(StepBatch.uniform(b, t / b, mean_ctx)).total_ms, dtype=np.float64)
-        total = total + self.per_token_ms * t
+        total = total + self.per_token_ms * t + self.per_request_ms * b
         if draft_rows:
             total = total + sum(self._draft_cached(draft_rows, mean_ctx)) + self.per_draft_row_ms * sum(draft_rows)
         return total

@@ -37,6 +37,7 @@ class Replica:
         self.max_running = cluster.max_running
         self.max_tokens = cluster.max_batched_tokens
         self.max_prefill = cluster.max_prefill_tokens or cluster.max_batched_tokens
+        self.separate_prefill = cluster.prefill_forward == "separate"
         self.metrics, self.on_finish = metrics, on_finish
         self.waiting: deque[Request] = deque()
         self.reqs: list[Request] = []          # running requests, aligned with the columns
@@ -212,15 +213,19 @@ class Replica:
                 tokens = kv = qk = seqs = mean_ctx = 0.0
                 draft_rows = ()
             lm_rows = tokens
-            prefill_tokens = 0
+            pre = [0.0, 0.0, 0.0, 0.0, 0.0]  # the chunks' tokens, kv, qk, seqs, lm rows
             for c, have in chunks:
-                tokens += c
-                seqs += 1
-                kv += have + c
-                qk += c * have + c * (c + 1) / 2
-                lm_rows += 1
-                prefill_tokens += c
-            st = pricer.price(tokens, kv, qk, seqs, lm_rows, draft_rows, mean_ctx)
+                pre[0] += c
+                pre[1] += have + c
+                pre[2] += c * have + c * (c + 1) / 2
+                pre[3] += 1
+                pre[4] += 1
+            prefill_tokens = int(pre[0])
+            if self.separate_prefill and tok is not None and chunks:
+                st = pricer.price(tokens, kv, qk, seqs, lm_rows, draft_rows, mean_ctx, n_dec, prefill=tuple(pre))
+            else:
+                st = pricer.price(tokens + pre[0], kv + pre[1], qk + pre[2], seqs + pre[3], lm_rows + pre[4],
+                                  draft_rows, mean_ctx, n_dec)
             step_ms = st.draft_ms + st.verify_ms + st.lm_head_ms + st.overhead_ms
             yield env.timeout(step_ms / 1000.0)
             self.iterations += 1

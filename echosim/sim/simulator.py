@@ -92,7 +92,8 @@ def simulate(config: SimConfig, workload: WorkloadSpec, out_dir: Path | None = N
         raise UserError("per-node records are written for one replica; use --replicas 1 with --records")
 
     # one policy (and speculator) per replica in exact mode: policies may keep state across steps
-    pricers = [StepPricer(cost, c.overhead_per_token_ms, c.overhead_per_draft_row_ms) for _ in range(c.replicas)]
+    pricers = [StepPricer(cost, c.overhead_per_token_ms, c.overhead_per_draft_row_ms, c.overhead_per_request_ms)
+               for _ in range(c.replicas)]
     speculators = []
     for i in range(c.replicas if config.core != "table" else 1):
         ref: list = [None]
