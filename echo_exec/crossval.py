@@ -301,9 +301,11 @@ def fit_overheads(cost, iterations) -> Overheads:
                               return_inverse=True, return_counts=True)
     balance = 1.0 / count[cls]  # each class's weights sum to 1
     robust = np.ones(len(resid))
+    used = X.any(axis=0)  # a term the calibration never exercises (draft rows under ar) stays 0
+    x = np.zeros(X.shape[1])
     for _ in range(6):  # iteratively reweighted least squares, non-negative terms
         sw = np.sqrt(balance * robust)
-        x = lsq_linear(X * sw[:, None], resid * sw, bounds=(0.0, np.inf)).x
+        x[used] = lsq_linear(X[:, used] * sw[:, None], resid * sw, bounds=(0.0, np.inf)).x
         r = X @ x - resid
         scale = max(1.4826 * float(np.median(np.abs(r - np.median(r)))), 0.05)  # this fit's own spread (MAD)
         robust = 1.0 / (1.0 + (r / (2.385 * scale)) ** 2)  # Cauchy, at its usual tuning constant

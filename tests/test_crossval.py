@@ -84,6 +84,7 @@ def test_overhead_fit_hears_the_few_large_batches():
     assert over.overhead_per_request_ms == pytest.approx(0.5, abs=0.05)
     assert over.overhead_per_token_ms == pytest.approx(0.1, abs=0.02)
     assert over.step_overhead_ms == pytest.approx(0.5 + 3.0, abs=0.15)
+    assert over.overhead_per_draft_row_ms == 0.0  # no step drafted: nothing to fit, nothing invented
 
 
 def test_overhead_fit_never_goes_negative():
