@@ -529,6 +529,50 @@ def format_comparison(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+BATCH_CLASSES = ((1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 63), (64, 1 << 30))
+
+
+def step_breakdown(engine_csv: Path, sim_csv: Path) -> list[dict]:
+    """Where step-time errors come from: the engine's and the simulator's iterations (iterations.csv, the same
+    columns) by kind (decode steps by batch size class, steps with prefill chunks): how many, mean step time,
+    tokens verified per request, mean prefill tokens."""
+    import pandas as pd
+
+    frames = {name: pd.read_csv(path) for name, path in (("engine", engine_csv), ("sim", sim_csv))}
+    rows = []
+    kinds = [(f"decode, batch {lo}" + (f"-{hi}" if hi > lo else "") if hi < 1 << 30 else f"decode, batch {lo}+",
+              lambda d, lo=lo, hi=hi: (d.prefill_tokens == 0) & (d.batch >= lo) & (d.batch <= hi))
+             for lo, hi in BATCH_CLASSES]
+    kinds.append(("with prefill chunks", lambda d: d.prefill_tokens > 0))
+    for label, pick in kinds:
+        row = {"steps": label}
+        for name, d in frames.items():
+            sel = d[pick(d)]
+            row[f"{name}_n"] = len(sel)
+            row[f"{name}_step_ms"] = round(float(sel.step_ms.mean()), 2) if len(sel) else None
+            dec = sel[sel.batch > 0]
+            row[f"{name}_tokens_per_request"] = round(float(dec.verified_tokens.sum() / dec.batch.sum()), 2) \
+                if len(dec) else None
+            row[f"{name}_prefill_tokens"] = round(float(sel.prefill_tokens.mean()), 1) if len(sel) else None
+        if row["engine_n"] or row["sim_n"]:
+            rows.append(row)
+    return rows
+
+
+def format_breakdown(rows: list[dict]) -> str:
+    def cell(x):
+        return "-" if x is None else f"{x:,}"
+
+    lines = ["| steps | engine n | sim n | engine step ms | sim step ms | tokens/request (engine / sim) | "
+             "prefill tokens (engine / sim) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['steps']} | {r['engine_n']} | {r['sim_n']} | {cell(r['engine_step_ms'])} | "
+                     f"{cell(r['sim_step_ms'])} | {cell(r['engine_tokens_per_request'])} / "
+                     f"{cell(r['sim_tokens_per_request'])} | {cell(r['engine_prefill_tokens'])} / "
+                     f"{cell(r['sim_prefill_tokens'])} |")
+    return "\n".join(lines)
+
+
 def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
     from echo_exec.replay import plan_from_trace
 
@@ -555,9 +599,12 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
               for i in range(1, cfg.engine_runs)]
     sim = simulate_same(cfg, engine["records"], fit_path, acc_path, over, mean_ctx, out / "sim")
     rows = compare(engine["summary"], sim, reruns)
-    result = {"metrics": rows, "engine": engine["summary"], "sim": {k: v for k, v in sim.items() if k != "sim"},
-              "engine_reruns": reruns, "overheads": asdict(over), "wall_s": round(time.perf_counter() - t_start, 1)}
+    steps = step_breakdown(out / "engine" / "iterations.csv", out / "sim" / "iterations.csv")
+    result = {"metrics": rows, "steps": steps, "engine": engine["summary"],
+              "sim": {k: v for k, v in sim.items() if k != "sim"}, "engine_reruns": reruns,
+              "overheads": asdict(over), "wall_s": round(time.perf_counter() - t_start, 1)}
     (out / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
     table = format_comparison(rows)
-    (out / "validation.md").write_text(table + "\n")
+    (out / "validation.md").write_text(table + "\n\nSteps, engine against simulator (where a step-time error "
+                                       "comes from):\n\n" + format_breakdown(steps) + "\n")
     return result

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cost_models.interface import StepTime
-from echo_exec.crossval import METRICS, compare, fit_overheads
+from echo_exec.crossval import METRICS, compare, fit_overheads, format_breakdown, step_breakdown
 from echo_exec.engine import Engine, IterationRecord, SamplingParams
 from echo_exec.train_tiny import MODELS_DIR
 from echosim.cli import main
@@ -146,6 +146,30 @@ def test_validate_end_to_end_small(tmp_path, capsys):
     assert rows["throughput_tok_s"]["abs_pct"] < 60, rows["throughput_tok_s"]
     assert res["overheads"]["forward_share"] > 0.3
     assert res["engine_reruns"][0]["output_tokens"] == 6 * 16 and rows["mat"]["engine_rerun_abs_pct"] == 0.0
+    # the step breakdown accounts for every step on both sides
+    assert sum(r["engine_n"] for r in res["steps"]) == eng["iterations"]
+    assert sum(r["sim_n"] for r in res["steps"]) == len((out / "sim" / "iterations.csv").read_text().splitlines()) - 1
+    assert "| decode, batch 1 |" in printed and "Steps, engine against simulator" in (out / "validation.md").read_text()
+
+
+def test_step_breakdown_groups_steps_by_kind(tmp_path):
+    head = "replica,start_s,end_s,batch,prefill_tokens,verified_tokens,accepted,draft_ms,verify_ms,lm_head_ms," \
+           "overhead_ms,step_ms,kv_tokens,waiting\n"
+    row = "0,0,0,{b},{p},{v},0,0,0,0,0,{ms},0,0\n"
+    (tmp_path / "e.csv").write_text(head + row.format(b=1, p=0, v=4, ms=10) + row.format(b=1, p=0, v=6, ms=12)
+                                    + row.format(b=5, p=0, v=20, ms=30) + row.format(b=2, p=100, v=8, ms=90)
+                                    + row.format(b=0, p=50, v=0, ms=40))
+    (tmp_path / "s.csv").write_text(head + row.format(b=20, p=0, v=40, ms=50))
+    rows = {r["steps"]: r for r in step_breakdown(tmp_path / "e.csv", tmp_path / "s.csv")}
+    assert set(rows) == {"decode, batch 1", "decode, batch 4-7", "decode, batch 16-31", "with prefill chunks"}
+    one = rows["decode, batch 1"]
+    assert (one["engine_n"], one["engine_step_ms"], one["engine_tokens_per_request"]) == (2, 11.0, 5.0)
+    assert one["sim_n"] == 0 and one["sim_step_ms"] is None
+    pre = rows["with prefill chunks"]
+    assert pre["engine_n"] == 2 and pre["engine_prefill_tokens"] == 75.0
+    assert pre["engine_tokens_per_request"] == 4.0  # the prefill-only step decodes nobody
+    assert rows["decode, batch 16-31"]["sim_tokens_per_request"] == 2.0
+    assert "| decode, batch 16-31 | 0 | 1 |" in format_breakdown(list(rows.values()))
 
 
 @pytest.mark.parametrize("args, words", [

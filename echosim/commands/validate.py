@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from echo_exec.crossval import CrossValConfig, format_comparison
+    from echo_exec.crossval import CrossValConfig, format_breakdown, format_comparison
     from echo_exec.crossval import run as crossval
     from echosim.commands.serve import _policy_config
 
@@ -62,5 +62,7 @@ def run(args) -> int:
         raise UserError("the run folder is a file", path=str(out))
     result = crossval(cfg, out)
     print(format_comparison(result["metrics"]))
+    print("\nsteps, engine against simulator:")
+    print(format_breakdown(result["steps"]))
     print(f"run folder: {out} ({result['wall_s']:.0f} s)")
     return 0
