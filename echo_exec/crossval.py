@@ -328,8 +328,9 @@ def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_le
 
     prompts = calibration_prompts(files, cfg.calibration_prompts, prompt_len, cfg.seed + 1)
 
-    def decode(eng) -> list:
-        """The calibration prompts in bursts of each calibration batch size, streamed through the server."""
+    def decode(eng) -> tuple[list, float]:
+        """The calibration prompts in bursts of each calibration batch size, streamed through the server: the
+        engine's step log and its MAT."""
         bind_budget(eng, cost, None, prompt_len + cfg.max_output_tokens / 2)
         eng.generate(prompts[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
         eng.iterations.clear()
@@ -344,16 +345,18 @@ def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_le
                     if failed:
                         raise UserError(f"a calibration request failed: {failed[0]}")
         eng.close()
+        mat = eng.stats()["avg_accept_length"]
         log(f"calibration ({eng.policy.name}): {len(prompts)} prompts at batch {cfg.batches()}, "
-            f"{len(eng.iterations)} steps in {time.perf_counter() - t0:.1f} s, MAT "
-            f"{eng.stats()['avg_accept_length']:.2f}")
-        return list(eng.iterations)
+            f"{len(eng.iterations)} steps in {time.perf_counter() - t0:.1f} s, MAT {mat:.2f}")
+        return list(eng.iterations), mat
 
     records = out / "calibration_records.jsonl" if cfg.policy != "ar" else None
     shape = records_shape(cfg)
+    records_mat = 0.0
     if records is not None:  # a run of its own: writing per-node records costs step time the replay never pays
-        decode(make_engine(cfg, policy="eagle3" if shape else None, policy_config=shape, records=records))
-    its = decode(make_engine(cfg))
+        _, records_mat = decode(make_engine(cfg, policy="eagle3" if shape else None, policy_config=shape,
+                                            records=records))
+    its, _ = decode(make_engine(cfg))
     write_iterations(out / "calibration_iterations.csv", its, t_origin=its[0].start_s if its else 0.0)
     over = fit_overheads(cost, its)
     log(f"engine overheads: {over.step_overhead_ms:.3f} ms/step + {over.overhead_per_token_ms:.4f} ms/token + "
@@ -365,11 +368,19 @@ def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_le
     rec = read_records(records)
     # the records' own draft distribution is kept when they show every candidate (docs/ACCEPTANCE.md)
     marginal = "empirical" if verifies_every_candidate("eagle3", shape or cfg.policy_config) else "logit-normal"
-    fitted = fit_records(rec, name="engine-calibration", draft_marginal=marginal)
+    model = fit_records(rec, name="engine-calibration", draft_marginal=marginal).model
+    note = ""
+    if marginal == "empirical":  # its skill moves acceptance alone: match the records run's own MAT
+        from echosim.sim.acceptance_fit import calibrate_skill
+        from echosim.spec.policies import make_policy
+
+        sf = calibrate_skill(model, make_policy("eagle3", shape or cfg.policy_config), "default", records_mat)
+        model = model.with_skill("default", sf.skill)
+        note = f", skill {sf.skill:.3f} for the records run's MAT {records_mat:.2f}"
     acc_path = out / "acceptance.json"
-    fitted.model.save(acc_path)
+    model.save(acc_path)
     log(f"acceptance model fitted to {len(rec):,} calibration records"
-        + (f" (eagle3 {shape})" if shape is not None else "") + f", {marginal} draft marginal")
+        + (f" (eagle3 {shape})" if shape is not None else "") + f", {marginal} draft marginal" + note)
     return acc_path, over
 
 

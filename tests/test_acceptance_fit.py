@@ -200,3 +200,21 @@ def test_empirical_draft_marginal_reproduces_a_drafter_the_parametric_form_canno
     bad["draft"]["conf_quantiles"][0] = bad["draft"]["conf_quantiles"][0][::-1]
     with pytest.raises(UserError, match="conf_quantiles.*non-decreasing|non-decreasing.*conf_quantiles"):
         AcceptanceModel.from_json(bad, path="m.json")
+
+
+def test_empirical_skill_moves_acceptance_not_the_drafter():
+    """With the records' own draft marginal the drafter's confidence follows the ease's deviation from the
+    dataset's skill: a skill calibrated to a measured MAT (as `echosim validate` does) leaves the draft
+    distribution where the records put it."""
+    from echosim.sim.acceptance import QUANTILE_PROBS
+
+    on = np.quantile(np.random.default_rng(0).uniform(-2.0, 4.0, 4000), QUANTILE_PROBS)
+    m = AcceptanceModel("floor", DraftParams(conf_mean=[0.0], conf_ease=1.0, conf_sd=0.8,
+                                             conf_quantiles=[on.tolist()], conf_quantiles_off=[(on - 1.5).tolist()]),
+                        TRUE.accept_params, {"default": 0.5})
+    pol = make_policy("eagle3", {"steps": 4, "topk": 2, "num_draft_tokens": 15})
+    lo, hi = m.with_skill("default", -0.5), m.with_skill("default", 2.0)
+    top = [_top_logits(simulate_records(x, pol, ["default"], requests=64, steps=30, seed=5), 1, True)
+           for x in (lo, hi)]
+    assert abs(np.median(top[0]) - np.median(on)) < 0.2 and abs(np.median(top[1]) - np.median(on)) < 0.2
+    assert measure_mat(hi, pol, requests=256, steps=8)["mat"] > measure_mat(lo, pol, requests=256, steps=8)["mat"] + 0.3

@@ -73,7 +73,8 @@ class DraftParams:
     conf_sd: float = 1.5     # per-node noise of the top draft logit
     rank_decay: float = 1.2  # mean log-ratio between consecutive ranks
     rank_sd: float = 0.6
-    conf_quantiles: list[list[float]] | None = None  # per depth: x1 at QUANTILE_PROBS (from records), or None
+    conf_quantiles: list[list[float]] | None = None  # per depth: x1 at QUANTILE_PROBS (from records), or None;
+                                                     # with them, x1's normal score moves with e - skill
     conf_quantiles_off: list[list[float]] | None = None  # the same below a node off the target's path
 
 
@@ -284,6 +285,7 @@ class SyntheticDrafter:
         self._on: np.ndarray | None = None  # bool [B, S + 1]: node on the target's path (column 0: the root)
         self._rank_bias, self._sigma_step = a.rank_bias, a.sigma_step
         self._ease: np.ndarray | None = None
+        self._conf_shift: np.ndarray | None = None
         self._match: np.ndarray | None = None  # int16 [B, S + 1]: rank of the target's child, K = none
         self._S = 0
         self._K = 1
@@ -292,7 +294,10 @@ class SyntheticDrafter:
         """The batch of the coming step: per-request difficulty and dataset index, [B] each."""
         difficulty = np.asarray(difficulty, float)
         w = self.rng.standard_normal(len(difficulty)) * self._sigma_step
-        self._ease = (self.m.skill[np.asarray(dataset_index, np.int64)] - difficulty + w).astype(np.float32)
+        skill = self.m.skill[np.asarray(dataset_index, np.int64)]
+        self._ease = (skill - difficulty + w).astype(np.float32)
+        # the records' quantiles are of the whole population: its normal score is centred on the dataset's skill
+        self._conf_shift = (-self._conf_ease * skill).astype(np.float32) if self.m.conf_q is not None else None
         self._match = None
 
     def _base(self, parent_slot: np.ndarray, depth) -> np.ndarray:
@@ -321,6 +326,8 @@ class SyntheticDrafter:
         # top draft logit x1 [F, 1]: log q1 = -softplus(-x1) (accurate in float32 for confident drafts)
         x1 = noise[:, :1] * self._conf_sd
         x1 += e * self._conf_ease + float(m.conf_mean[d])
+        if self._conf_shift is not None:
+            x1 += self._conf_shift[rows][:, None]
         if m.conf_q is not None:  # a normal score: the records' logit at that quantile
             p = ndtr(x1).ravel()
             x1 = np.interp(p, QUANTILE_PROBS, m.conf_q[d]).astype(np.float32)[:, None]

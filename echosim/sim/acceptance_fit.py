@@ -181,11 +181,12 @@ class _Likelihood:
     is part of the likelihood: draft confidence carries information about the latents, so leaving it out would
     bias the acceptance parameters (the latent would be correlated with a covariate)."""
 
-    def __init__(self, obs: _Obs, D: int):
+    def __init__(self, obs: _Obs, D: int, centred: bool = False):
         from scipy.signal import fftconvolve
 
         self.conv = fftconvolve
         self.o, self.D = obs, D
+        self.centred = centred  # the draft logit moves with the ease's deviation from its dataset's skill
         self.nds = len(obs.datasets)
         self.Az = int(np.ceil(Z_MAX / GRID_STEP))
         self.Bw = int(np.ceil(W_MAX / GRID_STEP))
@@ -223,7 +224,7 @@ class _Likelihood:
         ll = o.y[:, None] * eta - sp
         cm, ce, csd = self.unpack_draft(theta)
         top = self.top
-        mu0 = cm[o.depth[top]] + ce * skill[o.ds[top]]
+        mu0 = cm[o.depth[top]] + (0.0 if self.centred else ce * skill[o.ds[top]])
         r0 = o.xs[top] - mu0
         ll[top] += -0.5 * ((r0[:, None] - ce * self.t[None, :]) / csd) ** 2 - np.log(csd) - 0.5 * np.log(2 * np.pi)
         l_s = np.add.reduceat(ll, o.step_start, axis=0)                      # [G, T]
@@ -267,9 +268,10 @@ class _Likelihood:
         e_r2 = r0 ** 2 - 2 * ce * r0 * m1 + ce ** 2 * m2
         k = n + 2 * D + 2
         g[k:k + D] = np.bincount(o.depth[top], e_r, minlength=D + 1)[1:D + 1] / csd ** 2
-        g[k + D] = (skill[o.ds[top]] * e_r + e_rt).sum() / csd ** 2
+        g[k + D] = ((0.0 if self.centred else skill[o.ds[top]] * e_r) + e_rt).sum() / csd ** 2
         g[k + D + 1] = (e_r2 / csd ** 2 - 1.0).sum()
-        g[:n] += np.bincount(o.ds[top], ce * e_r, minlength=n) / csd ** 2
+        if not self.centred:
+            g[:n] += np.bincount(o.ds[top], ce * e_r, minlength=n) / csd ** 2
         # smoothness penalty over depth
         gam, bet = gamma[1:D + 1], beta[1:D + 1]
         pen = SMOOTH * (np.sum(np.diff(gam) ** 2) + np.sum(np.diff(bet) ** 2))
@@ -310,7 +312,9 @@ def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
     records, a random subset of whole requests is fitted (the likelihood's memory grows with the nodes).
     draft_marginal 'logit-normal': the parametric form alone (conf_* in logits); 'empirical': the top draft logit
     keeps the records' own distribution per depth, on and off the accepted path (top_logit_quantiles; conf_* are
-    then in normal-score units), for records of a tree that verifies every candidate (no policy filtered them)."""
+    then in normal-score units, conf_mean[1] is 0 and the ease enters as its deviation from the dataset's skill, so
+    the skill moves acceptance alone: calibrate_skill can then match a measured MAT without moving the drafter),
+    for records of a tree that verifies every candidate (no policy filtered them)."""
     from scipy.optimize import minimize
 
     from echosim.errors import UserError
@@ -336,7 +340,11 @@ def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
         raise UserError(f"too few usable records to fit: {len(obs.y)} nodes with an accepted parent "
                         f"({int(obs.y.sum())} accepted); need at least 50 with 5 accepted and 5 rejected")
     D = int(obs.depth.max())
-    lik = _Likelihood(obs, D)
+    # empirical: the normal score is centred on each dataset's skill and its depth-1 mean is 0, so the records' own
+    # marginal comes back at depth 1 (every step drafts it: no selection) whatever the skill; deeper, the on-path
+    # records are those of accepted parents and conf_mean[d] stays free to undo that selection
+    centred = quantiles is not None
+    lik = _Likelihood(obs, D, centred)
     nds = len(names)
     x_top = obs.xs[lik.top]
     cm0 = [float(np.mean(x_top[obs.depth[lik.top] == d])) if (obs.depth[lik.top] == d).any() else 1.0
@@ -346,7 +354,9 @@ def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
                    cm0, 0.5, np.log(max(sd0, 0.1))]
     lb, ub = np.log(SIGMA_BOUNDS[0]), np.log(SIGMA_BOUNDS[1])
     bounds = [(-12, 12)] * nds + [(-10, 10)] * (D - 1) + [(-5, 5)] * D + [(-10, 10), (lb, ub), (lb, ub)] + \
-        [(-20, 20)] * D + [(-5, 5), (np.log(0.01), np.log(20))]
+        [(0.0, 0.0) if centred else (-20, 20)] + [(-20, 20)] * (D - 1) + [(-5, 5), (np.log(0.01), np.log(20))]
+    if centred:
+        theta0[nds + 2 * D + 2:nds + 3 * D + 2] = 0.0
 
     def neg(theta):
         val, grad = lik(theta)
@@ -388,7 +398,8 @@ def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
     step_of_obs = np.repeat(np.arange(len(obs.step_start)), np.diff(np.r_[obs.step_start, n]))
     first = obs.step_start  # each step's first obs is its depth-1, rank-0 child
     var_t = 1.0 / (1.0 / (sr ** 2 + ss ** 2) + conf_ease ** 2 / conf_sd ** 2)
-    mean_t = var_t * conf_ease * (obs.xs[first] - cm[1] - conf_ease * skill[obs.ds[first]]) / conf_sd ** 2
+    mu_first = cm[1] + (0.0 if centred else conf_ease * skill[obs.ds[first]])
+    mean_t = var_t * conf_ease * (obs.xs[first] - mu_first) / conf_sd ** 2
     gx, gw = np.polynomial.hermite_e.hermegauss(24)
     t_nodes = mean_t[step_of_obs][:, None] + np.sqrt(var_t) * gx[None, :]
     pred = (1.0 / (1.0 + np.exp(-(eta0[:, None] + t_nodes)))) @ (gw / gw.sum())
