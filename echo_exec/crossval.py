@@ -540,7 +540,11 @@ def format_comparison(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-BATCH_CLASSES = ((1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 63), (64, 1 << 30))
+BATCH_CLASSES = ((1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 63), (64, None))  # None: no upper end
+
+
+def _class_label(lo: int, hi: int | None) -> str:
+    return f"decode, batch {lo}" + ("+" if hi is None else "" if hi == lo else f"-{hi}")
 
 
 def step_breakdown(engine_csv: Path, sim_csv: Path) -> list[dict]:
@@ -550,15 +554,19 @@ def step_breakdown(engine_csv: Path, sim_csv: Path) -> list[dict]:
     import pandas as pd
 
     frames = {name: pd.read_csv(path) for name, path in (("engine", engine_csv), ("sim", sim_csv))}
+    kinds = [(_class_label(lo, hi), ("decode", lo, hi)) for lo, hi in BATCH_CLASSES]
+    kinds.append(("with prefill chunks", ("prefill", 0, None)))
     rows = []
-    kinds = [(f"decode, batch {lo}" + (f"-{hi}" if hi > lo else "") if hi < 1 << 30 else f"decode, batch {lo}+",
-              lambda d, lo=lo, hi=hi: (d.prefill_tokens == 0) & (d.batch >= lo) & (d.batch <= hi))
-             for lo, hi in BATCH_CLASSES]
-    kinds.append(("with prefill chunks", lambda d: d.prefill_tokens > 0))
-    for label, pick in kinds:
+    for label, (kind, lo, hi) in kinds:
         row = {"steps": label}
         for name, d in frames.items():
-            sel = d[pick(d)]
+            if kind == "prefill":
+                mask = d.prefill_tokens > 0
+            else:
+                mask = (d.prefill_tokens == 0) & (d.batch >= lo)
+                if hi is not None:
+                    mask &= d.batch <= hi
+            sel = d[mask]
             row[f"{name}_n"] = len(sel)
             row[f"{name}_step_ms"] = round(float(sel.step_ms.mean()), 2) if len(sel) else None
             dec = sel[sel.batch > 0]
