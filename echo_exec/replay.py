@@ -8,8 +8,9 @@ summary JSON of the simulator.
   keeps the trace's time.
 - Prompts: the trace's text when it has some; otherwise a prompt of exactly the trace's prompt length in bytes is
   cut from a prompt set (default ../shared/data/prompts/spec_bench.jsonl, else echo_exec/replay_prompts.jsonl).
-  Bytes are tokens for our byte-level model, so lengths are exact against `echosim serve`. Against a live SGLang
-  server with a subword tokenizer the same text is fewer tokens (a subword token spans several bytes): the CSV's
+  Bytes are tokens for our byte-level model, so lengths are exact against `echosim serve`, and against a live
+  SGLang server serving the shipped models (their tokenizer.json is the same byte tokenizer). Against a server
+  with a subword tokenizer the same text is fewer tokens (a subword token spans several bytes): the CSV's
   `prompt_tokens` is the count the server reports (meta_info.prompt_tokens), `target_prompt_tokens` the trace's.
 - Lengths: `max_new_tokens` = the trace's output length with `ignore_eos`, so each request produces exactly that
   many tokens (both servers honour ignore_eos). Only /generate fields that SGLang has are sent.

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from echo_exec.loader import load_model, save_model
 from echo_exec.model import ModelConfig, Transformer
-from echo_exec.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE
+from echo_exec.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, write_hf_tokenizer
 
 MODELS_DIR = Path(__file__).parent / "models"
 HOLDOUT_MOD = 16
@@ -186,6 +186,7 @@ def train(args: TrainArgs, log=print) -> dict:
                     wall_min=round((time.time() - t0) / 60, 1), train_loss_ema=round(loss_ema or 0.0, 4),
                     finished=final)
         save_model(model, args.out_dir, dtype=args.save_dtype)
+        write_hf_tokenizer(args.out_dir)
         (args.out_dir / "train_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         log(f"checkpoint step {step}: {stats} -> {args.out_dir}")
 

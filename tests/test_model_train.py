@@ -28,6 +28,7 @@ def test_train_tiny_cli_runs_and_writes_a_loadable_model(tmp_path, capsys):
                  "--out", str(out)]) == 0
     meta = json.loads((out / "train_meta.json").read_text())
     assert meta["steps"] == 2 and meta["finished"] and meta["tokens"] == 2 * 2 * 32
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     model = load_model(out)
     assert model.cfg.vocab_size == VOCAB_SIZE and model.cfg.model_type == "llama"
     # The draft distils from that target.

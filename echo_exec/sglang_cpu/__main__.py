@@ -1,0 +1,5 @@
+import sys
+
+from echo_exec.sglang_cpu import main
+
+sys.exit(main())

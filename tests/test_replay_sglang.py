@@ -1,0 +1,116 @@
+"""`echosim replay` against a live SGLang server (SGLang's own server code, on this CPU) started by the test on
+127.0.0.1 with the shipped tiny target. SGLang is not a dependency of the project: the test runs where an
+interpreter with sglang is named by ECHO_SGLANG_PYTHON (docs/REPLAY.md makes one) or this one has it, and is
+skipped elsewhere (CI); the launcher's own tests run everywhere."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+from test_server_support import post
+
+from echo_exec import sglang_cpu
+from echosim.cli import main
+
+SGLANG_PYTHON = os.environ.get("ECHO_SGLANG_PYTHON") or (sys.executable if find_spec("sglang") else None)
+needs_sglang = pytest.mark.skipif(SGLANG_PYTHON is None, reason="no interpreter with sglang (set ECHO_SGLANG_PYTHON)")
+
+TARGET = Path(__file__).resolve().parents[1] / "echo_exec" / "models" / "tiny-target"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sglang_url(tmp_path_factory):
+    log = tmp_path_factory.mktemp("sglang") / "server.log"
+    port = free_port()
+    proc = sglang_cpu.launch(TARGET, port=port, python=SGLANG_PYTHON, log_path=log, max_running_requests=16)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        sglang_cpu.wait_ready(url, proc, timeout_s=300)
+        yield url
+    except RuntimeError as exc:
+        pytest.fail(f"{exc}\n{log.read_text(errors='replace')[-3000:]}")
+    finally:
+        sglang_cpu.stop(proc)
+
+
+@needs_sglang
+def test_replay_a_trace_against_live_sglang(sglang_url, tmp_path):
+    rows = [(0.15 * i, 20 + 17 * i, 16 + 4 * (i % 3)) for i in range(12)]
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"arrival_s": t, "prompt_tokens": p, "output_tokens": o}) + "\n"
+                             for t, p, o in rows))
+    out = tmp_path / "run"
+    assert main(["replay", "--trace", str(trace), "--url", sglang_url, "--out", str(out), "--concurrency", "8",
+                 "--quiet"]) == 0
+    with open(out / "requests.csv") as f:
+        got = list(csv.DictReader(f))
+    assert all(r["ok"] == "True" and r["finish_reason"] == "length" for r in got), [r["error"] for r in got]
+    # SGLang reads the shipped tokenizer.json: its prompt counts are our byte counts, and ignore_eos holds
+    assert [(int(r["prompt_tokens"]), int(r["output_tokens"])) for r in got] == [(p, o) for _, p, o in rows]
+    assert all(0 < float(r["ttft_ms"]) <= float(r["e2e_ms"]) for r in got)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] == summary["requests"] == 12 and summary["throughput_tok_s"] > 0
+    assert summary["mat"] is None  # plain decoding: SGLang reports no verify steps
+
+
+@needs_sglang
+def test_sglang_greedy_tokens_are_our_engines(sglang_url):
+    """The same weights under SGLang's Llama and our model file give the same greedy tokens."""
+    import torch
+
+    from echo_exec.engine import Engine, SamplingParams
+    from echo_exec.replay import SHIPPED_PROMPTS, load_prompts
+
+    prompts = [list(p.encode("utf-8"))[:120] for p in load_prompts(SHIPPED_PROMPTS)[:6]]
+    got = []
+    for ids in prompts:
+        status, raw = post(sglang_url + "/generate", {"input_ids": ids, "sampling_params": {
+            "max_new_tokens": 48, "temperature": 0, "ignore_eos": True}})
+        assert status == 200, raw
+        got.append(json.loads(raw)["output_ids"])
+    torch.set_num_threads(1)
+    ref = Engine(str(TARGET), None, policy="ar").generate(prompts, SamplingParams(max_new_tokens=48,
+                                                                                  temperature=0.0))
+    assert got == [r.output_ids for r in ref]
+
+
+# --- the launcher itself: these run everywhere ---
+
+def test_server_command_runs_sglang_on_the_cpu_with_the_standin_first(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    argv, env = sglang_cpu.server_command(TARGET, port=31234, python="py", max_running_requests=8)
+    assert argv[:3] == ["py", "-m", "sglang.launch_server"]
+    flags = {a: b for a, b in zip(argv[3:], argv[4:], strict=False) if a.startswith("--")}
+    assert flags["--model-path"] == str(TARGET) and flags["--device"] == "cpu" and flags["--port"] == "31234"
+    assert flags["--attention-backend"] == "torch_native" and flags["--dtype"] == "float32"
+    assert flags["--max-running-requests"] == "8" and "--disable-radix-cache" in argv
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(sglang_cpu.STANDIN_DIR), "/somewhere"]
+    _, env = sglang_cpu.server_command(TARGET, port=1, standin=False)
+    assert env.get("PYTHONPATH") == "/somewhere"
+
+
+def test_the_standin_imports_every_name_and_refuses_every_call():
+    code = ("from sgl_kernel import copy_all_layer_kv_cache_cpu as k\n"
+            "try:\n    k(1, 2)\nexcept NotImplementedError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(sglang_cpu.STANDIN_DIR)}).stdout
+    assert "sgl_kernel.copy_all_layer_kv_cache_cpu is not available" in out
+
+
+def test_launcher_cli_user_errors(tmp_path, capsys):
+    assert sglang_cpu.main(["--model", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert sglang_cpu.main(["--model", str(TARGET), "--python", sys.executable]) == 2 or find_spec("sglang")
