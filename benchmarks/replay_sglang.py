@@ -65,12 +65,17 @@ def main() -> int:
     p.add_argument("--max-output-tokens", type=int, default=64)
     p.add_argument("--max-running", type=int, default=16)
     p.add_argument("--time-scales", default="1,0.5")
+    p.add_argument("--servers", default=",".join(SERVERS), help="which of " + ", ".join(SERVERS))
+    p.add_argument("--echo-config", default=None, help="echo-echo's --policy-config (inline JSON or a file)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    servers = {name: SERVERS[name] for name in a.servers.split(",")}
+    if a.echo_config:
+        servers["echo-echo"] = ["--policy", "echo", "--policy-config", a.echo_config]
     out = Path(a.out or tempfile.mkdtemp(prefix="replay-sglang-"))
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, args in SERVERS.items():
+    for name, args in servers.items():
         proc, url = start(name, args, a.sglang_python, a.max_running, out / f"{name}.log")
         try:
             for scale in [float(s) for s in a.time_scales.split(",")]:
@@ -86,8 +91,9 @@ def main() -> int:
         finally:
             sglang_cpu.stop(proc)
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-    base = {r["time_scale"]: r["tok_s"] for r in rows if r["server"] == "sglang"}
-    print("| server | time scale | completed | tok/s | vs SGLang | MAT | TTFT p50 ms | TPOT p50 ms | E2E mean ms |")
+    first = next(iter(servers))
+    base = {r["time_scale"]: r["tok_s"] for r in rows if r["server"] == first}
+    print(f"| server | time scale | completed | tok/s | vs {first} | MAT | TTFT p50 ms | TPOT p50 ms | E2E mean ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mat = "–" if r["mat"] is None else f"{r['mat']:.2f}"

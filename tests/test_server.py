@@ -9,7 +9,7 @@ import random
 import time
 
 import pytest
-from test_server_support import ServerProcess, get, make_tiny_models, post, sse_payloads
+from test_server_support import ROOT, ServerProcess, get, make_tiny_models, post, sse_payloads
 
 from echosim.cli import main
 
@@ -242,3 +242,43 @@ def test_ignore_eos(models, tmp_path):
             assert gen(thread.url, prompt, 12, ignore_eos=False)["output_ids"] == stopped["output_ids"]
     finally:
         thread.stop()
+
+
+def test_a_draft_directory_ships_its_tuned_policy_settings(models, tmp_path):
+    """`serve` takes policy-<name>.json from the draft directory when no --policy-config is given; an explicit
+    config wins, and a policy without such a file runs its defaults."""
+    import shutil
+
+    from echosim.cli import build_parser
+    from echosim.commands.serve import build_server
+
+    target, draft = models
+    tuned_draft = tmp_path / "draft"
+    shutil.copytree(draft, tuned_draft)
+    tuned = {"steps": 3, "topk": 2, "num_draft_tokens": 6, "remaining_num_draft_tokens": 2, "gates": [[2, 0.1]]}
+    (tuned_draft / "policy-echo.json").write_text(json.dumps({"policy": "echo", **tuned, "calibration": "test"}))
+
+    def info(*extra):
+        args = build_parser().parse_args(["serve", "--model", str(target), "--draft", str(tuned_draft), *extra])
+        server = build_server(args)
+        server.engine.close()
+        return server.info
+
+    got = info()
+    assert (got["policy"], got["policy_config"]) == ("echo", tuned)
+    assert got["policy_config_source"] == str(tuned_draft / "policy-echo.json")
+    mine = {"steps": 4, "topk": 2, "num_draft_tokens": 8, "remaining_num_draft_tokens": 2}
+    explicit = info("--policy-config", json.dumps(mine))
+    assert explicit["policy_config"] == mine
+    assert explicit["policy_config_source"] == "--policy-config"
+    plain = info("--policy", "eagle3")
+    assert (plain["policy_config"], plain["policy_config_source"]) == (None, "defaults")
+
+
+def test_the_shipped_pair_ships_a_valid_echo_config():
+    from echosim.commands.serve import _policy_config
+    from echosim.spec.policies import make_policy
+
+    shipped = ROOT / "echo_exec" / "models" / "tiny-draft" / "policy-echo.json"
+    policy, config = _policy_config(str(shipped), None)
+    assert policy == "echo" and make_policy(policy, config).config.num_draft_tokens == config["num_draft_tokens"]

@@ -20,7 +20,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--draft", default=None, help="draft model directory (needed by every policy but ar)")
     p.add_argument("--policy", default=None, help="speculation policy (echo, eagle3, ar, ...); default echo")
     p.add_argument("--policy-config", default=None,
-                   help="policy settings: a JSON object inline, or a JSON file (e.g. from echosim calibrate)")
+                   help="policy settings: a JSON object inline, or a JSON file (e.g. from echosim calibrate); "
+                        "default: the draft directory's policy-<policy>.json if it has one, else the policy's own")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=30000, help="port (default 30000, as SGLang; 0 = any free port)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1); default cpu")
@@ -79,6 +80,13 @@ def build_server(args):
     """The engine and the EchoServer around it, from parsed `serve` arguments."""
     _checks(args)
     policy, config = _policy_config(args.policy_config, args.policy)
+    config_source = "--policy-config" if config is not None else "defaults"
+    if config is None and args.draft is not None:
+        # a draft directory may ship the settings tuned for its pair: policy-<name>.json
+        tuned = Path(args.draft) / f"policy-{policy}.json"
+        if tuned.is_file():
+            policy, config = _policy_config(str(tuned), policy)
+            config_source = str(tuned)
 
     import torch
 
@@ -106,7 +114,8 @@ def build_server(args):
         raise UserError(str(exc)) from None
     max_context = min(max_context, int(getattr(engine, "max_len", max_context)))
     info = {"model": str(args.model), "model_path": str(args.model), "draft_model_path": args.draft,
-            "policy": policy, "policy_config": config, "device": args.device, "dtype": args.dtype,
+            "policy": policy, "policy_config": config, "policy_config_source": config_source,
+            "device": args.device, "dtype": args.dtype,
             "max_running_requests": args.max_running, "max_context_tokens": max_context}
     tok = ByteTokenizer()
     return EchoServer(engine, make_params=SamplingParams, limits=Limits(target_cfg.vocab_size, max_context),
@@ -123,7 +132,8 @@ def run(args) -> int:
 
     def ready(port: int) -> None:
         # Tests and scripts wait for this line (with --port 0 it is the only way to learn the port).
-        print(f"echosim serve: listening on http://{args.host}:{port} (policy {server.info['policy']})", flush=True)
+        print(f"echosim serve: listening on http://{args.host}:{port} (policy {server.info['policy']}, "
+              f"settings: {server.info['policy_config_source']})", flush=True)
 
     async def main() -> None:
         # SIGINT / SIGTERM: stop listening, let requests in flight finish (5 s at most), stop the engine, exit 0.
