@@ -150,6 +150,16 @@ def test_validate_end_to_end_small(tmp_path, capsys):
     assert sum(r["engine_n"] for r in res["steps"]) == eng["iterations"]
     assert sum(r["sim_n"] for r in res["steps"]) == len((out / "sim" / "iterations.csv").read_text().splitlines()) - 1
     assert "| decode, batch 1 |" in printed and "Steps, engine against simulator" in (out / "validation.md").read_text()
+    # the acceptance model is the maximum-likelihood fit of the records, its skill not moved to a target MAT; the
+    # records' tree MAT is reported beside the records run's
+    from echosim.sim.acceptance import AcceptanceModel
+    from echosim.sim.acceptance_fit import fit_records
+    from echosim.spec.records import read_records
+
+    saved = AcceptanceModel.load(out / "acceptance.json")
+    ml = fit_records(read_records(out / "calibration_records.jsonl"), name="engine-calibration").model
+    assert saved.skills["default"] == pytest.approx(ml.skills["default"], abs=1e-3)
+    assert "on the records' tree it gives MAT" in printed
 
 
 def test_step_breakdown_groups_steps_by_kind(tmp_path):
