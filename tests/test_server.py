@@ -276,9 +276,13 @@ def test_a_draft_directory_ships_its_tuned_policy_settings(models, tmp_path):
 
 
 def test_the_shipped_pair_ships_a_valid_echo_config():
-    from echosim.commands.serve import _policy_config
+    from echosim.commands.serve import _policy_config, policy_settings
     from echosim.spec.policies import make_policy
 
-    shipped = ROOT / "echo_exec" / "models" / "tiny-draft" / "policy-echo.json"
+    draft = ROOT / "echo_exec" / "models" / "tiny-draft"
+    shipped = draft / "policy-echo.json"
     policy, config = _policy_config(str(shipped), None)
     assert policy == "echo" and make_policy(policy, config).config.num_draft_tokens == config["num_draft_tokens"]
+    # serve and validate resolve the same settings: the shipped file for echo, defaults for eagle3
+    assert policy_settings(None, None, str(draft)) == ("echo", config, str(shipped))
+    assert policy_settings(None, "eagle3", str(draft)) == ("eagle3", None, "defaults")

@@ -63,6 +63,19 @@ def _policy_config(arg: str | None, policy: str | None) -> tuple[str, dict | Non
     return policy or "echo", config
 
 
+def policy_settings(arg: str | None, policy: str | None, draft: str | None) -> tuple[str, dict | None, str]:
+    """(policy name, settings, where they came from): --policy-config if given; else the draft directory's
+    policy-<name>.json, the settings tuned for its pair, if it ships one; else the policy's own defaults."""
+    policy, config = _policy_config(arg, policy)
+    if config is not None:
+        return policy, config, "--policy-config"
+    tuned = Path(draft) / f"policy-{policy}.json" if draft is not None else None
+    if tuned is not None and tuned.is_file():
+        policy, config = _policy_config(str(tuned), policy)
+        return policy, config, str(tuned)
+    return policy, None, "defaults"
+
+
 def _checks(args) -> None:
     for name in ("max_running", "block_size", "max_prefill_tokens"):
         if getattr(args, name) < 1:
@@ -79,14 +92,7 @@ def _checks(args) -> None:
 def build_server(args):
     """The engine and the EchoServer around it, from parsed `serve` arguments."""
     _checks(args)
-    policy, config = _policy_config(args.policy_config, args.policy)
-    config_source = "--policy-config" if config is not None else "defaults"
-    if config is None and args.draft is not None:
-        # a draft directory may ship the settings tuned for its pair: policy-<name>.json
-        tuned = Path(args.draft) / f"policy-{policy}.json"
-        if tuned.is_file():
-            policy, config = _policy_config(str(tuned), policy)
-            config_source = str(tuned)
+    policy, config, config_source = policy_settings(args.policy_config, args.policy, args.draft)
 
     import torch
 

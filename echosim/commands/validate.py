@@ -30,7 +30,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=str(MODELS_DIR / "tiny-target"), help="target model directory")
     p.add_argument("--draft", default=str(MODELS_DIR / "tiny-draft"), help="draft model directory")
     p.add_argument("--policy", default="eagle3", help="speculation policy (default eagle3)")
-    p.add_argument("--policy-config", default=None, help="policy settings: inline JSON or a JSON file")
+    p.add_argument("--policy-config", default=None,
+                   help="policy settings: inline JSON or a JSON file (default: the draft directory's "
+                        "policy-<policy>.json if it has one, as echosim serve)")
     p.add_argument("--max-running", type=int, default=16, help="most requests decoding at once (default 16)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (default: room for max-running)")
     p.add_argument("--calibration-prompts", type=int, default=16,
@@ -47,9 +49,10 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from echo_exec.crossval import CrossValConfig, format_breakdown, format_comparison
     from echo_exec.crossval import run as crossval
-    from echosim.commands.serve import _policy_config
+    from echosim.commands.serve import policy_settings
 
-    policy, config = _policy_config(args.policy_config, args.policy)
+    # the settings `echosim serve` would run with the same draft directory
+    policy, config, _ = policy_settings(args.policy_config, args.policy, args.draft)
     cfg = CrossValConfig(model=args.model, draft=None if policy == "ar" else args.draft, policy=policy,
                          policy_config=config, trace=args.trace, limit=args.limit, time_scale=args.time_scale,
                          max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
