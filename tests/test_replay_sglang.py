@@ -22,6 +22,7 @@ SGLANG_PYTHON = os.environ.get("ECHO_SGLANG_PYTHON") or (sys.executable if find_
 needs_sglang = pytest.mark.skipif(SGLANG_PYTHON is None, reason="no interpreter with sglang (set ECHO_SGLANG_PYTHON)")
 
 TARGET = Path(__file__).resolve().parents[1] / "echo_exec" / "models" / "tiny-target"
+DRAFT = TARGET.parent / "tiny-draft"
 
 
 def free_port() -> int:
@@ -67,7 +68,8 @@ def test_replay_a_trace_against_live_sglang(sglang_url, tmp_path):
 
 @needs_sglang
 def test_sglang_greedy_tokens_are_our_engines(sglang_url):
-    """The same weights under SGLang's Llama and our model file give the same greedy tokens."""
+    """The same weights under SGLang's Llama and our model file give the same greedy tokens, and so does our
+    speculative decoding (eagle3, echo) with the shipped draft."""
     import torch
 
     from echo_exec.engine import Engine, SamplingParams
@@ -81,9 +83,11 @@ def test_sglang_greedy_tokens_are_our_engines(sglang_url):
         assert status == 200, raw
         got.append(json.loads(raw)["output_ids"])
     torch.set_num_threads(1)
-    ref = Engine(str(TARGET), None, policy="ar").generate(prompts, SamplingParams(max_new_tokens=48,
-                                                                                  temperature=0.0))
-    assert got == [r.output_ids for r in ref]
+    params = SamplingParams(max_new_tokens=48, temperature=0.0)
+    # our plain decoding, and our speculative decoding with the shipped draft (lossless): SGLang's tokens, each
+    for policy in ("ar", "eagle3", "echo"):
+        engine = Engine(str(TARGET), None if policy == "ar" else str(DRAFT), policy=policy)
+        assert got == [r.output_ids for r in engine.generate(prompts, params)], policy
 
 
 # --- the launcher itself: these run everywhere ---
