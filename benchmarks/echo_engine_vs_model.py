@@ -58,12 +58,20 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=48)
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--validate-prompts", action="store_true",
+                   help="the prompts `echosim validate` calibrates on (16 of 256 bytes, 64 tokens each, its seed 0): "
+                        "those its acceptance model was fitted on, so no difference of difficulty between the sides")
     p.add_argument("--config", default=json.dumps(ECHO), help="echo settings (JSON)")
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = json.loads(a.config)
     model = AcceptanceModel.load(a.acceptance)
-    prompts = held_out_prompts(a.prompts, 192, a.gen_len, a.seed)
+    if a.validate_prompts:
+        from echo_exec.crossval import calibration_prompts, prompt_files
+
+        prompts, a.gen_len = calibration_prompts(prompt_files()[0], 16, 256, 1), 64
+    else:
+        prompts = held_out_prompts(a.prompts, 192, a.gen_len, a.seed)
     tmp = Path(tempfile.mkdtemp(prefix="echo-vs-model-"))
     for b in (int(x) for x in a.batch_sizes.split(",")):
         path = tmp / f"records-b{b}.jsonl"
