@@ -36,9 +36,9 @@ def step_ms(tokens, batch_size):
     return 6.0 + 1.2 * batch_size + 0.45 * np.asarray(tokens, float)
 
 
-def summary(rec) -> str:
+def summary(rec, gated: list | None = None) -> str:
     step, req, depth, acc = (np.asarray(a) for a in (rec.step, rec.request, rec.depth, rec.accepted))
-    _, inv = np.unique(step.astype(np.int64) * 1_000_000 + req, return_inverse=True)
+    keys, inv = np.unique(req.astype(np.int64) * 1_000_000 + step, return_inverse=True)  # by request, then step
     n = inv.max() + 1
     deepest = np.zeros(n)
     np.maximum.at(deepest, inv, depth)
@@ -48,7 +48,25 @@ def summary(rec) -> str:
     for d in (1, 3, 5):
         s = (depth == d) & live
         out += f" | d{d}: {np.sum(depth == d) / n:.2f} verified, accepted {acc[s].mean():.3f}"
+    # how alike a request's consecutive steps are: lag-1 autocorrelation of the accepted drafts per step
+    accepted = np.bincount(inv, acc.astype(float))
+    same = keys[1:] // 1_000_000 == keys[:-1] // 1_000_000
+    out += f" | step-to-step autocorrelation {np.corrcoef(accepted[:-1][same], accepted[1:][same])[0, 1]:.3f}"
+    if gated:
+        out += f" | gate failed in {np.concatenate(gated).mean():.3f} of request-steps"
     return out
+
+
+def counting_gates(policy, gated: list):
+    """The policy, its select() first noting which requests' gates failed in each step."""
+    select = policy.select
+
+    def counted(forest):
+        gated.append(np.asarray(forest.gated if forest.gated is not None else forest.stop_depth < forest.max_depth))
+        return select(forest)
+
+    policy.select = counted
+    return policy
 
 
 def main() -> int:
@@ -75,10 +93,13 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="echo-vs-model-"))
     for b in (int(x) for x in a.batch_sizes.split(",")):
         path = tmp / f"records-b{b}.jsonl"
-        engine_records = run_engine(make_policy("echo", cfg).bind(step_ms), prompts, b, a.gen_len, path)
-        print(f"batch {b:2d} engine: {summary(engine_records)}", flush=True)
-        print(f"batch {b:2d} model:  {summary(run_model(model, lambda: make_policy('echo', cfg).bind(step_ms), b))}",
-              flush=True)
+        gated_engine, gated_model = [], []
+        engine_records = run_engine(counting_gates(make_policy("echo", cfg).bind(step_ms), gated_engine), prompts, b,
+                                    a.gen_len, path)
+        print(f"batch {b:2d} engine: {summary(engine_records, gated_engine)}", flush=True)
+        model_records = run_model(
+            model, lambda g=gated_model: counting_gates(make_policy("echo", cfg).bind(step_ms), g), b)
+        print(f"batch {b:2d} model:  {summary(model_records, gated_model)}", flush=True)
     # the control: the static tree the acceptance model is fitted from, on these prompts (their own difficulty)
     tree = {"steps": 5, "topk": 2, "num_draft_tokens": 19}
     engine_records = run_engine(make_policy("eagle3", tree), prompts, 1, a.gen_len, tmp / "records-tree.jsonl")
