@@ -204,8 +204,8 @@ def test_empirical_draft_marginal_reproduces_a_drafter_the_parametric_form_canno
 
 def test_empirical_skill_moves_acceptance_not_the_drafter():
     """With the records' own draft marginal the drafter's confidence follows the ease's deviation from the
-    dataset's skill: a skill calibrated to a measured MAT (as `echosim validate` does) leaves the draft
-    distribution where the records put it."""
+    dataset's skill: a skill calibrated to a measured MAT (calibrate_skill) leaves the draft distribution where
+    the records put it."""
     from echosim.sim.acceptance import QUANTILE_PROBS
 
     on = np.quantile(np.random.default_rng(0).uniform(-2.0, 4.0, 4000), QUANTILE_PROBS)
@@ -218,3 +218,47 @@ def test_empirical_skill_moves_acceptance_not_the_drafter():
            for x in (lo, hi)]
     assert abs(np.median(top[0]) - np.median(on)) < 0.2 and abs(np.median(top[1]) - np.median(on)) < 0.2
     assert measure_mat(hi, pol, requests=256, steps=8)["mat"] > measure_mat(lo, pol, requests=256, steps=8)["mat"] + 0.3
+
+
+def _runner_up_shares(rec):
+    """(top draft probability, runner-up's share of the mass the top left) of each sibling pair of an accepted
+    parent (one parent per depth: a step's nodes at one depth are siblings)."""
+    pa = infer_parent_accepted(rec)
+    key = np.c_[rec.request, rec.step, rec.depth][pa]
+    rank, q = rec.rank[pa], rec.draft_prob[pa]
+    order = np.lexsort((rank, key[:, 2], key[:, 1], key[:, 0]))
+    key, rank, q = key[order], rank[order], q[order]
+    pair = np.all(key[1:] == key[:-1], axis=1) & (rank[:-1] == 0) & (rank[1:] == 1)
+    return q[:-1][pair], q[1:][pair] / (1 - q[:-1][pair])
+
+
+def test_rank_shares_follow_the_records_not_a_ratio_to_the_top():
+    """A drafter whose runner-up takes about a quarter of the mass the top draft left, however sure the top is
+    (as the shipped draft model's does): the ratio form gives a sure top draft's runner-up most of it; fitted with
+    rank_shares, the model gives back the records' share in every bin of the top draft's probability."""
+    from echosim.sim.acceptance import QUANTILE_PROBS, SHARE_EDGES
+
+    share_logit = np.quantile(np.random.default_rng(1).normal(-1.0, 0.5, 4000), QUANTILE_PROBS)
+    on = np.quantile(np.random.default_rng(0).uniform(-2.0, 4.0, 4000), QUANTILE_PROBS)
+    draft = DraftParams(conf_mean=[0.0], conf_ease=1.0, conf_sd=0.8, conf_quantiles=[on.tolist()],
+                        conf_quantiles_off=[(on - 1.5).tolist()])
+    true = AcceptanceModel("shares", DraftParams(**{**draft.__dict__,
+                                                   "share_quantiles": [share_logit.tolist()] * (len(SHARE_EDGES) + 1)}),
+                           TRUE.accept_params, {"default": 0.5})
+    pol = make_policy("eagle3", {"steps": 3, "topk": 3, "num_draft_tokens": 13})
+    rec = simulate_records(true, pol, ["default"], requests=96, steps=50, seed=3)
+    q0, share = _runner_up_shares(rec)
+    assert abs(np.median(share[q0 > 0.9]) - 0.27) < 0.05  # sigmoid(-1.0)
+    fitted = fit_records(rec, draft_marginal="empirical", rank_shares=True).model
+    ratio = fit_records(rec, draft_marginal="empirical").model
+    assert ratio.draft_params.share_quantiles is None
+    for label, m, sure_share in (("shares", fitted, (0.22, 0.32)), ("ratio", ratio, (0.45, 1.0))):
+        q0, share = _runner_up_shares(simulate_records(m, pol, ["default"], requests=96, steps=50, seed=4))
+        assert sure_share[0] < np.median(share[q0 > 0.9]) < sure_share[1], label
+    # the shares survive a round trip through JSON, and a wrong number of bins is named
+    back = AcceptanceModel.from_json(json.loads(json.dumps(fitted.to_json())))
+    assert np.allclose(back.draft_params.share_quantiles, fitted.draft_params.share_quantiles, atol=1e-4)
+    bad = fitted.to_json()
+    bad["draft"]["share_quantiles"] = bad["draft"]["share_quantiles"][:2]
+    with pytest.raises(UserError, match="share_quantiles"):
+        AcceptanceModel.from_json(bad, path="m.json")

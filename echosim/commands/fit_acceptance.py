@@ -19,6 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="top draft probabilities: the parametric logit-normal (default), or the records' own "
                         "distribution per depth, on and off the accepted path (for records of a tree that "
                         "verifies every candidate)")
+    p.add_argument("--rank-shares", action="store_true",
+                   help="lower-ranked drafts take the records' own share of the mass the ranks above them left, "
+                        "per bin of the top draft's probability (default: a fixed ratio to the top draft)")
     p.add_argument("--max-records", type=int, default=1_000_000,
                    help="fit a random subset of whole requests beyond this many records (default 1000000)")
     p.set_defaults(func=run)
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_records < 1:
         raise UserError("--max-records must be >= 1")
     fit = fit_records(records, base=base, name=args.name, max_records=args.max_records,
-                      draft_marginal=args.draft_marginal)
+                      draft_marginal=args.draft_marginal, rank_shares=args.rank_shares)
     fit.model.save(args.out)
     r, m = fit.report, fit.model
     a, d = m.accept_params, m.draft_params

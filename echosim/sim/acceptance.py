@@ -76,10 +76,14 @@ class DraftParams:
     conf_quantiles: list[list[float]] | None = None  # per depth: x1 at QUANTILE_PROBS (from records), or None;
                                                      # with them, x1's normal score moves with e - skill
     conf_quantiles_off: list[list[float]] | None = None  # the same below a node off the target's path
+    share_quantiles: list[list[float]] | None = None  # per bin of the top draft's probability (SHARE_EDGES): the
+                                                      # logit of each lower rank's share of the mass left, or None
 
 
 # the probabilities at which a fitted model stores the quantiles of the top draft logit
 QUANTILE_PROBS = (np.arange(32) + 0.5) / 32
+# bins of the top draft's probability under which a fitted model stores the lower ranks' shares
+SHARE_EDGES = np.array([0.3, 0.5, 0.7, 0.9, 0.97])
 
 
 @dataclass
@@ -128,6 +132,7 @@ class AcceptanceModel:
         # [depth_max + 1, Q]: quantiles of x1 per depth (row 0 unused), on and off the target's path, when fitted
         self.conf_q = _per_depth_rows(d.conf_quantiles)
         self.conf_q_off = _per_depth_rows(d.conf_quantiles_off) if self.conf_q is not None else None
+        self.share_q = np.asarray(d.share_quantiles, np.float64) if d.share_quantiles else None
         self.gamma = _per_depth(a.gamma)
         self.beta = _per_depth(a.beta)
 
@@ -181,7 +186,9 @@ class AcceptanceModel:
                             rank_decay=need(dr, "rank_decay", "num", "draft."),
                             rank_sd=need(dr, "rank_sd", "num", "draft."),
                             conf_quantiles=_quantiles(dr.get("conf_quantiles"), path, "conf_quantiles"),
-                            conf_quantiles_off=_quantiles(dr.get("conf_quantiles_off"), path, "conf_quantiles_off"))
+                            conf_quantiles_off=_quantiles(dr.get("conf_quantiles_off"), path, "conf_quantiles_off"),
+                            share_quantiles=_quantiles(dr.get("share_quantiles"), path, "share_quantiles",
+                                                       rows=len(SHARE_EDGES) + 1))
         accept = AcceptParams(gamma=need(ac, "gamma", "list", "accept."), beta=need(ac, "beta", "list", "accept."),
                               rank_bias=need(ac, "rank_bias", "num", "accept."),
                               sigma_request=need(ac, "sigma_request", "num", "accept."),
@@ -212,7 +219,8 @@ class AcceptanceModel:
                "draft": {"conf_mean": [r(x) for x in d.conf_mean], "conf_ease": r(d.conf_ease),
                          "conf_sd": r(d.conf_sd), "rank_decay": r(d.rank_decay), "rank_sd": r(d.rank_sd),
                          **{k: [[r(x) for x in row] for row in v] for k, v in (
-                             ("conf_quantiles", d.conf_quantiles), ("conf_quantiles_off", d.conf_quantiles_off))
+                             ("conf_quantiles", d.conf_quantiles), ("conf_quantiles_off", d.conf_quantiles_off),
+                             ("share_quantiles", d.share_quantiles))
                             if v}},
                "accept": {"gamma": [r(x) for x in a.gamma], "beta": [r(x) for x in a.beta],
                           "rank_bias": r(a.rank_bias), "sigma_request": r(a.sigma_request),
@@ -259,10 +267,14 @@ def _per_depth_rows(rows) -> np.ndarray | None:
     return np.concatenate([q[:1], q, np.repeat(q[-1:], 64, axis=0)])[:65]
 
 
-def _quantiles(v, path, name: str) -> list[list[float]] | None:
-    """draft.<name>: absent, or one non-decreasing list of len(QUANTILE_PROBS) numbers per depth."""
+def _quantiles(v, path, name: str, rows: int | None = None) -> list[list[float]] | None:
+    """draft.<name>: absent, or one non-decreasing list of len(QUANTILE_PROBS) numbers per depth (or per bin:
+    exactly `rows` of them)."""
     if v is None:
         return None
+    if rows is not None and (not isinstance(v, list) or len(v) != rows):
+        raise UserError(f"must be a list of {rows} rows (one per bin of the top draft's probability)", path=path,
+                        field=f"draft.{name}")
     ok = isinstance(v, list) and v and all(
         isinstance(row, list) and len(row) == len(QUANTILE_PROBS)
         and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in row)
@@ -339,7 +351,9 @@ class SyntheticDrafter:
                 x1[off, 0] = np.interp(ndtr(noise[off, 0]), QUANTILE_PROBS, m.conf_q_off[d])
         np.minimum(np.maximum(x1, -30.0, out=x1), 30.0, out=x1)
         top = -np.logaddexp(0.0, -x1)
-        if k > 1:
+        if k > 1 and m.share_q is not None:
+            logp, xt = self._lower_ranks_from_shares(x1, top, noise[:, 1:])
+        elif k > 1:
             # ranks below the top: q_j = q1 * exp(-a_j) * scale; r_j = q_j / (1 - q1) = odds1 * exp(-a_j) * scale
             a = noise[:, 1:] * self._rank_sd
             a += self._decay
@@ -365,6 +379,34 @@ class SyntheticDrafter:
         self._match[rows, parents + 1] = (survive >= u[:, None]).sum(axis=1)
         tokens = self._base(parents, depth)[:, None] + np.arange(k)
         return tokens, logp
+
+    def _lower_ranks_from_shares(self, x1: np.ndarray, top: np.ndarray, noise: np.ndarray):
+        """(log q [F, k], conditional logits [F, k]) when the model stores the records' shares: rank j >= 1 takes a
+        share s_j of the mass the ranks above it left, drawn from the records' quantiles for the top draft's
+        probability bin (the records' own dependence, which a fixed ratio to q_1 misses: a confident draft's
+        runner-up gets about a quarter of what is left, not all of it), and never more than the rank above."""
+        F, k1 = noise.shape
+        q0 = np.exp(top[:, 0].astype(np.float64))
+        u = ndtr(noise.astype(np.float64))
+        xs = np.empty_like(u)
+        b = np.searchsorted(SHARE_EDGES, q0)
+        for i in np.unique(b):
+            rows = b == i
+            xs[rows] = np.interp(u[rows], QUANTILE_PROBS, self.m.share_q[i])
+        share = 1.0 / (1.0 + np.exp(-xs))
+        q = np.empty((F, k1 + 1))
+        q[:, 0] = q0
+        left = 1.0 - q0
+        for j in range(1, k1 + 1):
+            q[:, j] = np.minimum(share[:, j - 1] * left, q[:, j - 1])
+            left = left - q[:, j]
+        before = np.cumsum(q, axis=1) - q
+        cond = np.clip(q / np.maximum(1.0 - before, 1e-12), 1e-12, 1 - 1e-12)
+        xt = (np.log(cond) - np.log1p(-cond)).astype(np.float32)
+        xt[:, 0] = x1[:, 0]
+        logp = np.log(np.maximum(q, 1e-30)).astype(np.float32)
+        logp[:, 0] = top[:, 0]
+        return logp, xt
 
     def target_argmax(self, batch: VerifyBatch) -> np.ndarray:
         """The target's greedy next token at every packed node ([batch.tokens.size]; padding gets 0)."""

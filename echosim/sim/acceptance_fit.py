@@ -305,7 +305,8 @@ DRAFT_MARGINALS = ("empirical", "logit-normal")
 
 
 def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
-                max_records: int = 1_000_000, seed: int = 0, draft_marginal: str = "logit-normal") -> RecordsFit:
+                max_records: int = 1_000_000, seed: int = 0, draft_marginal: str = "logit-normal",
+                rank_shares: bool = False) -> RecordsFit:
     """Maximum-likelihood parameters (skills, gamma, beta, rank_bias, sigma_request, sigma_step and the top draft
     logit's conf_mean, conf_ease, conf_sd) from per-node records, conditioning on the parent being accepted;
     rank_decay/rank_sd by moments. `base` supplies what records cannot (vocabulary, policy). Beyond `max_records`
@@ -314,7 +315,9 @@ def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
     keeps the records' own distribution per depth, on and off the accepted path (top_logit_quantiles; conf_* are
     then in normal-score units, conf_mean[1] is 0 and the ease enters as its deviation from the dataset's skill, so
     the skill moves acceptance alone: calibrate_skill can then match a measured MAT without moving the drafter),
-    for records of a tree that verifies every candidate (no policy filtered them)."""
+    for records of a tree that verifies every candidate (no policy filtered them). rank_shares: the lower ranks'
+    draft probabilities also follow the records (rank_share_quantiles) instead of a fixed ratio to the top one;
+    off by default, since `validate` judged it worse for ECHO on its own (docs/VALIDATION.md)."""
     from scipy.optimize import minimize
 
     from echosim.errors import UserError
@@ -335,6 +338,7 @@ def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
     D_all = int(rec.depth.max())
     quantiles = top_logit_quantiles(rec, D_all, on_path=True) if draft_marginal == "empirical" else None
     quantiles_off = top_logit_quantiles(rec, D_all, on_path=False) if quantiles else None
+    shares = rank_share_quantiles(rec) if rank_shares else None
     obs = _observations(rec, names, quantiles)
     if len(obs.y) < 50 or obs.y.sum() < 5 or (1 - obs.y).sum() < 5:
         raise UserError(f"too few usable records to fit: {len(obs.y)} nodes with an accepted parent "
@@ -381,7 +385,8 @@ def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
         name, DraftParams(conf_mean=conf_mean, conf_ease=float(conf_ease), conf_sd=float(conf_sd),
                           rank_decay=rank_decay, rank_sd=rank_sd,
                           conf_quantiles=quantiles[:D] if quantiles else None,
-                          conf_quantiles_off=quantiles_off[:D] if quantiles_off else None),
+                          conf_quantiles_off=quantiles_off[:D] if quantiles_off else None,
+                          share_quantiles=shares),
         AcceptParams(gamma=gamma[1:D + 1].tolist(), beta=beta[1:D + 1].tolist(), rank_bias=float(rank_bias),
                      sigma_request=float(sr), sigma_step=float(ss)),
         skills, vocab_size=base.vocab_size if base is not None else 32000,
@@ -450,6 +455,38 @@ def top_logit_quantiles(rec, D: int, on_path: bool, min_nodes: int = 64) -> list
     for i, r in enumerate(rows):
         rows[i] = last = r if r is not None else last
     return rows
+
+
+def rank_share_quantiles(rec, min_nodes: int = 20) -> list[list[float]] | None:
+    """Per bin of the top draft's probability (SHARE_EDGES), the quantiles (at QUANTILE_PROBS) of the logit of each
+    lower-ranked child's share of the draft mass its elder siblings left, over the children of accepted parents
+    (one parent per depth, so a step's nodes at one depth are siblings). A bin with fewer than min_nodes takes
+    the quantiles of all of them; None with fewer than 64 lower-ranked children in all."""
+    from echosim.sim.acceptance import QUANTILE_PROBS, SHARE_EDGES, X_CLIP
+
+    pa = rec.parent_accepted if rec.parent_accepted is not None else infer_parent_accepted(rec)
+    keep = np.nonzero(pa)[0]
+    req, step, depth, rank, q = (np.asarray(a)[keep] for a in (rec.request, rec.step, rec.depth, rec.rank,
+                                                                  rec.draft_prob))
+    order = np.lexsort((rank, depth, step, req))
+    req, step, depth, rank, q = (a[order] for a in (req, step, depth, rank, q))
+    n = len(q)
+    if n == 0:
+        return None
+    first = np.r_[True, (req[1:] != req[:-1]) | (step[1:] != step[:-1]) | (depth[1:] != depth[:-1])]
+    group = np.cumsum(first) - 1
+    starts = np.nonzero(first)[0]
+    csum = np.cumsum(q)
+    before = csum - q - (csum[starts] - q[starts])[group]
+    lower = (rank >= 1) & (rank[starts][group] == 0)  # a lower rank with its top sibling in the records
+    if lower.sum() < 64:
+        return None
+    s = np.clip(q[lower] / np.maximum(1.0 - before[lower], 1e-12), 1e-12, 1 - 1e-12)
+    x = np.clip(np.log(s) - np.log1p(-s), -X_CLIP, X_CLIP)
+    b = np.searchsorted(SHARE_EDGES, q[starts][group][lower])
+    pooled = np.quantile(x, QUANTILE_PROBS).tolist()
+    return [np.quantile(x[b == i], QUANTILE_PROBS).tolist() if (b == i).sum() >= min_nodes else pooled
+            for i in range(len(SHARE_EDGES) + 1)]
 
 
 def _subset(rec, mask: np.ndarray):
