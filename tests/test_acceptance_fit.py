@@ -262,3 +262,28 @@ def test_rank_shares_follow_the_records_not_a_ratio_to_the_top():
     bad["draft"]["share_quantiles"] = bad["draft"]["share_quantiles"][:2]
     with pytest.raises(UserError, match="share_quantiles"):
         AcceptanceModel.from_json(bad, path="m.json")
+
+
+def test_match_persistence_recovers_how_alike_a_requests_steps_are():
+    """Records of a drafter whose difficulty is mostly the request's (hard stretches last): a model with the same
+    total latent variance put on the steps shows little step-to-step autocorrelation; match_persistence moves
+    the split back to about the records' own, and the total stays."""
+    import dataclasses
+
+    from echosim.sim.acceptance_fit import match_persistence, records_tree, step_autocorrelation
+
+    accept = dataclasses.replace(TRUE.accept_params, sigma_request=0.9, sigma_step=0.3)
+    true = AcceptanceModel("persistent", TRUE.draft_params, accept, {"default": 0.3})
+    pol = make_policy("eagle3", {"steps": 4, "topk": 2, "num_draft_tokens": 11})
+    rec = simulate_records(true, pol, ["default"], requests=256, steps=30, seed=7)
+    assert records_tree(rec) == {"steps": 4, "topk": 2, "num_draft_tokens": 11}
+    total = 0.9 ** 2 + 0.3 ** 2
+    fleeting = AcceptanceModel("fleeting", TRUE.draft_params,
+                               dataclasses.replace(accept, sigma_request=0.1, sigma_step=float(np.sqrt(total - 0.01))),
+                               {"default": 0.3})
+    before = step_autocorrelation(simulate_records(fleeting, pol, ["default"], requests=256, steps=30, seed=8))
+    matched, info = match_persistence(fleeting, rec)
+    a = matched.accept_params
+    assert info["records_autocorrelation"] > before + 0.2  # the records' steps are far more alike
+    assert 0.75 < a.sigma_request < 1.05, info  # the generating split, 0.9 / 0.3, comes back
+    assert abs(a.sigma_request ** 2 + a.sigma_step ** 2 - total) < 1e-6

@@ -159,7 +159,7 @@ def test_validate_end_to_end_small(tmp_path, capsys):
     saved = AcceptanceModel.load(out / "acceptance.json")
     ml = fit_records(read_records(out / "calibration_records.jsonl"), name="engine-calibration").model
     assert saved.skills["default"] == pytest.approx(ml.skills["default"], abs=1e-3)
-    assert "on the records' tree it gives MAT" in printed
+    assert "on the records' tree it gives MAT" in printed and "step-to-step autocorrelation" in printed
 
 
 def test_step_breakdown_groups_steps_by_kind(tmp_path):

@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank-shares", action="store_true",
                    help="lower-ranked drafts take the records' own share of the mass the ranks above them left, "
                         "per bin of the top draft's probability (default: a fixed ratio to the top draft)")
+    p.add_argument("--match-persistence", action="store_true",
+                   help="split the latent variance between request and step so that the records' tree shows the "
+                        "records' own step-to-step autocorrelation (as echosim validate does)")
     p.add_argument("--max-records", type=int, default=1_000_000,
                    help="fit a random subset of whole requests beyond this many records (default 1000000)")
     p.set_defaults(func=run)
@@ -43,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-records must be >= 1")
     fit = fit_records(records, base=base, name=args.name, max_records=args.max_records,
                       draft_marginal=args.draft_marginal, rank_shares=args.rank_shares)
+    if args.match_persistence:
+        from echosim.sim.acceptance_fit import match_persistence
+
+        fit.model, info = match_persistence(fit.model, records)
+        fit.report["persistence"] = info
     fit.model.save(args.out)
     r, m = fit.report, fit.model
     a, d = m.accept_params, m.draft_params
