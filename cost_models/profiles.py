@@ -25,11 +25,12 @@ from echosim.errors import UserError
 
 KINDS = ("gemm", "elem", "attn", "step")
 
-# our profiler's columns, in order (echosim profile writes them; read_profile reads them)
+# our profiler's columns, in order (echosim profile writes them; read_profile needs all but the last:
+# `timing`, how time_ms was measured (wall, cuda_events or cuda_graph), came later)
 PROFILE_COLUMNS = [
     "model", "device", "dtype", "batch_size", "tokens_per_seq", "kv_len", "num_tokens", "time_ms", "time_ms_p10",
     "time_ms_p90", "repeats", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-    "intermediate_size", "vocab_size",
+    "intermediate_size", "vocab_size", "timing",
 ]
 
 VIDUR_MLP_SHAPE = ["n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size", "use_gated_mlp", "num_tokens",
@@ -342,7 +343,7 @@ def model_ops(r: _Rows, obs, spec: ModelSpec, tp: float, tokens, kv_tokens, qk_p
 
 
 def read_echo_profile(path: str | Path) -> OpTable:
-    df = _read_csv(path, PROFILE_COLUMNS)
+    df = _read_csv(path, PROFILE_COLUMNS[:-1])
     r = _Rows()
     first = df.iloc[0]
     spec = model_from_config({

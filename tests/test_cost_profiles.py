@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cost_models.fitted import FittedCostModel, ape_stats, fit_allreduce, fit_params, heldout_stats, predict_obs
@@ -14,7 +15,8 @@ from cost_models.roofline import RooflineParams
 from echosim.cli import main
 from echosim.errors import UserError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "profiles" / "h100"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "profiles" / "h100"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data/profiles not present")
 BASE = RooflineParams.from_hardware("h100-sxm")
 
@@ -116,7 +118,7 @@ def _synthetic_echo_profile(path: Path) -> None:
                 rows.append(",".join(map(str, [
                     spec.name, "cpu", "float32", b, t, kv, b * t, ms, ms * 0.95, ms * 1.05, 5, spec.hidden_size,
                     spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size,
-                    spec.vocab_size])))
+                    spec.vocab_size, "wall"])))
     path.write_text("\n".join(rows) + "\n")
 
 
@@ -156,3 +158,34 @@ def test_fit_cli_on_real_profiles(tmp_path):
     assert set(data["params"]["allreduce"]) == {"2", "4", "8"}
     m = FittedCostModel("codellama-34b", params=out, tp=4)
     assert m.verify_ms(512.0, 1.0, 1) > m.verify_ms(1.0, 1.0, 1)
+
+
+def test_h200_profile_checks_the_carried_h100_fit():
+    """The committed H200 profile (8 Qwen3-8B layers, eager, bf16): where the GPU is busy the H100 fit carried by
+    datasheet ratios is within 25% (measured 1.14-1.19x), the datasheet roofline about 2x fast; the H200 eager
+    fit follows the whole grid. cost_model "auto" therefore uses the H100 fit on the H200 too."""
+    from dataclasses import replace
+
+    from cost_models.fitted import load_fit
+    from cost_models.roofline import RooflineCostModel
+    from echosim.sim.config import ClusterConfig, build_cost_model
+
+    path = ROOT / "cost_models" / "profiles" / "h200_qwen3_8b_eager.csv"
+    t = read_profile(path)
+    df = pd.read_csv(path)
+    busy = (df.tokens_per_seq >= 1024).to_numpy()
+    assert t.n_obs == 60 and busy.sum() == 10 and set(df.timing) == {"cuda_events"}
+
+    def ratio(prm):
+        prm = replace(prm, gemm_kernels_per_layer=t.gemm_kernels_per_layer,
+                      elem_kernels_per_layer=t.elem_kernels_per_layer)
+        return df.time_ms.to_numpy() / predict_obs(t, prm)
+
+    carried = ratio(load_fit("h100")[0].scaled_to("h200"))[busy]
+    assert 1.0 < carried.min() and carried.max() < 1.25
+    assert ratio(RooflineParams.from_hardware("h200"))[busy].min() > 1.7
+    eager = ratio(load_fit("h200_qwen3_8b_eager")[0])
+    assert np.median(np.abs(eager - 1)) < 0.1
+    assert isinstance(build_cost_model(ClusterConfig(model="qwen3-8b", hardware="h200")), FittedCostModel)
+    a100 = build_cost_model(ClusterConfig(model="qwen3-8b", hardware="a100-80gb"))
+    assert isinstance(a100, RooflineCostModel) and not isinstance(a100, FittedCostModel)

@@ -38,6 +38,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-layers", type=int, default=None,
                    help="build only this many decoder layers (the CSV records it; the fit scales per layer)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on a GPU, time CUDA-graph replays of each forward (the kernels back to back, as a serving "
+                        "engine's captured step runs them) instead of eager calls, whose time includes Python's "
+                        "kernel launches (not yet run on a GPU: docs/COST_MODELS.md)")
     p.set_defaults(func=run)
 
 
@@ -54,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     cuda = args.device.startswith("cuda")
     if not cuda and args.device != "cpu":
         raise UserError(f"--device {args.device!r}: expected cpu or cuda")
+    if args.cuda_graph and not cuda:
+        raise UserError(f"--cuda-graph: needs --device cuda, got {args.device!r}")
+    cuda_graph = args.cuda_graph
     grid = GPU_GRID if cuda else CPU_GRID
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
     if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
@@ -69,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                          batch_sizes=args.batch_sizes or grid["batch_sizes"],
                          tokens_per_seq=args.tokens_per_seq or grid["tokens_per_seq"],
                          kv_lens=args.kv_lens or grid["kv_lens"], warmup=args.warmup, repeats=args.repeats,
-                         rounds=args.rounds, num_layers=args.num_layers, progress=show)
+                         rounds=args.rounds, num_layers=args.num_layers, cuda_graph=cuda_graph, progress=show)
     write_profile(rows, args.out)
-    print(f"wrote {len(rows)} rows to {args.out}")
+    print(f"wrote {len(rows)} rows to {args.out} (timing: {rows[0]['timing'] if rows else '-'})")
     return 0

@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
     c.add_argument("--router", default="round_robin", help="round_robin | least_outstanding | least_kv")
     c.add_argument("--draft", default=None, help="draft model (default: the catalog's eagle3-<model> head)")
     c.add_argument("--cost-model", default="auto",
-                   help="auto (fitted on H100, roofline elsewhere) | fitted | roofline | a fitted .json")
+                   help="auto (the H100 fit on H100 and H200, roofline elsewhere) | fitted | roofline | a fitted .json")
     c.add_argument("--step-overhead-ms", type=float, default=None, help="CPU overhead per iteration (ms)")
     c.add_argument("--overhead-per-token-ms", type=float, default=0.0,
                    help="extra ms per token through the target (engine overhead the profiles do not see)")
