@@ -279,6 +279,25 @@ def predicted_forward_ms(cost, iterations) -> np.ndarray:
     return out
 
 
+def overhead_terms(iterations) -> np.ndarray:
+    """[steps, 4]: what each overhead term multiplies in a step: 1, tokens through the target (trees and prefill
+    chunks), draft rows (all depths), decoding requests."""
+    tokens = np.array([(0 if it.verify_tokens is None else int(it.verify_tokens.sum()))
+                       + sum(c for c, _ in it.prefill_chunks) for it in iterations], np.float64)
+    rows = np.array([sum(it.draft_rows) for it in iterations], np.float64)
+    batch = np.array([0 if it.verify_tokens is None else len(it.verify_tokens) for it in iterations], np.float64)
+    return np.stack([np.ones_like(tokens), tokens, rows, batch], axis=1)
+
+
+def priced_steps_ms(cost, over: Overheads, iterations) -> np.ndarray:
+    """Each logged engine step as the simulator prices it: the fitted forwards plus the fitted overheads. On the
+    replay's own steps this separates the step-time model's error from a difference in what was run (the
+    simulator's policy drafting and verifying other trees than the engine's did)."""
+    extra = np.array([over.step_overhead_ms - float(cost.params.step_overhead_ms), over.overhead_per_token_ms,
+                      over.overhead_per_draft_row_ms, over.overhead_per_request_ms])
+    return predicted_forward_ms(cost, iterations) + overhead_terms(iterations) @ extra
+
+
 def fit_overheads(cost, iterations) -> Overheads:
     """overhead = a + b * tokens + c * draft rows + d * decoding requests, >= 0 each, fitted to what the fitted
     forwards leave unexplained in each step's measured time. Every decode batch size class (1, 2-3, 4-7, ...)
@@ -291,11 +310,8 @@ def fit_overheads(cost, iterations) -> Overheads:
         raise UserError("too few calibration steps to fit the engine's overheads (raise calibration_prompts)")
     pred = predicted_forward_ms(cost, iterations)
     meas = np.array([it.step_ms for it in iterations])
-    tokens = np.array([(0 if it.verify_tokens is None else int(it.verify_tokens.sum()))
-                       + sum(c for c, _ in it.prefill_chunks) for it in iterations], np.float64)
-    rows = np.array([sum(it.draft_rows) for it in iterations], np.float64)
-    batch = np.array([0 if it.verify_tokens is None else len(it.verify_tokens) for it in iterations])
-    X = np.stack([np.ones_like(tokens), tokens, rows, batch.astype(np.float64)], axis=1)
+    X = overhead_terms(iterations)
+    batch = X[:, 3].astype(np.int64)
     resid = meas - pred
     _, cls, count = np.unique(np.where(batch > 0, np.floor(np.log2(np.maximum(batch, 1))) + 1, 0),
                               return_inverse=True, return_counts=True)
@@ -469,7 +485,7 @@ def replay_engine(cfg: CrossValConfig, items, eng, out: Path, log) -> dict:
     write_iterations(out / "iterations.csv", its, t_origin=t0)
     if summary["failed"]:
         raise UserError(f"{summary['failed']} replayed requests failed, e.g. {summary['errors'][0]}")
-    return {"summary": summary, "records": records}
+    return {"summary": summary, "records": records, "iterations": its}
 
 
 def simulate_same(cfg: CrossValConfig, records, fit_path: Path, acc_path: Path | None, over: Overheads,
@@ -553,13 +569,18 @@ def _class_label(lo: int, hi: int | None) -> str:
     return f"decode, batch {lo}" + ("+" if hi is None else "" if hi == lo else f"-{hi}")
 
 
-def step_breakdown(engine_csv: Path, sim_csv: Path) -> list[dict]:
+def step_breakdown(engine_csv: Path, sim_csv: Path, engine_priced_ms: np.ndarray | None = None) -> list[dict]:
     """Where step-time errors come from: the engine's and the simulator's iterations (iterations.csv, the same
     columns) by kind (decode steps by batch size class, steps with prefill chunks): how many, mean step time,
-    tokens verified per request, mean prefill tokens."""
+    tokens verified per request, mean prefill tokens; with engine_priced_ms (one per engine row,
+    priced_steps_ms), the engine's own steps as the simulator's step model prices them."""
     import pandas as pd
 
     frames = {name: pd.read_csv(path) for name, path in (("engine", engine_csv), ("sim", sim_csv))}
+    if engine_priced_ms is not None:
+        if len(engine_priced_ms) != len(frames["engine"]):
+            raise ValueError(f"{len(engine_priced_ms)} priced steps for {len(frames['engine'])} engine rows")
+        frames["engine"]["priced_ms"] = engine_priced_ms
     kinds = [(_class_label(lo, hi), ("decode", lo, hi)) for lo, hi in BATCH_CLASSES]
     kinds.append(("with prefill chunks", ("prefill", 0, None)))
     rows = []
@@ -579,6 +600,8 @@ def step_breakdown(engine_csv: Path, sim_csv: Path) -> list[dict]:
             row[f"{name}_tokens_per_request"] = round(float(dec.verified_tokens.sum() / dec.batch.sum()), 2) \
                 if len(dec) else None
             row[f"{name}_prefill_tokens"] = round(float(sel.prefill_tokens.mean()), 1) if len(sel) else None
+            if "priced_ms" in sel:
+                row["engine_priced_ms"] = round(float(sel.priced_ms.mean()), 2) if len(sel) else None
         if row["engine_n"] or row["sim_n"]:
             rows.append(row)
     return rows
@@ -588,10 +611,14 @@ def format_breakdown(rows: list[dict]) -> str:
     def cell(x):
         return "-" if x is None else f"{x:,}"
 
-    lines = ["| steps | engine n | sim n | engine step ms | sim step ms | tokens/request (engine / sim) | "
-             "prefill tokens (engine / sim) |", "|---|---|---|---|---|---|---|"]
+    priced = any("engine_priced_ms" in r for r in rows)
+    head = "| steps | engine n | sim n | engine step ms | "
+    head += "engine steps priced by the model, ms | " if priced else ""
+    lines = [head + "sim step ms | tokens/request (engine / sim) | prefill tokens (engine / sim) |",
+             "|---" * (8 if priced else 7) + "|"]
     for r in rows:
-        lines.append(f"| {r['steps']} | {r['engine_n']} | {r['sim_n']} | {cell(r['engine_step_ms'])} | "
+        mid = f"{cell(r.get('engine_priced_ms'))} | " if priced else ""
+        lines.append(f"| {r['steps']} | {r['engine_n']} | {r['sim_n']} | {cell(r['engine_step_ms'])} | {mid}"
                      f"{cell(r['sim_step_ms'])} | {cell(r['engine_tokens_per_request'])} / "
                      f"{cell(r['sim_tokens_per_request'])} | {cell(r['engine_prefill_tokens'])} / "
                      f"{cell(r['sim_prefill_tokens'])} |")
@@ -624,7 +651,8 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
               for i in range(1, cfg.engine_runs)]
     sim = simulate_same(cfg, engine["records"], fit_path, acc_path, over, mean_ctx, out / "sim")
     rows = compare(engine["summary"], sim, reruns)
-    steps = step_breakdown(out / "engine" / "iterations.csv", out / "sim" / "iterations.csv")
+    priced = priced_steps_ms(cost, over, engine["iterations"])
+    steps = step_breakdown(out / "engine" / "iterations.csv", out / "sim" / "iterations.csv", priced)
     result = {"metrics": rows, "steps": steps, "engine": engine["summary"],
               "sim": {k: v for k, v in sim.items() if k != "sim"}, "engine_reruns": reruns,
               "overheads": asdict(over), "wall_s": round(time.perf_counter() - t_start, 1)}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cost_models.interface import StepTime
-from echo_exec.crossval import METRICS, compare, fit_overheads, format_breakdown, step_breakdown
+from echo_exec.crossval import METRICS, compare, fit_overheads, format_breakdown, priced_steps_ms, step_breakdown
 from echo_exec.engine import Engine, IterationRecord, SamplingParams
 from echo_exec.train_tiny import MODELS_DIR
 from echosim.cli import main
@@ -66,6 +66,11 @@ def test_overhead_fit_recovers_known_terms_and_shrugs_off_outliers():
     assert over.overhead_per_token_ms == pytest.approx(0.25, abs=0.01)
     assert over.overhead_per_draft_row_ms == pytest.approx(0.1, abs=0.01)
     assert over.median_ape_pct < 1.0 and over.steps == 200
+    # the fitted terms price the steps back: the clean ones to within 2%, the stalled ones at a third
+    priced = priced_steps_ms(_LinearCost(), over, its)
+    measured = np.array([it.step_ms for it in its])
+    assert np.allclose(priced[10:], measured[10:], rtol=0.02)
+    assert np.allclose(priced[:10], measured[:10] / 3, rtol=0.02)
 
 
 def test_overhead_fit_hears_the_few_large_batches():
@@ -180,6 +185,14 @@ def test_step_breakdown_groups_steps_by_kind(tmp_path):
     assert pre["engine_tokens_per_request"] == 4.0  # the prefill-only step decodes nobody
     assert rows["decode, batch 16-31"]["sim_tokens_per_request"] == 2.0
     assert "| decode, batch 16-31 | 0 | 1 |" in format_breakdown(list(rows.values()))
+    priced = {r["steps"]: r for r in step_breakdown(tmp_path / "e.csv", tmp_path / "s.csv",
+                                                     np.array([9.0, 13.0, 33.0, 80.0, 40.0]))}
+    assert priced["decode, batch 1"]["engine_priced_ms"] == 11.0
+    assert priced["with prefill chunks"]["engine_priced_ms"] == 60.0
+    table = format_breakdown(list(priced.values()))
+    assert "engine steps priced by the model" in table and "| decode, batch 1 | 2 | 0 | 11.0 | 11.0 | - |" in table
+    with pytest.raises(ValueError):
+        step_breakdown(tmp_path / "e.csv", tmp_path / "s.csv", np.zeros(3))
 
 
 @pytest.mark.parametrize("args, words", [
