@@ -95,6 +95,9 @@ class CrossValConfig:
         return self.max_running * per_request
 
 
+SUSPECT_APE_PCT = 20.0  # a calibration fitted this badly means the profile is not this machine's state now
+
+
 @dataclass
 class Overheads:
     """The engine's per-step CPU work beyond its forwards, in the simulator's terms (ClusterConfig)."""
@@ -107,6 +110,12 @@ class Overheads:
     median_ape_pct: float = 0.0        # per-step time, fitted forwards + these overheads, on the calibration steps
     p90_ape_pct: float = 0.0
     forward_share: float = 0.0         # of the calibration steps' time, the share the fitted forwards explain
+
+    @property
+    def suspect(self) -> bool:
+        """The profiled forwards and the calibration steps disagree: the forwards alone take more than the steps
+        did, or the fit misses most steps by a lot (the machine's speed moved between profiling and calibration)."""
+        return self.forward_share > 1.0 or self.median_ape_pct > SUSPECT_APE_PCT
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -336,7 +345,7 @@ def fit_overheads(cost, iterations) -> Overheads:
 
 def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_len: int, log):
     """Engine runs on calibration prompts at each calibration batch size: per-node records -> acceptance model,
-    per-step times of the policy -> overheads. Returns (acceptance path, Overheads)."""
+    per-step times of the policy -> overheads. Returns (acceptance path, Overheads, the calibration steps)."""
     from echo_exec.engine import SamplingParams
     from echo_exec.replay import ReplayItem, replay
     from echosim.sim.acceptance_fit import fit_records
@@ -380,7 +389,7 @@ def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_le
         f"(fitted forwards explain "
         f"{over.forward_share:.0%} of step time; per-step median error {over.median_ape_pct}%)")
     if records is None:
-        return None, over
+        return None, over, its
     rec = read_records(records)
     # the records' own draft distribution is kept when they show every candidate (docs/ACCEPTANCE.md)
     marginal = "empirical" if verifies_every_candidate("eagle3", shape or cfg.policy_config) else "logit-normal"
@@ -403,7 +412,7 @@ def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_le
     model.save(acc_path)
     log(f"acceptance model fitted to {len(rec):,} calibration records"
         + (f" (eagle3 {shape})" if shape is not None else "") + f", {marginal} draft marginal" + note)
-    return acc_path, over
+    return acc_path, over, its
 
 
 def bind_budget(engine, cost, over: Overheads | None, mean_ctx: float) -> None:
@@ -642,7 +651,18 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
 
     fit_path = profile_and_fit(cfg, out, log)
     cost = step_predictor(cfg, fit_path)
-    acc_path, over = calibrate(cfg, cal_files, cost, out, prompt_len, log)
+    acc_path, over, cal_steps = calibrate(cfg, cal_files, cost, out, prompt_len, log)
+    first_over = None
+    if over.suspect:  # the profile ran at another speed than the engine now runs: profile once more
+        first_over = over
+        log(f"the profiled forwards explain {over.forward_share:.0%} of the calibration steps' time (median error "
+            f"{over.median_ape_pct}%): the machine's speed moved since profiling; profiling again")
+        fit_path = profile_and_fit(cfg, out, log)
+        cost = step_predictor(cfg, fit_path)
+        over = fit_overheads(cost, cal_steps)
+        log(f"engine overheads, refitted: forwards explain {over.forward_share:.0%}, per-step median error "
+            f"{over.median_ape_pct}%" + (" (still suspect: step prices unreliable; run again on a quieter machine)"
+                                         if over.suspect else ""))
     (out / "overheads.json").write_text(json.dumps(asdict(over), indent=2) + "\n")
     eng = make_engine(cfg)  # goodput budgets see the step time the simulator will use, overheads included
     bind_budget(eng, step_predictor(cfg, fit_path, over.step_overhead_ms), over, mean_ctx)
@@ -655,9 +675,15 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
     steps = step_breakdown(out / "engine" / "iterations.csv", out / "sim" / "iterations.csv", priced)
     result = {"metrics": rows, "steps": steps, "engine": engine["summary"],
               "sim": {k: v for k, v in sim.items() if k != "sim"}, "engine_reruns": reruns,
-              "overheads": asdict(over), "wall_s": round(time.perf_counter() - t_start, 1)}
+              "overheads": asdict(over), "overheads_suspect": over.suspect,
+              "overheads_before_reprofile": asdict(first_over) if first_over else None,
+              "wall_s": round(time.perf_counter() - t_start, 1)}
     (out / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
     table = format_comparison(rows)
+    if over.suspect:
+        table = (f"**Step prices unreliable**: the profiled forwards explain {over.forward_share:.0%} of the "
+                 f"calibration steps' time, per-step median error {over.median_ape_pct}% (after profiling twice); "
+                 "run again on a quieter machine.\n\n" + table)
     (out / "validation.md").write_text(table + "\n\nSteps, engine against simulator (where a step-time error "
                                        "comes from):\n\n" + format_breakdown(steps) + "\n")
     return result

@@ -103,6 +103,15 @@ def test_overhead_fit_never_goes_negative():
     assert over.forward_share == pytest.approx(1.25, rel=1e-3)
 
 
+def test_overheads_suspect_when_forwards_outrun_the_steps():
+    from echo_exec.crossval import Overheads
+
+    ok = Overheads(1.0, 0.01, 0.1, 0.0, steps=400, median_ape_pct=5.0, forward_share=0.76)
+    assert not ok.suspect
+    assert Overheads(0.0, 0.01, 0.0, 0.0, steps=400, median_ape_pct=5.0, forward_share=1.25).suspect
+    assert Overheads(1.0, 0.01, 0.1, 0.0, steps=400, median_ape_pct=46.8, forward_share=0.9).suspect
+
+
 def test_compare_signed_and_absolute_errors():
     engine = {"throughput_tok_s": 200.0, "mat": 4.0, "ttft_ms": {"mean": 100.0, "p50": 80.0, "p90": 0.0, "p99": None},
               "tpot_ms": {"mean": 10.0, "p50": 10.0, "p90": 12.0, "p99": 15.0},
@@ -126,7 +135,27 @@ def test_compare_signed_and_absolute_errors():
     assert rows["mat"]["engine_rerun_abs_pct"] == 0.0
 
 
-def test_validate_end_to_end_small(tmp_path, capsys):
+def test_validate_end_to_end_small(tmp_path, capsys, monkeypatch):
+    """The whole run; its first overhead fit is made to look like a profile taken at another machine speed, so
+    validate profiles once more and refits the overheads on the same calibration steps."""
+    import dataclasses
+
+    import echo_exec.crossval as cv
+
+    calls = {"profile": 0, "fit": 0}
+    real_profile, real_fit = cv.profile_and_fit, cv.fit_overheads
+
+    def profile(*a, **k):
+        calls["profile"] += 1
+        return real_profile(*a, **k)
+
+    def fit(*a, **k):
+        calls["fit"] += 1
+        over = real_fit(*a, **k)
+        return dataclasses.replace(over, forward_share=1.4) if calls["fit"] == 1 else over
+
+    monkeypatch.setattr(cv, "profile_and_fit", profile)
+    monkeypatch.setattr(cv, "fit_overheads", fit)
     out = tmp_path / "val"
     code = main(["validate", "--limit", "6", "--max-prompt-tokens", "48", "--max-output-tokens", "16",
                  "--max-running", "4", "--calibration-prompts", "8", "--policy", "eagle3",
@@ -165,6 +194,11 @@ def test_validate_end_to_end_small(tmp_path, capsys):
     ml = fit_records(read_records(out / "calibration_records.jsonl"), name="engine-calibration").model
     assert saved.skills["default"] == pytest.approx(ml.skills["default"], abs=1e-3)
     assert "on the records' tree it gives MAT" in printed and "step-to-step autocorrelation" in printed
+    # the suspect first fit: profiled again, refitted, both kept
+    assert calls == {"profile": 2, "fit": 2} and "profiling again" in printed
+    assert res["overheads_before_reprofile"]["forward_share"] == 1.4
+    assert res["overheads_suspect"] == (res["overheads"]["forward_share"] > 1.0
+                                        or res["overheads"]["median_ape_pct"] > cv.SUSPECT_APE_PCT)
 
 
 def test_step_breakdown_groups_steps_by_kind(tmp_path):

@@ -67,5 +67,8 @@ def run(args) -> int:
     print(format_comparison(result["metrics"]))
     print("\nsteps, engine against simulator:")
     print(format_breakdown(result["steps"]))
+    if result["overheads_suspect"]:
+        print("warning: step prices unreliable (the profiled forwards and the calibration steps disagree, "
+              "profiled twice): run again on a quieter machine")
     print(f"run folder: {out} ({result['wall_s']:.0f} s)")
     return 0
