@@ -106,6 +106,9 @@ class Overheads:
     overhead_per_token_ms: float
     overhead_per_draft_row_ms: float
     overhead_per_request_ms: float = 0.0
+    # per draft depth run (a draft forward launched, its top-k, the tree's bookkeeping): the cost model's own
+    # draft_depth_overhead_ms, so the simulator charges it wherever a step drafts that depth
+    overhead_per_draft_depth_ms: float = 0.0
     steps: int = 0
     median_ape_pct: float = 0.0        # per-step time, fitted forwards + these overheads, on the calibration steps
     p90_ape_pct: float = 0.0
@@ -213,6 +216,15 @@ def profile_and_fit(cfg: CrossValConfig, out: Path, log) -> Path:
     return path
 
 
+def set_draft_depth_overhead(fit_path: Path, ms: float) -> None:
+    """Store the engine's fitted cost per draft depth in the step-time fit (the cost model's draft_depth_overhead_ms):
+    the simulator's pricing and the goodput budgets then charge it for every depth a step drafts."""
+    fit = json.loads(fit_path.read_text())
+    fit["params"]["draft_depth_overhead_ms"] = float(ms)
+    fit["draft_depth_overhead_source"] = "fitted on the engine's calibration steps (overheads.json)"
+    fit_path.write_text(json.dumps(fit, indent=2) + "\n")
+
+
 def step_predictor(cfg: CrossValConfig, fit_path: Path, step_overhead_ms: float | None = None):
     """The fitted step-time model of this engine (target + draft) on this machine; with the engine's fitted
     per-step overhead, it prices a step as the simulator will (ClusterConfig.step_overhead_ms)."""
@@ -289,13 +301,14 @@ def predicted_forward_ms(cost, iterations) -> np.ndarray:
 
 
 def overhead_terms(iterations) -> np.ndarray:
-    """[steps, 4]: what each overhead term multiplies in a step: 1, tokens through the target (trees and prefill
-    chunks), draft rows (all depths), decoding requests."""
+    """[steps, 5]: what each overhead term multiplies in a step: 1, tokens through the target (trees and prefill
+    chunks), draft rows (all depths), decoding requests, draft depths run (ECHO's gates stop some steps early)."""
     tokens = np.array([(0 if it.verify_tokens is None else int(it.verify_tokens.sum()))
                        + sum(c for c, _ in it.prefill_chunks) for it in iterations], np.float64)
     rows = np.array([sum(it.draft_rows) for it in iterations], np.float64)
     batch = np.array([0 if it.verify_tokens is None else len(it.verify_tokens) for it in iterations], np.float64)
-    return np.stack([np.ones_like(tokens), tokens, rows, batch], axis=1)
+    depths = np.array([sum(1 for r in it.draft_rows if r > 0) for it in iterations], np.float64)
+    return np.stack([np.ones_like(tokens), tokens, rows, batch, depths], axis=1)
 
 
 def priced_steps_ms(cost, over: Overheads, iterations) -> np.ndarray:
@@ -303,12 +316,14 @@ def priced_steps_ms(cost, over: Overheads, iterations) -> np.ndarray:
     replay's own steps this separates the step-time model's error from a difference in what was run (the
     simulator's policy drafting and verifying other trees than the engine's did)."""
     extra = np.array([over.step_overhead_ms - float(cost.params.step_overhead_ms), over.overhead_per_token_ms,
-                      over.overhead_per_draft_row_ms, over.overhead_per_request_ms])
+                      over.overhead_per_draft_row_ms, over.overhead_per_request_ms,
+                      over.overhead_per_draft_depth_ms - float(cost.params.draft_depth_overhead_ms)])
     return predicted_forward_ms(cost, iterations) + overhead_terms(iterations) @ extra
 
 
 def fit_overheads(cost, iterations) -> Overheads:
-    """overhead = a + b * tokens + c * draft rows + d * decoding requests, >= 0 each, fitted to what the fitted
+    """overhead = a + b * tokens + c * draft rows + d * decoding requests + e * draft depths run, >= 0 each,
+    fitted to what the fitted
     forwards leave unexplained in each step's measured time. Every decode batch size class (1, 2-3, 4-7, ...)
     weighs the same: batch-1 steps outnumber batch-16 ones twenty to one, and only the large batches tell the
     per-request term from the per-step one. Iteratively reweighted least squares with Cauchy weights: a step
@@ -334,10 +349,11 @@ def fit_overheads(cost, iterations) -> Overheads:
         r = X @ x - resid
         scale = max(1.4826 * float(np.median(np.abs(r - np.median(r)))), 0.05)  # this fit's own spread (MAD)
         robust = 1.0 / (1.0 + (r / (2.385 * scale)) ** 2)  # Cauchy, at its usual tuning constant
-    a, b, c, d = (float(v) for v in x)
+    a, b, c, d, e = (float(v) for v in x)
     ape = np.abs(pred + X @ x - meas) / meas * 100
     return Overheads(step_overhead_ms=float(cost.params.step_overhead_ms) + a, overhead_per_token_ms=b,
-                     overhead_per_draft_row_ms=c, overhead_per_request_ms=d, steps=len(iterations),
+                     overhead_per_draft_row_ms=c, overhead_per_request_ms=d,
+                     overhead_per_draft_depth_ms=float(cost.params.draft_depth_overhead_ms) + e, steps=len(iterations),
                      median_ape_pct=round(float(np.median(ape)), 2),
                      p90_ape_pct=round(float(np.percentile(ape, 90)), 2),
                      forward_share=round(float(pred.sum() / meas.sum()), 4))
@@ -385,7 +401,8 @@ def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_le
     write_iterations(out / "calibration_iterations.csv", its, t_origin=its[0].start_s if its else 0.0)
     over = fit_overheads(cost, its)
     log(f"engine overheads: {over.step_overhead_ms:.3f} ms/step + {over.overhead_per_token_ms:.4f} ms/token + "
-        f"{over.overhead_per_draft_row_ms:.4f} ms/draft row + {over.overhead_per_request_ms:.4f} ms/request "
+        f"{over.overhead_per_draft_row_ms:.4f} ms/draft row + {over.overhead_per_request_ms:.4f} ms/request + "
+        f"{over.overhead_per_draft_depth_ms:.3f} ms/draft depth "
         f"(fitted forwards explain "
         f"{over.forward_share:.0%} of step time; per-step median error {over.median_ape_pct}%)")
     if records is None:
@@ -664,6 +681,8 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
             f"{over.median_ape_pct}%" + (" (still suspect: step prices unreliable; run again on a quieter machine)"
                                          if over.suspect else ""))
     (out / "overheads.json").write_text(json.dumps(asdict(over), indent=2) + "\n")
+    set_draft_depth_overhead(fit_path, over.overhead_per_draft_depth_ms)
+    cost = step_predictor(cfg, fit_path)  # now with the engine's cost per draft depth, as the simulator sees it
     eng = make_engine(cfg)  # goodput budgets see the step time the simulator will use, overheads included
     bind_budget(eng, step_predictor(cfg, fit_path, over.step_overhead_ms), over, mean_ctx)
     engine = replay_engine(cfg, items, eng, out / "engine", log)

@@ -41,30 +41,33 @@ class _LinearCost:
 
     class params:  # noqa: N801
         step_overhead_ms = 0.5
+        draft_depth_overhead_ms = 0.0
 
     def step_time(self, batch):
         return StepTime(0.0, 2.0 * float(batch.target_tokens), 0.0, 0.0)
 
 
-def _iteration(rng, a, b, c):
+def _iteration(rng, a, b, c, e=0.0):
     B = int(rng.integers(1, 9))
     verify = rng.integers(1, 12, B)
-    rows = tuple(float(x) for x in rng.integers(0, 20, 3))
+    depths = int(rng.integers(1, 4))  # a gate stops some steps' drafting early
+    rows = tuple(float(rng.integers(1, 20)) if i < depths else 0.0 for i in range(3))
     tokens = int(verify.sum())
-    ms = 2.0 * tokens + a + b * tokens + c * sum(rows)
+    ms = 2.0 * tokens + a + b * tokens + c * sum(rows) + e * depths
     return IterationRecord(start_s=0.0, step_ms=ms, verify_tokens=verify, context_lens=np.full(B, 100),
                            draft_rows=rows)
 
 
 def test_overhead_fit_recovers_known_terms_and_shrugs_off_outliers():
     rng = np.random.default_rng(0)
-    its = [_iteration(rng, 3.0, 0.25, 0.1) for _ in range(200)]
+    its = [_iteration(rng, 3.0, 0.25, 0.1, 0.8) for _ in range(200)]
     for it in its[:10]:  # a few steps stalled by the machine (GC, another process)
         it.step_ms *= 3
     over = fit_overheads(_LinearCost(), its)
     assert over.step_overhead_ms == pytest.approx(0.5 + 3.0, abs=0.1)  # the model's own overhead + the fitted one
     assert over.overhead_per_token_ms == pytest.approx(0.25, abs=0.01)
     assert over.overhead_per_draft_row_ms == pytest.approx(0.1, abs=0.01)
+    assert over.overhead_per_draft_depth_ms == pytest.approx(0.8, abs=0.05)
     assert over.median_ape_pct < 1.0 and over.steps == 200
     # the fitted terms price the steps back: the clean ones to within 2%, the stalled ones at a third
     priced = priced_steps_ms(_LinearCost(), over, its)
@@ -194,6 +197,9 @@ def test_validate_end_to_end_small(tmp_path, capsys, monkeypatch):
     ml = fit_records(read_records(out / "calibration_records.jsonl"), name="engine-calibration").model
     assert saved.skills["default"] == pytest.approx(ml.skills["default"], abs=1e-3)
     assert "on the records' tree it gives MAT" in printed and "step-to-step autocorrelation" in printed
+    # the engine's fitted cost per draft depth goes into the step-time fit the simulator prices with
+    fit = json.loads((out / "cost_fit.json").read_text())
+    assert fit["params"]["draft_depth_overhead_ms"] == pytest.approx(res["overheads"]["overhead_per_draft_depth_ms"])
     # the suspect first fit: profiled again, refitted, both kept
     assert calls == {"profile": 2, "fit": 2} and "profiling again" in printed
     assert res["overheads_before_reprofile"]["forward_share"] == 1.4
