@@ -96,6 +96,7 @@ class CrossValConfig:
 
 
 SUSPECT_APE_PCT = 20.0  # a calibration fitted this badly means the profile is not this machine's state now
+DRIFT_WARN = 0.15  # replay steps this far (median ratio) from their calibrated price: the machine drifted
 
 
 @dataclass
@@ -319,6 +320,15 @@ def priced_steps_ms(cost, over: Overheads, iterations) -> np.ndarray:
                       over.overhead_per_draft_row_ms, over.overhead_per_request_ms,
                       over.overhead_per_draft_depth_ms - float(cost.params.draft_depth_overhead_ms)])
     return predicted_forward_ms(cost, iterations) + overhead_terms(iterations) @ extra
+
+
+def replay_drift(iterations, priced_ms: np.ndarray) -> float | None:
+    """Median of measured / priced over the replay's steps: 1 when the engine ran the replay at the speed its
+    calibration showed; a machine that slowed (or sped up) in between moves every step alike."""
+    if not len(iterations):
+        return None
+    ratio = np.array([it.step_ms for it in iterations]) / np.maximum(priced_ms, 1e-9)
+    return round(float(np.median(ratio)), 4)
 
 
 def fit_overheads(cost, iterations) -> Overheads:
@@ -691,18 +701,23 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
     sim = simulate_same(cfg, engine["records"], fit_path, acc_path, over, mean_ctx, out / "sim")
     rows = compare(engine["summary"], sim, reruns)
     priced = priced_steps_ms(cost, over, engine["iterations"])
+    drift = replay_drift(engine["iterations"], priced)
     steps = step_breakdown(out / "engine" / "iterations.csv", out / "sim" / "iterations.csv", priced)
     result = {"metrics": rows, "steps": steps, "engine": engine["summary"],
               "sim": {k: v for k, v in sim.items() if k != "sim"}, "engine_reruns": reruns,
               "overheads": asdict(over), "overheads_suspect": over.suspect,
               "overheads_before_reprofile": asdict(first_over) if first_over else None,
-              "wall_s": round(time.perf_counter() - t_start, 1)}
+              "replay_steps_over_priced": drift, "wall_s": round(time.perf_counter() - t_start, 1)}
     (out / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
     table = format_comparison(rows)
     if over.suspect:
         table = (f"**Step prices unreliable**: the profiled forwards explain {over.forward_share:.0%} of the "
                  f"calibration steps' time, per-step median error {over.median_ape_pct}% (after profiling twice); "
                  "run again on a quieter machine.\n\n" + table)
+    if drift is not None and abs(drift - 1.0) > DRIFT_WARN:
+        table = (f"**The replay's steps took {drift:.2f}x what the calibration priced them at** (median over its "
+                 "steps): the machine's speed moved between calibration and replay, and the simulated latencies "
+                 "are off by about as much; run again.\n\n" + table)
     (out / "validation.md").write_text(table + "\n\nSteps, engine against simulator (where a step-time error "
                                        "comes from):\n\n" + format_breakdown(steps) + "\n")
     return result

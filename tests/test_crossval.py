@@ -115,6 +115,14 @@ def test_overheads_suspect_when_forwards_outrun_the_steps():
     assert Overheads(1.0, 0.01, 0.1, 0.0, steps=400, median_ape_pct=46.8, forward_share=0.9).suspect
 
 
+def test_replay_drift_is_the_median_ratio():
+    from echo_exec.crossval import replay_drift
+
+    its = [IterationRecord(start_s=0.0, step_ms=ms) for ms in (10.0, 12.0, 30.0)]
+    assert replay_drift(its, np.array([10.0, 10.0, 10.0])) == 1.2  # one stalled step does not move it
+    assert replay_drift([], np.zeros(0)) is None
+
+
 def test_compare_signed_and_absolute_errors():
     engine = {"throughput_tok_s": 200.0, "mat": 4.0, "ttft_ms": {"mean": 100.0, "p50": 80.0, "p90": 0.0, "p99": None},
               "tpot_ms": {"mean": 10.0, "p50": 10.0, "p90": 12.0, "p99": 15.0},
@@ -200,6 +208,8 @@ def test_validate_end_to_end_small(tmp_path, capsys, monkeypatch):
     # the engine's fitted cost per draft depth goes into the step-time fit the simulator prices with
     fit = json.loads((out / "cost_fit.json").read_text())
     assert fit["params"]["draft_depth_overhead_ms"] == pytest.approx(res["overheads"]["overhead_per_draft_depth_ms"])
+    # the replay's steps against their calibrated price: a ratio near 1 on a steady machine
+    assert 0.3 < res["replay_steps_over_priced"] < 3.0
     # the suspect first fit: profiled again, refitted, both kept
     assert calls == {"profile": 2, "fit": 2} and "profiling again" in printed
     assert res["overheads_before_reprofile"]["forward_share"] == 1.4

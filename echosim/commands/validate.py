@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from echo_exec.crossval import CrossValConfig, format_breakdown, format_comparison
+    from echo_exec.crossval import DRIFT_WARN, CrossValConfig, format_breakdown, format_comparison
     from echo_exec.crossval import run as crossval
     from echosim.commands.serve import policy_settings
 
@@ -67,6 +67,10 @@ def run(args) -> int:
     print(format_comparison(result["metrics"]))
     print("\nsteps, engine against simulator:")
     print(format_breakdown(result["steps"]))
+    drift = result.get("replay_steps_over_priced")
+    if drift is not None and abs(drift - 1.0) > DRIFT_WARN:
+        print(f"warning: the replay's steps took {drift:.2f}x their calibrated price (median): the machine's speed "
+              "moved between calibration and replay; run again")
     if result["overheads_suspect"]:
         print("warning: step prices unreliable (the profiled forwards and the calibration steps disagree, "
               "profiled twice): run again on a quieter machine")
