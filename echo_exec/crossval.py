@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from echo_exec.step_overheads import DRIFT_WARN, Overheads, fit_overheads, priced_steps_ms, replay_drift
 from echosim.errors import UserError
 
 # Metrics compared, as (summary key, sub-key or None). Percentiles come from the same definitions on both sides
@@ -93,33 +94,6 @@ class CrossValConfig:
             return int(self.num_kv_blocks)
         per_request = -(-(self.max_prompt_tokens + self.max_output_tokens + 128) // self.block_size)
         return self.max_running * per_request
-
-
-SUSPECT_APE_PCT = 20.0  # a calibration fitted this badly means the profile is not this machine's state now
-DRIFT_WARN = 0.15  # replay steps this far (median ratio) from their calibrated price: the machine drifted
-
-
-@dataclass
-class Overheads:
-    """The engine's per-step CPU work beyond its forwards, in the simulator's terms (ClusterConfig)."""
-
-    step_overhead_ms: float
-    overhead_per_token_ms: float
-    overhead_per_draft_row_ms: float
-    overhead_per_request_ms: float = 0.0
-    # per draft depth run (a draft forward launched, its top-k, the tree's bookkeeping): the cost model's own
-    # draft_depth_overhead_ms, so the simulator charges it wherever a step drafts that depth
-    overhead_per_draft_depth_ms: float = 0.0
-    steps: int = 0
-    median_ape_pct: float = 0.0        # per-step time, fitted forwards + these overheads, on the calibration steps
-    p90_ape_pct: float = 0.0
-    forward_share: float = 0.0         # of the calibration steps' time, the share the fitted forwards explain
-
-    @property
-    def suspect(self) -> bool:
-        """The profiled forwards and the calibration steps disagree: the forwards alone take more than the steps
-        did, or the fit misses most steps by a lot (the machine's speed moved between profiling and calibration)."""
-        return self.forward_share > 1.0 or self.median_ape_pct > SUSPECT_APE_PCT
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,93 +254,6 @@ def records_shape(cfg: CrossValConfig) -> dict | None:
     if plan.depth == 0:
         return None
     return {"steps": plan.depth, "topk": plan.k, "num_draft_tokens": min(1 + drafted_candidates(plan), 64)}
-
-
-def predicted_forward_ms(cost, iterations) -> np.ndarray:
-    """The fitted model's time of each logged engine step: the prefill chunks' target forward, then the trees'
-    target forward and the drafting (the engine runs them one after the other; the simulator's
-    prefill_forward="separate")."""
-    from cost_models.interface import StepBatch
-
-    out = np.zeros(len(iterations))
-    for i, it in enumerate(iterations):
-        if it.verify_tokens is None:
-            out[i] = float(cost.step_time(StepBatch.from_requests([], [], (), it.prefill_chunks)).total_ms)
-            continue
-        batch = StepBatch.from_requests(it.verify_tokens.tolist(), it.context_lens.tolist(), it.draft_rows, [])
-        out[i] = float(cost.step_time(batch).total_ms)
-        if it.prefill_chunks:
-            pre = cost.step_time(StepBatch.from_requests([], [], (), it.prefill_chunks))
-            out[i] += float(pre.verify_ms + pre.lm_head_ms)
-    return out
-
-
-def overhead_terms(iterations) -> np.ndarray:
-    """[steps, 5]: what each overhead term multiplies in a step: 1, tokens through the target (trees and prefill
-    chunks), draft rows (all depths), decoding requests, draft depths run (ECHO's gates stop some steps early)."""
-    tokens = np.array([(0 if it.verify_tokens is None else int(it.verify_tokens.sum()))
-                       + sum(c for c, _ in it.prefill_chunks) for it in iterations], np.float64)
-    rows = np.array([sum(it.draft_rows) for it in iterations], np.float64)
-    batch = np.array([0 if it.verify_tokens is None else len(it.verify_tokens) for it in iterations], np.float64)
-    depths = np.array([sum(1 for r in it.draft_rows if r > 0) for it in iterations], np.float64)
-    return np.stack([np.ones_like(tokens), tokens, rows, batch, depths], axis=1)
-
-
-def priced_steps_ms(cost, over: Overheads, iterations) -> np.ndarray:
-    """Each logged engine step as the simulator prices it: the fitted forwards plus the fitted overheads. On the
-    replay's own steps this separates the step-time model's error from a difference in what was run (the
-    simulator's policy drafting and verifying other trees than the engine's did)."""
-    extra = np.array([over.step_overhead_ms - float(cost.params.step_overhead_ms), over.overhead_per_token_ms,
-                      over.overhead_per_draft_row_ms, over.overhead_per_request_ms,
-                      over.overhead_per_draft_depth_ms - float(cost.params.draft_depth_overhead_ms)])
-    return predicted_forward_ms(cost, iterations) + overhead_terms(iterations) @ extra
-
-
-def replay_drift(iterations, priced_ms: np.ndarray) -> float | None:
-    """Median of measured / priced over the replay's steps: 1 when the engine ran the replay at the speed its
-    calibration showed; a machine that slowed (or sped up) in between moves every step alike."""
-    if not len(iterations):
-        return None
-    ratio = np.array([it.step_ms for it in iterations]) / np.maximum(priced_ms, 1e-9)
-    return round(float(np.median(ratio)), 4)
-
-
-def fit_overheads(cost, iterations) -> Overheads:
-    """overhead = a + b * tokens + c * draft rows + d * decoding requests + e * draft depths run, >= 0 each,
-    fitted to what the fitted
-    forwards leave unexplained in each step's measured time. Every decode batch size class (1, 2-3, 4-7, ...)
-    weighs the same: batch-1 steps outnumber batch-16 ones twenty to one, and only the large batches tell the
-    per-request term from the per-step one. Iteratively reweighted least squares with Cauchy weights: a step
-    stalled by the machine barely counts."""
-    from scipy.optimize import lsq_linear
-
-    if len(iterations) < 8:
-        raise UserError("too few calibration steps to fit the engine's overheads (raise calibration_prompts)")
-    pred = predicted_forward_ms(cost, iterations)
-    meas = np.array([it.step_ms for it in iterations])
-    X = overhead_terms(iterations)
-    batch = X[:, 3].astype(np.int64)
-    resid = meas - pred
-    _, cls, count = np.unique(np.where(batch > 0, np.floor(np.log2(np.maximum(batch, 1))) + 1, 0),
-                              return_inverse=True, return_counts=True)
-    balance = 1.0 / count[cls]  # each class's weights sum to 1
-    robust = np.ones(len(resid))
-    used = X.any(axis=0)  # a term the calibration never exercises (draft rows under ar) stays 0
-    x = np.zeros(X.shape[1])
-    for _ in range(6):  # iteratively reweighted least squares, non-negative terms
-        sw = np.sqrt(balance * robust)
-        x[used] = lsq_linear(X[:, used] * sw[:, None], resid * sw, bounds=(0.0, np.inf)).x
-        r = X @ x - resid
-        scale = max(1.4826 * float(np.median(np.abs(r - np.median(r)))), 0.05)  # this fit's own spread (MAD)
-        robust = 1.0 / (1.0 + (r / (2.385 * scale)) ** 2)  # Cauchy, at its usual tuning constant
-    a, b, c, d, e = (float(v) for v in x)
-    ape = np.abs(pred + X @ x - meas) / meas * 100
-    return Overheads(step_overhead_ms=float(cost.params.step_overhead_ms) + a, overhead_per_token_ms=b,
-                     overhead_per_draft_row_ms=c, overhead_per_request_ms=d,
-                     overhead_per_draft_depth_ms=float(cost.params.draft_depth_overhead_ms) + e, steps=len(iterations),
-                     median_ape_pct=round(float(np.median(ape)), 2),
-                     p90_ape_pct=round(float(np.percentile(ape, 90)), 2),
-                     forward_share=round(float(pred.sum() / meas.sum()), 4))
 
 
 def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_len: int, log):

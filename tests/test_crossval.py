@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from cost_models.interface import StepTime
-from echo_exec.crossval import METRICS, compare, fit_overheads, format_breakdown, priced_steps_ms, step_breakdown
+from echo_exec.crossval import METRICS, compare, format_breakdown, step_breakdown
 from echo_exec.engine import Engine, IterationRecord, SamplingParams
+from echo_exec.step_overheads import SUSPECT_APE_PCT, Overheads, fit_overheads, priced_steps_ms, replay_drift
 from echo_exec.train_tiny import MODELS_DIR
 from echosim.cli import main
 
@@ -107,8 +108,6 @@ def test_overhead_fit_never_goes_negative():
 
 
 def test_overheads_suspect_when_forwards_outrun_the_steps():
-    from echo_exec.crossval import Overheads
-
     ok = Overheads(1.0, 0.01, 0.1, 0.0, steps=400, median_ape_pct=5.0, forward_share=0.76)
     assert not ok.suspect
     assert Overheads(0.0, 0.01, 0.0, 0.0, steps=400, median_ape_pct=5.0, forward_share=1.25).suspect
@@ -116,8 +115,6 @@ def test_overheads_suspect_when_forwards_outrun_the_steps():
 
 
 def test_replay_drift_is_the_median_ratio():
-    from echo_exec.crossval import replay_drift
-
     its = [IterationRecord(start_s=0.0, step_ms=ms) for ms in (10.0, 12.0, 30.0)]
     assert replay_drift(its, np.array([10.0, 10.0, 10.0])) == 1.2  # one stalled step does not move it
     assert replay_drift([], np.zeros(0)) is None
@@ -214,7 +211,7 @@ def test_validate_end_to_end_small(tmp_path, capsys, monkeypatch):
     assert calls == {"profile": 2, "fit": 2} and "profiling again" in printed
     assert res["overheads_before_reprofile"]["forward_share"] == 1.4
     assert res["overheads_suspect"] == (res["overheads"]["forward_share"] > 1.0
-                                        or res["overheads"]["median_ape_pct"] > cv.SUSPECT_APE_PCT)
+                                        or res["overheads"]["median_ape_pct"] > SUSPECT_APE_PCT)
 
 
 def test_step_breakdown_groups_steps_by_kind(tmp_path):
