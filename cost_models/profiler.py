@@ -50,7 +50,6 @@ def time_forward(fn, *, warmup: int = 2, repeats: int = 5, device: str = "cpu",
     import torch
 
     cuda = device.startswith("cuda")
-    graph = None
     if cuda and cuda_graph:
         side = torch.cuda.Stream()  # capture wants the warm-up (allocator, cuBLAS handles) off the default stream
         side.wait_stream(torch.cuda.current_stream())
@@ -79,8 +78,7 @@ def time_forward(fn, *, warmup: int = 2, repeats: int = 5, device: str = "cpu",
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    del graph  # its private memory pool goes back before the next point is captured
-    return Timing.of(times)
+    return Timing.of(times)  # the graph and its private memory pool go with this frame, before the next capture
 
 
 def timing_method(device: str, cuda_graph: bool) -> str:
