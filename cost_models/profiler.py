@@ -125,6 +125,9 @@ def profile_model(spec: ModelSpec, *, device: str = "cpu", dtype: str = "float32
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
+    from echo_exec.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # the host allocator as the engine runs it, so profile and engine agree
     if rounds < 1 or repeats < 1:
         raise UserError("rounds and repeats must be >= 1")
     model, cfg = build_model(spec, device, dtype, num_layers)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from echo_exec.drafter import ModelDrafter
+from echo_exec.host_memory import keep_freed_memory
 from echo_exec.kv import BlockManager, attn_meta
 from echo_exec.loader import load_model
 from echo_exec.model import KVCache
@@ -144,6 +145,7 @@ class Engine:
     def __init__(self, target_dir, draft_dir=None, policy="echo", policy_config: dict | None = None, device="cpu",
                  dtype=torch.float32, max_running=32, num_kv_blocks=None, block_size=16, max_prefill_tokens=512,
                  records_path=None, seed=0, log_iterations=False):
+        keep_freed_memory()  # a step's transient tensors reuse pages (echo_exec/host_memory.py)
         self.device = torch.device(device)
         try:
             self.policy: Policy = policy if isinstance(policy, Policy) else make_policy(policy, policy_config)
