@@ -27,8 +27,12 @@ from echosim.sim.acceptance_fit import infer_parent_accepted, simulate_records
 from echosim.spec.policies import make_policy
 from echosim.spec.records import NodeRecords, read_records
 
-ECHO = {"steps": 5, "topk": 2, "num_draft_tokens": 10, "remaining_num_draft_tokens": 4, "gates": [[3, 0.1573]],
-        "budget": {"kind": "goodput", "tokens": 9}}
+
+def shipped_echo() -> dict:
+    """The ECHO settings `echosim serve` runs with the shipped pair (the draft's policy-echo.json)."""
+    from echosim.commands.serve import policy_settings
+
+    return policy_settings(None, "echo", str(MODELS_DIR / "tiny-draft"))[1]
 
 
 def step_ms(tokens, batch_size):
@@ -79,10 +83,10 @@ def main() -> int:
     p.add_argument("--validate-prompts", action="store_true",
                    help="the prompts `echosim validate` calibrates on (16 of 256 bytes, 64 tokens each, its seed 0): "
                         "those its acceptance model was fitted on, so no difference of difficulty between the sides")
-    p.add_argument("--config", default=json.dumps(ECHO), help="echo settings (JSON)")
+    p.add_argument("--config", default=None, help="echo settings (JSON; default: the shipped pair's policy-echo.json)")
     a = p.parse_args()
     torch.set_num_threads(1)
-    cfg = json.loads(a.config)
+    cfg = json.loads(a.config) if a.config else shipped_echo()
     model = AcceptanceModel.load(a.acceptance)
     if a.validate_prompts:
         from echo_exec.crossval import calibration_prompts, prompt_files
