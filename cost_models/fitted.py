@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cost_models.errors import CostModelError
 from cost_models.profiles import AllReduceProfile, OpTable
 from cost_models.roofline import FITTED_DIR, RooflineCostModel, RooflineParams, attention_ms, gemm_ms
 from cost_models.specs import HardwareSpec, ModelSpec
-from echosim.errors import UserError
 
 DEFAULT_FIT = FITTED_DIR / "h100.json"
 # FlashAttention walks the KV cache in tiles: with keys per sequence rounded up to 64, the Llama-3.1-70B attention
@@ -185,9 +185,9 @@ def load_fit(path: str | Path = DEFAULT_FIT) -> tuple[RooflineParams, dict]:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         known = ", ".join(sorted(p.stem for p in FITTED_DIR.glob("*.json")))
-        raise UserError(f"cannot read fitted parameters: {exc} (shipped: {known})", path=str(path)) from None
+        raise CostModelError(f"cannot read fitted parameters: {exc} (shipped: {known})", path=str(path)) from None
     if "params" not in data:
-        raise UserError("not a fitted step-time model (no 'params')", path=str(path), field="params")
+        raise CostModelError("not a fitted step-time model (no 'params')", path=str(path), field="params")
     return RooflineParams.from_dict(data["params"], path=str(path)), data
 
 

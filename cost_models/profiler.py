@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cost_models.errors import CostModelError
 from cost_models.profiles import PROFILE_COLUMNS
 from cost_models.specs import ModelSpec
-from echosim.errors import UserError
 
 CPU_GRID = dict(batch_sizes=(1, 2, 4, 8), tokens_per_seq=(1, 2, 4, 8, 16, 32), kv_lens=(0, 128, 512))
 GPU_GRID = dict(batch_sizes=(1, 4, 16, 64), tokens_per_seq=(1, 2, 4, 8, 16, 32),
@@ -95,7 +95,7 @@ def build_model(spec: ModelSpec, device: str, dtype: str, num_layers: int | None
     from echo_exec.model import ModelConfig, Transformer
 
     if spec.is_moe:
-        raise UserError(f"{spec.name} is a mixture of experts; the profiler builds dense Llama/Qwen models only")
+        raise CostModelError(f"{spec.name} is a mixture of experts; the profiler builds dense Llama/Qwen models only")
     cfg = ModelConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
                       n_layers=num_layers or spec.num_layers, n_heads=spec.num_heads, n_kv_heads=spec.num_kv_heads,
                       intermediate_size=spec.intermediate_size, head_dim=spec.head_dim,
@@ -124,12 +124,12 @@ def profile_model(spec: ModelSpec, *, device: str = "cpu", dtype: str = "float32
     from echo_exec.model import KVCache, make_attn_meta
 
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
+        raise CostModelError("--device cuda: no CUDA device is available here")
     from echo_exec.host_memory import keep_freed_memory
 
     keep_freed_memory()  # the host allocator as the engine runs it, so profile and engine agree
     if rounds < 1 or repeats < 1:
-        raise UserError("rounds and repeats must be >= 1")
+        raise CostModelError("rounds and repeats must be >= 1")
     model, cfg = build_model(spec, device, dtype, num_layers)
     max_slots = max(batch_sizes) * (max(kv_lens) + max(tokens_per_seq))
     cache = KVCache(cfg, num_blocks=-(-max_slots // block_size), block_size=block_size,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cost_models.errors import CostModelError
 from cost_models.specs import ModelSpec, load_model, model_from_config
-from echosim.errors import UserError
 
 KINDS = ("gemm", "elem", "attn", "step")
 
@@ -162,12 +162,12 @@ def _read_csv(path: str | Path, required: list[str]):
     try:
         df = pd.read_csv(path)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read CSV: {exc}", path=str(path)) from None
+        raise CostModelError(f"cannot read CSV: {exc}", path=str(path)) from None
     for col in required:
         if col not in df.columns:
-            raise UserError(f"missing column '{col}'", path=str(path), field=col)
+            raise CostModelError(f"missing column '{col}'", path=str(path), field=col)
     if len(df) == 0:
-        raise UserError("no rows", path=str(path))
+        raise CostModelError("no rows", path=str(path))
     return df
 
 
@@ -176,7 +176,7 @@ def detect_format(path: str | Path) -> str:
         with open(path) as fh:
             header = fh.readline()
     except OSError as exc:
-        raise UserError(f"cannot read profile: {exc}", path=str(path)) from None
+        raise CostModelError(f"cannot read profile: {exc}", path=str(path)) from None
     cols = {c.strip() for c in header.split(",")}
     if "time_stats.all_reduce.median" in cols:
         return "allreduce"
@@ -188,7 +188,7 @@ def detect_format(path: str | Path) -> str:
         return "vidur_mlp"
     if "time_ms" in cols and "num_tokens" in cols:
         return "echo"
-    raise UserError("unrecognized profile format (expected a Vidur, LLMServingSim or echosim profile CSV; "
+    raise CostModelError("unrecognized profile format (expected a Vidur, LLMServingSim or echosim profile CSV; "
                     f"header starts {header[:80]!r})", path=str(path))
 
 
@@ -202,7 +202,7 @@ def read_profile(path: str | Path, model: str | ModelSpec | None = None) -> OpTa
         return read_llmservingsim(path, model)
     if fmt == "echo":
         return read_echo_profile(path)
-    raise UserError("an all-reduce profile, not an operator profile (use read_allreduce)", path=str(path))
+    raise CostModelError("an all-reduce profile, not an operator profile (use read_allreduce)", path=str(path))
 
 
 def read_vidur_mlp(path: str | Path) -> OpTable:
@@ -309,7 +309,7 @@ def read_llmservingsim(path: str | Path, model: str | ModelSpec | None = None) -
     present = [op for op in specs if op in piv.columns]
     needed = {"input_layernorm", "post_layernorm", "o_proj"}
     for op in needed - set(present):
-        raise UserError(f"missing layer '{op}' in column layer_name", path=str(path), field="layer_name")
+        raise CostModelError(f"missing layer '{op}' in column layer_name", path=str(path), field="layer_name")
     obs = np.arange(len(piv))
     r = _Rows()
     total = np.zeros(len(piv))

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cost_models.errors import CostModelError
 from cost_models.interface import Num, StepBatch, StepTime
 from cost_models.specs import HardwareSpec, ModelSpec, load_hardware, load_model
-from echosim.errors import UserError
 
 FITTED_DIR = Path(__file__).parent / "fitted"
 ALLREDUCE_FIT = FITTED_DIR / "h100_all_reduce.json"
@@ -127,11 +127,11 @@ class RooflineParams:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
-            raise UserError(f"unknown parameter(s) {', '.join(unknown)}", path=path)
+            raise CostModelError(f"unknown parameter(s) {', '.join(unknown)}", path=path)
         try:
             out = cls(**d)
         except TypeError as exc:
-            raise UserError(f"bad parameters: {exc}", path=path) from None
+            raise CostModelError(f"bad parameters: {exc}", path=path) from None
         out.allreduce = {int(k): [float(v[0]), float(v[1])] for k, v in (d.get("allreduce") or {}).items()}
         return out
 
@@ -140,7 +140,7 @@ def hardware_or_label(name: str) -> HardwareSpec:
     """The catalog entry, or a stand-in for a machine outside the catalog (fitted rates only, no datasheet)."""
     try:
         return load_hardware(name)
-    except UserError:
+    except CostModelError:
         nan = float("nan")
         return HardwareSpec(name=name, peak_bf16_tflops=nan, hbm_tbps=nan, memory_gb=nan, nvlink_gbps=nan,
                             source="not in the catalog: fitted parameters only")
@@ -160,7 +160,7 @@ class _Forward:
 
     def __init__(self, model: ModelSpec, tp: int, prm: RooflineParams):
         if tp < 1 or model.num_heads % tp:
-            raise UserError(f"TP degree {tp} must divide the {model.num_heads} attention heads of {model.name}")
+            raise CostModelError(f"TP degree {tp} must divide the {model.num_heads} attention heads of {model.name}")
         d, hd, b = model.hidden_size, model.head_dim, model.dtype_bytes
         self.layers, self.b, self.d = model.num_layers, b, d
         self.hq, self.hkv, self.hd = model.num_heads / tp, max(model.num_kv_heads / tp, 1.0), hd
@@ -197,7 +197,7 @@ class _Forward:
         self.lm_fixed_ms = (prm.gemm_launch_us + prm.elem_launch_us) / 1000.0
         if self.tp > 1:
             if self.tp not in prm.allreduce:
-                raise UserError(f"no all-reduce parameters for TP {self.tp} (have: "
+                raise CostModelError(f"no all-reduce parameters for TP {self.tp} (have: "
                                 f"{', '.join(map(str, sorted(prm.allreduce))) or 'none'})")
             lat_us, gbps = prm.allreduce[self.tp]
             self.ar_lat_ms, self.ar_byte_per_ms = lat_us / 1000.0, gbps * 1e6
@@ -280,7 +280,7 @@ class RooflineCostModel:
         depths = rows.shape[-1] if isinstance(rows, np.ndarray) else len(rows)
         if depths:
             if self._draft is None:
-                raise UserError("the batch drafts tokens but the cost model has no draft model")
+                raise CostModelError("the batch drafts tokens but the cost model has no draft model")
             dr = self._draft
             per = self.params.draft_depth_overhead_ms
             arr = isinstance(rows, np.ndarray)

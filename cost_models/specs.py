@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from echosim.errors import UserError
+from cost_models.errors import CostModelError
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 
@@ -98,13 +98,13 @@ def load_hardware(name_or_path: str | HardwareSpec) -> HardwareSpec:
     else:
         data = _catalog("hardware").get(_norm(str(name_or_path)))
         if data is None:
-            raise UserError(f"unknown hardware {name_or_path!r}; known: {', '.join(known_hardware())}")
+            raise CostModelError(f"unknown hardware {name_or_path!r}; known: {', '.join(known_hardware())}")
     try:
         return HardwareSpec(name=data["name"], peak_bf16_tflops=float(data["peak_bf16_tflops"]),
                             hbm_tbps=float(data["hbm_tbps"]), memory_gb=float(data["memory_gb"]),
                             nvlink_gbps=float(data["nvlink_gbps"]), source=data.get("source", ""))
     except KeyError as exc:
-        raise UserError("missing field", path=data.get("_path"), field=exc.args[0]) from None
+        raise CostModelError("missing field", path=data.get("_path"), field=exc.args[0]) from None
 
 
 def load_model(name_or_path: str | Path | ModelSpec) -> ModelSpec:
@@ -117,7 +117,7 @@ def load_model(name_or_path: str | Path | ModelSpec) -> ModelSpec:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise UserError(f"unknown model {str(name_or_path)!r} (neither a catalog name nor a config.json); "
+            raise CostModelError(f"unknown model {str(name_or_path)!r} (neither a catalog name nor a config.json); "
                             f"known: {', '.join(known_models())}")
         data = _read_json(path)
         data.setdefault("name", path.parent.name if path.name == "config.json" else path.stem)
@@ -149,17 +149,17 @@ def model_from_config(cfg: dict, path: str | None = None) -> ModelSpec:
             source=str(cfg.get("source", path or "")),
         )
     except KeyError as exc:
-        raise UserError("missing field", path=path, field=exc.args[0]) from None
+        raise CostModelError("missing field", path=path, field=exc.args[0]) from None
     except (TypeError, ValueError) as exc:
-        raise UserError(f"bad value: {exc}", path=path) from None
+        raise CostModelError(f"bad value: {exc}", path=path) from None
 
 
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read JSON: {exc}", path=str(path)) from None
+        raise CostModelError(f"cannot read JSON: {exc}", path=str(path)) from None
     if not isinstance(data, dict):
-        raise UserError("expected a JSON object", path=str(path))
+        raise CostModelError("expected a JSON object", path=str(path))
     data["_path"] = str(path)
     return data

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from echo_exec.drafter import ModelDrafter
+from echo_exec.errors import ExecError
 from echo_exec.host_memory import keep_freed_memory
 from echo_exec.kv import BlockManager, attn_meta
 from echo_exec.loader import load_model
@@ -44,7 +45,6 @@ from echo_exec.model import KVCache
 from echo_exec.sampling import target_probs
 from echo_exec.tokenizer import EOS_ID
 from echo_exec.verify_torch import tree_index, tree_tensors, verify_greedy, verify_sampling
-from echosim.errors import UserError
 from echosim.spec.drafting import depth_widths, draft, draft_rows
 from echosim.spec.pack import pack
 from echosim.spec.policies import ConfigError, Policy, make_policy
@@ -81,15 +81,15 @@ class SamplingParams:
 
     def check(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise UserError(f"must be an integer >= 1, not {self.max_new_tokens!r}", field="max_new_tokens")
+            raise ExecError(f"must be an integer >= 1, not {self.max_new_tokens!r}", field="max_new_tokens")
         if not self.temperature >= 0.0 or not np.isfinite(self.temperature):
-            raise UserError(f"must be >= 0, not {self.temperature!r}", field="temperature")
+            raise ExecError(f"must be >= 0, not {self.temperature!r}", field="temperature")
         if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"must be in (0, 1], not {self.top_p!r}", field="top_p")
+            raise ExecError(f"must be in (0, 1], not {self.top_p!r}", field="top_p")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise UserError(f"must be an integer >= 0, not {self.seed!r}", field="seed")
+            raise ExecError(f"must be an integer >= 0, not {self.seed!r}", field="seed")
         if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
-            raise UserError(f"must be token ids, not {self.stop_token_ids!r}", field="stop_token_ids")
+            raise ExecError(f"must be token ids, not {self.stop_token_ids!r}", field="stop_token_ids")
 
 
 @dataclass
@@ -150,19 +150,19 @@ class Engine:
         try:
             self.policy: Policy = policy if isinstance(policy, Policy) else make_policy(policy, policy_config)
         except ConfigError as exc:
-            raise UserError(str(exc), field="policy") from None
+            raise ExecError(str(exc), field="policy") from None
         if max_running < 1 or max_prefill_tokens < 1:
-            raise UserError("max_running and max_prefill_tokens must be >= 1")
+            raise ExecError("max_running and max_prefill_tokens must be >= 1")
         self.target = load_model(target_dir, dtype=dtype, device=self.device)
         cfg = self.target.cfg
         self.draft_model = None
         if draft_dir is not None and self.policy.name != "ar":
             self.draft_model = load_model(draft_dir, dtype=dtype, device=self.device)
             if self.draft_model.cfg.vocab_size != cfg.vocab_size:
-                raise UserError(f"the draft's vocabulary ({self.draft_model.cfg.vocab_size}) differs from the "
+                raise ExecError(f"the draft's vocabulary ({self.draft_model.cfg.vocab_size}) differs from the "
                                 f"target's ({cfg.vocab_size})", path=str(draft_dir))
         if self.draft_model is None and self.policy.plan(1).depth > 0:
-            raise UserError(f"policy {self.policy.name!r} needs a draft model (draft_dir)")
+            raise ExecError(f"policy {self.policy.name!r} needs a draft model (draft_dir)")
         self.max_running, self.max_prefill_tokens = int(max_running), int(max_prefill_tokens)
         self.max_len = cfg.max_position_embeddings
         if self.draft_model is not None:
@@ -210,20 +210,20 @@ class Engine:
         params.check()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
-            raise UserError("the prompt is empty", field="prompt_ids")
+            raise ExecError("the prompt is empty", field="prompt_ids")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise UserError(f"token ids must be in 0..{self.vocab_size - 1}", field="prompt_ids")
+            raise ExecError(f"token ids must be in 0..{self.vocab_size - 1}", field="prompt_ids")
         total = len(prompt) + params.max_new_tokens
         if total > self.max_len:
-            raise UserError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+            raise ExecError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                             f"the model's {self.max_len} positions", field="max_new_tokens")
         if self.blocks.blocks_for(total + self._lookahead(1)) > self.blocks.num_blocks:
-            raise UserError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) can never "
+            raise ExecError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) can never "
                             f"fit the KV pool ({self.blocks.capacity_tokens} tokens)", field="max_new_tokens")
         seq = next(self._seq)
         rid = str(request_id) if request_id is not None else f"req-{seq}"
         if rid in self._ids:
-            raise UserError(f"request id {rid!r} is already in use", field="request_id")
+            raise ExecError(f"request id {rid!r} is already in use", field="request_id")
         self._ids.add(rid)
         rng = np.random.default_rng(params.seed if params.seed is not None else [self.seed, seq])
         stop = frozenset(int(t) for t in params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos)

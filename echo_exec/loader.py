@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from echo_exec.errors import ExecError
 from echo_exec.model import ModelConfig, Transformer
-from echosim.errors import UserError
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -23,7 +23,7 @@ def _weight_files(d: Path) -> list[Path]:
         return [d / n for n in names]
     found = sorted(d.glob("*.safetensors"))
     if not found:
-        raise UserError("no model.safetensors in the model directory", path=str(d))
+        raise ExecError("no model.safetensors in the model directory", path=str(d))
     return found
 
 
@@ -34,7 +34,7 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
 
     d = Path(model_dir)
     if not (d / "config.json").exists():
-        raise UserError("not a model directory (no config.json)", path=str(d))
+        raise ExecError("not a model directory (no config.json)", path=str(d))
     cfg = ModelConfig.from_hf(d / "config.json")
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -47,14 +47,14 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
         expected.discard("lm_head.weight")
     missing = sorted(expected - set(state))
     if missing:
-        raise UserError(f"weights missing from the checkpoint: {', '.join(missing[:5])}"
+        raise ExecError(f"weights missing from the checkpoint: {', '.join(missing[:5])}"
                         + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""), path=str(d))
     unexpected = sorted(k for k in set(state) - expected if not k.endswith("rotary_emb.inv_freq"))
     if unexpected:
-        raise UserError(f"unexpected weights in the checkpoint: {', '.join(unexpected[:5])}", path=str(d))
+        raise ExecError(f"unexpected weights in the checkpoint: {', '.join(unexpected[:5])}", path=str(d))
     for k, v in state.items():
         if k in expected and tuple(v.shape) != tuple(model.state_dict()[k].shape):
-            raise UserError(f"weight {k} has shape {tuple(v.shape)}, the config implies "
+            raise ExecError(f"weight {k} has shape {tuple(v.shape)}, the config implies "
                             f"{tuple(model.state_dict()[k].shape)}", path=str(d))
     state = {k: v.to(dtype) for k, v in state.items() if k in expected}
     model.load_state_dict(state, strict=False, assign=True)

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from echosim.errors import UserError
+from echo_exec.errors import ExecError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
@@ -92,7 +92,7 @@ class ModelConfig:
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise UserError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise ExecError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
 
     @classmethod
     def from_hf(cls, cfg: dict | str | Path) -> ModelConfig:
@@ -103,16 +103,16 @@ class ModelConfig:
             try:
                 cfg = json.loads(Path(cfg).read_text())
             except (OSError, json.JSONDecodeError) as exc:
-                raise UserError(f"cannot read config: {exc}", path=path) from None
+                raise ExecError(f"cannot read config: {exc}", path=path) from None
         mt = cfg.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
-            raise UserError(f"model_type {mt!r} is not supported (one of {', '.join(SUPPORTED_MODEL_TYPES)})",
+            raise ExecError(f"model_type {mt!r} is not supported (one of {', '.join(SUPPORTED_MODEL_TYPES)})",
                             path=path, field="model_type")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise UserError(f"hidden_act {cfg['hidden_act']!r} is not supported (silu)", path=path,
+            raise ExecError(f"hidden_act {cfg['hidden_act']!r} is not supported (silu)", path=path,
                             field="hidden_act")
         if cfg.get("use_sliding_window") or any(t != "full_attention" for t in cfg.get("layer_types") or []):
-            raise UserError("sliding-window attention is not supported", path=path,
+            raise ExecError("sliding-window attention is not supported", path=path,
                             field="use_sliding_window")
         try:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
@@ -126,7 +126,7 @@ class ModelConfig:
                 if kind == "default":
                     scaling = None
                 elif kind not in ("linear", "llama3"):
-                    raise UserError(f"rope scaling {kind!r} is not supported (default, linear, llama3)",
+                    raise ExecError(f"rope scaling {kind!r} is not supported (default, linear, llama3)",
                                     path=path, field="rope_scaling")
                 else:
                     scaling["rope_type"] = kind
@@ -159,7 +159,7 @@ class ModelConfig:
                 extra={k: v for k, v in cfg.items() if k not in known},
             )
         except KeyError as exc:
-            raise UserError("missing field", path=path, field=exc.args[0]) from None
+            raise ExecError("missing field", path=path, field=exc.args[0]) from None
 
     def to_hf(self, path: str | Path | None = None) -> dict:
         """The Hugging Face config.json dict (written to `path` if given)."""
@@ -189,7 +189,7 @@ class ModelConfig:
         if self.model_type == "llama":
             out["mlp_bias"] = self.mlp_bias
         if self.model_type != "qwen2" and self.qkv_bias != self.o_bias:
-            raise UserError(f"{self.model_type} has one attention_bias flag for q/k/v and o")
+            raise ExecError(f"{self.model_type} has one attention_bias flag for q/k/v and o")
         if path is not None:
             Path(path).write_text(json.dumps(out, indent=2) + "\n")
         return out

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from echosim.errors import UserError
+from echo_exec.errors import ExecError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SHARED_PROMPTS = PACKAGE_DIR.parent.parent / "shared" / "data" / "prompts" / "spec_bench.jsonl"
@@ -69,9 +69,9 @@ def load_prompts(path: str | Path) -> list[str]:
         with opener(p, "rt", encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as exc:
-        raise UserError(f"cannot read the prompt set: {exc.strerror or exc}", path=str(p)) from None
+        raise ExecError(f"cannot read the prompt set: {exc.strerror or exc}", path=str(p)) from None
     except UnicodeDecodeError:
-        raise UserError("the prompt set is not UTF-8 text", path=str(p)) from None
+        raise ExecError("the prompt set is not UTF-8 text", path=str(p)) from None
     stem = p.name.removesuffix(".gz")
     prompts = []
     for n, line in enumerate(lines, 1):
@@ -81,16 +81,16 @@ def load_prompts(path: str | Path) -> list[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"not valid JSON: {exc.msg}", path=str(p), line=n) from None
+                raise ExecError(f"not valid JSON: {exc.msg}", path=str(p), line=n) from None
             text = _first_text(obj) if isinstance(obj, dict) else None
             if text is None:
-                raise UserError("no prompt text (prompt, text, question, turns, instruction or input)",
+                raise ExecError("no prompt text (prompt, text, question, turns, instruction or input)",
                                 path=str(p), line=n)
             prompts.append(text)
         else:
             prompts.append(line)
     if not prompts:
-        raise UserError("the prompt set has no prompts", path=str(p))
+        raise ExecError("the prompt set has no prompts", path=str(p))
     return prompts
 
 
@@ -193,15 +193,15 @@ def plan_from_trace(trace_path: str | Path, *, time_scale: float = 1.0, limit: i
     import traces
 
     if not time_scale > 0 or not math.isfinite(time_scale):
-        raise UserError(f"the time scale must be a positive number, got {time_scale}")
+        raise ExecError(f"the time scale must be a positive number, got {time_scale}")
     for name, v in (("limit", limit), ("max_prompt_tokens", max_prompt_tokens),
                     ("max_output_tokens", max_output_tokens)):
         if v is not None and v < 1:
-            raise UserError(f"{name} must be >= 1, got {v}")
+            raise ExecError(f"{name} must be >= 1, got {v}")
     arr = traces.read_arrays(traces.resolve_trace(str(trace_path)))
     n = len(arr) if limit is None else min(limit, len(arr))
     if n == 0:
-        raise UserError("the trace has no requests", path=str(trace_path))
+        raise ExecError("the trace has no requests", path=str(trace_path))
     t0 = float(arr.arrival_s[0])
     synth = None
     items = []
@@ -308,7 +308,7 @@ async def replay(url: str, items: list[ReplayItem], *, concurrency: int | None =
     import aiohttp
 
     if concurrency is not None and concurrency < 1:
-        raise UserError(f"the concurrency must be >= 1, got {concurrency}")
+        raise ExecError(f"the concurrency must be >= 1, got {concurrency}")
     sem = asyncio.Semaphore(concurrency) if concurrency else None
     records: list[RequestRecord | None] = [None] * len(items)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=request_timeout_s)

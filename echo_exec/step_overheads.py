@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from echosim.errors import UserError
+from echo_exec.errors import ExecError
 
 SUSPECT_APE_PCT = 20.0  # a calibration fitted this badly means the profile is not this machine's state now
 DRIFT_WARN = 0.15  # replay steps this far (median ratio) from their calibrated price: the machine drifted
@@ -103,7 +103,7 @@ def fit_overheads(cost, iterations) -> Overheads:
     from scipy.optimize import lsq_linear
 
     if len(iterations) < 8:
-        raise UserError("too few calibration steps to fit the engine's overheads (raise calibration_prompts)")
+        raise ExecError("too few calibration steps to fit the engine's overheads (raise calibration_prompts)")
     pred = predicted_forward_ms(cost, iterations)
     meas = np.array([it.step_ms for it in iterations])
     X = overhead_terms(iterations)

@@ -1,20 +1,11 @@
-"""User-facing errors: one line that names the file, line and field at fault, never a stack trace."""
+"""The CLI's name for a user-input error. Every package raises its own subclass of InputError (traces.errors,
+cost_models.errors, echosim.spec.errors, echosim.sim.errors, echo_exec.errors, echosim.validate); the CLI catches
+the base and prints one line, never a stack trace."""
 
 from __future__ import annotations
 
+from echosim.spec.errors import InputError
 
-class UserError(Exception):
-    """A mistake in the user's input (file, flag, config). The CLI prints `echosim: error: <message>` and exits 2."""
+UserError = InputError
 
-    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
-                 field: str | None = None):
-        where = ""
-        if path is not None:
-            where = str(path)
-            if line is not None:
-                where += f":{line}"
-            where += ": "
-        if field is not None:
-            message = f"field '{field}': {message}"
-        super().__init__(where + message)
-        self.path, self.line, self.field = path, line, field
+__all__ = ["InputError", "UserError"]

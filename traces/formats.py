@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from echosim.errors import UserError
+from traces.errors import TraceError
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def _first_lines(path: Path, count: int = 20) -> list[str]:
                 if len(out) == count:
                     break
     if not out:
-        raise UserError("the trace file is empty", path=str(path))
+        raise TraceError("the trace file is empty", path=str(path))
     return out
 
 
@@ -89,11 +89,11 @@ def detect_format(path: str | Path) -> str:
     """Name of the format of `path` (a key of FORMATS), from its extension and its first line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError("no such trace file", path=str(path))
+        raise TraceError("no such trace file", path=str(path))
     try:
         lines = _first_lines(path)
     except UnicodeDecodeError as exc:
-        raise UserError(f"not a text trace file ({exc.reason})", path=str(path)) from None
+        raise TraceError(f"not a text trace file ({exc.reason})", path=str(path)) from None
     first = lines[0]
     ext = _base_suffix(path)
     if ext in _JSON_EXT or (ext != ".csv" and first.startswith("{")):
@@ -106,14 +106,14 @@ def detect_format(path: str | Path) -> str:
             except ValueError:
                 continue
         if obj is None:
-            raise UserError(f"none of the first {len(lines)} lines is valid JSON; cannot detect the format",
+            raise TraceError(f"none of the first {len(lines)} lines is valid JSON; cannot detect the format",
                             path=str(path), line=1)
         keys = set(obj) if isinstance(obj, dict) else set()
         if "arrival_s" in keys:
             return "native"
         if {"timestamp", "input_length"} <= keys:
             return "mooncake"
-        raise UserError(f"unknown JSONL trace: the first object has keys {sorted(keys)}; expected "
+        raise TraceError(f"unknown JSONL trace: the first object has keys {sorted(keys)}; expected "
                         "'arrival_s' (native) or 'timestamp'+'input_length'+'output_length' (Mooncake)",
                         path=str(path), line=1)
     header = {h.strip() for h in next(csv.reader([first]))}
@@ -121,7 +121,7 @@ def detect_format(path: str | Path) -> str:
         fmt = FORMATS[name]
         if {fmt.time_field, fmt.prompt_field, fmt.output_field} <= header:
             return name
-    raise UserError(f"unknown trace format: header {sorted(header)} matches no reader (native JSONL, "
+    raise TraceError(f"unknown trace format: header {sorted(header)} matches no reader (native JSONL, "
                     "Mooncake JSONL, Azure CSV, BurstGPT CSV, Vidur CSV); see traces/README.md",
                     path=str(path), line=1)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from echosim.errors import UserError
+from traces.errors import TraceError
 from traces.request import TraceArrays
 
 # --- arrivals -------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ class LengthDist:
             return np.full(n, int(round(self.mean)), dtype=np.int64)
         if self.kind == "uniform":
             if not 1 <= self.low <= self.high:
-                raise UserError(f"uniform lengths need 1 <= low <= high, got {self.low}..{self.high}")
+                raise TraceError(f"uniform lengths need 1 <= low <= high, got {self.low}..{self.high}")
             return rng.integers(self.low, self.high + 1, size=n, dtype=np.int64)
         if self.kind == "lognormal":
             _positive(self.mean, "mean")
@@ -61,7 +61,7 @@ class LengthDist:
             sigma2 = np.log1p(self.cv**2)             # lognormal with the given mean and CV
             x = rng.lognormal(np.log(self.mean) - sigma2 / 2, np.sqrt(sigma2), size=n)
             return np.clip(np.rint(x), max(self.low, 1), self.high).astype(np.int64)
-        raise UserError(f"unknown length distribution '{self.kind}' (fixed, uniform, lognormal)",
+        raise TraceError(f"unknown length distribution '{self.kind}' (fixed, uniform, lognormal)",
                         field="kind")
 
 
@@ -75,7 +75,7 @@ def _as_dist(x: Lengths) -> LengthDist:
 def lengths_from_trace(trace: TraceArrays, n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(prompt, output) pairs drawn with replacement from a trace, keeping each pair together."""
     if len(trace) == 0:
-        raise UserError("cannot sample lengths from an empty trace")
+        raise TraceError("cannot sample lengths from an empty trace")
     idx = np.random.default_rng(seed).integers(0, len(trace), size=n)
     return trace.prompt_tokens[idx], trace.output_tokens[idx]
 
@@ -89,7 +89,7 @@ def synthetic_trace(n: int, *, rate_rps: float, cv: float = 1.0, prompt_tokens: 
     """n requests arriving at `rate_rps` (Poisson when cv = 1, gamma otherwise). Lengths are fixed ints,
     `LengthDist`s, or pairs resampled from `lengths_from` (which then overrides prompt/output_tokens)."""
     if n < 0:
-        raise UserError(f"n must be >= 0, got {n}", field="n")
+        raise TraceError(f"n must be >= 0, got {n}", field="n")
     arrival = gamma_arrivals(n, rate_rps, cv=cv, seed=seed)
     rng = np.random.default_rng([seed, 1])       # an independent stream for lengths
     if lengths_from is not None:
@@ -118,7 +118,7 @@ def at_rate(trace: TraceArrays, rate_rps: float) -> TraceArrays:
     """The trace rescaled in time so that its mean rate ((n-1) / duration) is `rate_rps`."""
     _positive(rate_rps, "rate_rps")
     if len(trace) < 2 or trace.duration_s <= 0:
-        raise UserError("a trace needs two distinct arrival times to be rescaled to a rate")
+        raise TraceError("a trace needs two distinct arrival times to be rescaled to a rate")
     return scale_time(trace, (len(trace) - 1) / trace.duration_s / rate_rps)
 
 
@@ -134,9 +134,9 @@ class ClosedLoop:
 def closed_loop(n: int, concurrency: int, *, prompt_tokens: Lengths = 100, output_tokens: Lengths = 500,
                 lengths_from: TraceArrays | None = None, seed: int = 0) -> ClosedLoop:
     if concurrency < 1:
-        raise UserError(f"concurrency must be >= 1, got {concurrency}", field="concurrency")
+        raise TraceError(f"concurrency must be >= 1, got {concurrency}", field="concurrency")
     if n < concurrency:
-        raise UserError(f"a closed loop at concurrency {concurrency} needs at least {concurrency} requests, "
+        raise TraceError(f"a closed loop at concurrency {concurrency} needs at least {concurrency} requests, "
                         f"got {n}", field="n")
     trace = synthetic_trace(n, rate_rps=1.0, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
                             lengths_from=lengths_from, seed=seed)
@@ -152,4 +152,4 @@ def paper_closed_loop(concurrency: int, n: int) -> ClosedLoop:
 
 def _positive(x: float, name: str) -> None:
     if not (np.isfinite(x) and x > 0):
-        raise UserError(f"{name} must be a positive number, got {x}", field=name)
+        raise TraceError(f"{name} must be a positive number, got {x}", field=name)

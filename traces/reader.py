@@ -5,7 +5,7 @@ which must hold the whole trace to reorder it. Every check runs on whole NumPy c
 holds a bad row falls back to per-row work to name it.
 
 Bad rows (bad JSON, missing / negative / fractional lengths, NaN or non-number time, time earlier than the
-previous request) raise `UserError` with file, line and field, or, with skip_bad_lines=True, are dropped and
+previous request) raise `TraceError` with file, line and field, or, with skip_bad_lines=True, are dropped and
 counted in `reader.stats.bad_lines`."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from echosim.errors import UserError
+from traces.errors import TraceError
 from traces.formats import FORMATS, Format, RawChunk, detect_format, iter_raw_chunks
 from traces.request import ReadStats, Request, TraceArrays
 
@@ -32,7 +32,7 @@ class TraceReader:
                  sort: bool = False, chunk_rows: int = CHUNK_ROWS):
         self.path = Path(path)
         if format is not None and format not in FORMATS:
-            raise UserError(f"unknown trace format '{format}'; known: {', '.join(FORMATS)}", field="format")
+            raise TraceError(f"unknown trace format '{format}'; known: {', '.join(FORMATS)}", field="format")
         self.format = format or detect_format(self.path)
         self.fmt: Format = FORMATS[self.format]
         self.skip_bad_lines, self.sort, self.chunk_rows = skip_bad_lines, sort, chunk_rows
@@ -78,9 +78,9 @@ class TraceReader:
                     chunk.stats = self.stats
                     yield chunk
         except UnicodeDecodeError as exc:
-            raise UserError(f"not a UTF-8 text file ({exc.reason})", path=str(self.path)) from None
+            raise TraceError(f"not a UTF-8 text file ({exc.reason})", path=str(self.path)) from None
         except OSError as exc:
-            raise UserError(f"cannot read the trace ({exc})", path=str(self.path)) from None
+            raise TraceError(f"cannot read the trace ({exc})", path=str(self.path)) from None
 
     def _validate(self, raw: RawChunk, check_order: bool) -> TraceArrays:
         fmt, n = self.fmt, len(raw.lines)
@@ -159,7 +159,7 @@ class TraceReader:
         if errors:
             if not self.skip_bad_lines:
                 line, field, message = min(errors, key=lambda e: e[0])
-                raise UserError(message, path=str(self.path), line=line, field=field)
+                raise TraceError(message, path=str(self.path), line=line, field=field)
             self.stats.bad_lines += len(raw.errors) + int(bad.sum())
             for line, field, message in sorted(errors, key=lambda e: e[0]):
                 if len(self.stats.examples) < _MAX_EXAMPLES:

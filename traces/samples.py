@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from echosim.errors import UserError
+from traces.errors import TraceError
 
 HERE = Path(__file__).resolve().parent
 
@@ -17,7 +17,7 @@ def sample_path(name: str) -> Path:
     """Path of a shipped sample, by name with or without ".jsonl" (see traces/README.md)."""
     path = HERE / (name if name.endswith(".jsonl") else f"{name}.jsonl")
     if not path.is_file():
-        raise UserError(f"no shipped trace sample '{name}'; available: {', '.join(list_samples())}")
+        raise TraceError(f"no shipped trace sample '{name}'; available: {', '.join(list_samples())}")
     return path
 
 
@@ -30,5 +30,5 @@ def resolve_trace(spec: str | Path) -> Path:
     name = path.name
     if (HERE / name).is_file() or (HERE / f"{name}.jsonl").is_file():
         return sample_path(name)
-    raise UserError("no such trace file (and no shipped sample of that name; samples: "
+    raise TraceError("no such trace file (and no shipped sample of that name; samples: "
                     f"{', '.join(list_samples())})", path=str(spec))

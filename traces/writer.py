@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from echosim.errors import UserError
+from traces.errors import TraceError
 from traces.request import Request, TraceArrays
 
 
@@ -41,7 +41,7 @@ def write_jsonl(path: str | Path, data: TraceArrays | Iterable[TraceArrays] | It
     Returns the number of requests written."""
     path = Path(path)
     if path.suffix.lower() not in (".jsonl", ".ndjson"):
-        raise UserError("the native trace format is JSONL: name the output file *.jsonl", path=str(path))
+        raise TraceError("the native trace format is JSONL: name the output file *.jsonl", path=str(path))
     if isinstance(data, TraceArrays):
         data = [data]
     # write to a side file and rename at the end: a failed conversion leaves no half-written trace behind

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import ndtr
 
-from echosim.errors import UserError
+from echosim.sim.errors import SimError
 from echosim.spec.drafting import draft
 from echosim.spec.forest import DraftForest
 from echosim.spec.pack import VerifyBatch, pack
@@ -149,7 +149,7 @@ class AcceptanceModel:
         if not path.is_file() and len(prefixed) == 1:  # "qwen3-235b" -> "qwen3-235b-a22b"
             path = PRESET_DIR / f"{prefixed[0]}.json"
         if not path.is_file():
-            raise UserError(f"unknown acceptance preset {model!r}; known: {', '.join(cls.known_presets())}")
+            raise SimError(f"unknown acceptance preset {model!r}; known: {', '.join(cls.known_presets())}")
         return cls.load(path)
 
     @classmethod
@@ -157,28 +157,28 @@ class AcceptanceModel:
         try:
             data = json.loads(Path(path).read_text())
         except OSError as exc:
-            raise UserError(f"cannot read acceptance model: {exc.strerror}", path=str(path)) from None
+            raise SimError(f"cannot read acceptance model: {exc.strerror}", path=str(path)) from None
         except json.JSONDecodeError as exc:
-            raise UserError(f"not valid JSON ({exc.msg}, line {exc.lineno})", path=str(path)) from None
+            raise SimError(f"not valid JSON ({exc.msg}, line {exc.lineno})", path=str(path)) from None
         return cls.from_json(data, path=str(path))
 
     @classmethod
     def from_json(cls, data: dict, path: str | None = None) -> AcceptanceModel:
         def need(obj, key, kind, where):
             if not isinstance(obj, dict) or key not in obj:
-                raise UserError("missing", path=path, field=f"{where}{key}")
+                raise SimError("missing", path=path, field=f"{where}{key}")
             v = obj[key]
             if kind == "num":
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise UserError(f"must be a number, not {v!r}", path=path, field=f"{where}{key}")
+                    raise SimError(f"must be a number, not {v!r}", path=path, field=f"{where}{key}")
             elif kind == "list":
                 if (not isinstance(v, list) or not v or
                         any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v)):
-                    raise UserError("must be a non-empty list of numbers", path=path, field=f"{where}{key}")
+                    raise SimError("must be a non-empty list of numbers", path=path, field=f"{where}{key}")
             return v
 
         if not isinstance(data, dict):
-            raise UserError("an acceptance model is a JSON object", path=path)
+            raise SimError("an acceptance model is a JSON object", path=path)
         dr, ac = data.get("draft"), data.get("accept")
         draft = DraftParams(conf_mean=need(dr, "conf_mean", "list", "draft."),
                             conf_ease=need(dr, "conf_ease", "num", "draft."),
@@ -195,18 +195,18 @@ class AcceptanceModel:
                               sigma_step=need(ac, "sigma_step", "num", "accept."))
         for name in ("conf_sd", "rank_sd"):
             if getattr(draft, name) < 0:
-                raise UserError("must be >= 0", path=path, field=f"draft.{name}")
+                raise SimError("must be >= 0", path=path, field=f"draft.{name}")
         for name in ("sigma_request", "sigma_step"):
             if getattr(accept, name) < 0:
-                raise UserError("must be >= 0", path=path, field=f"accept.{name}")
+                raise SimError("must be >= 0", path=path, field=f"accept.{name}")
         ds = data.get("datasets")
         if not isinstance(ds, dict) or not ds:
-            raise UserError("missing or empty (a map of dataset -> {\"skill\": number})", path=path,
+            raise SimError("missing or empty (a map of dataset -> {\"skill\": number})", path=path,
                             field="datasets")
         skills = {name: need(v, "skill", "num", f"datasets.{name}.") for name, v in ds.items()}
         vocab = data.get("vocab_size", 32000)
         if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 64:
-            raise UserError(f"must be an integer >= 64, not {vocab!r}", path=path, field="vocab_size")
+            raise SimError(f"must be an integer >= 64, not {vocab!r}", path=path, field="vocab_size")
         return cls(str(data.get("model", "custom")), draft, accept, skills, vocab_size=vocab,
                    policy=data.get("policy"), notes=str(data.get("notes", "")),
                    calibration=data.get("calibration"))
@@ -273,14 +273,14 @@ def _quantiles(v, path, name: str, rows: int | None = None) -> list[list[float]]
     if v is None:
         return None
     if rows is not None and (not isinstance(v, list) or len(v) != rows):
-        raise UserError(f"must be a list of {rows} rows (one per bin of the top draft's probability)", path=path,
+        raise SimError(f"must be a list of {rows} rows (one per bin of the top draft's probability)", path=path,
                         field=f"draft.{name}")
     ok = isinstance(v, list) and v and all(
         isinstance(row, list) and len(row) == len(QUANTILE_PROBS)
         and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in row)
         and all(a <= b for a, b in zip(row, row[1:], strict=False)) for row in v)
     if not ok:
-        raise UserError(f"must be a list (per depth) of {len(QUANTILE_PROBS)} non-decreasing numbers", path=path,
+        raise SimError(f"must be a list (per depth) of {len(QUANTILE_PROBS)} non-decreasing numbers", path=path,
                         field=f"draft.{name}")
     return [[float(x) for x in row] for row in v]
 

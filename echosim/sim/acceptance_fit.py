@@ -320,12 +320,12 @@ def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
     off by default, since `validate` judged it worse for ECHO on its own (docs/VALIDATION.md)."""
     from scipy.optimize import minimize
 
-    from echosim.errors import UserError
     from echosim.sim.acceptance import AcceptParams, DraftParams, canonical_dataset
+    from echosim.sim.errors import SimError
     from echosim.spec.calibrate import auroc
 
     if len(rec) == 0:
-        raise UserError("no records to fit")
+        raise SimError("no records to fit")
     names = sorted({canonical_dataset(n) if n else "default" for n in rec.dataset}) \
         if rec.dataset is not None else ["default"]
     total_records = len(rec)
@@ -334,14 +334,14 @@ def fit_records(rec, base: AcceptanceModel | None = None, name: str = "fitted",
         keep = np.random.default_rng(seed).permutation(reqs)[:max(1, int(len(reqs) * max_records / len(rec)))]
         rec = _subset(rec, np.isin(rec.request, keep))
     if draft_marginal not in DRAFT_MARGINALS:
-        raise UserError(f"draft_marginal must be one of {', '.join(DRAFT_MARGINALS)}, not {draft_marginal!r}")
+        raise SimError(f"draft_marginal must be one of {', '.join(DRAFT_MARGINALS)}, not {draft_marginal!r}")
     D_all = int(rec.depth.max())
     quantiles = top_logit_quantiles(rec, D_all, on_path=True) if draft_marginal == "empirical" else None
     quantiles_off = top_logit_quantiles(rec, D_all, on_path=False) if quantiles else None
     shares = rank_share_quantiles(rec) if rank_shares else None
     obs = _observations(rec, names, quantiles)
     if len(obs.y) < 50 or obs.y.sum() < 5 or (1 - obs.y).sum() < 5:
-        raise UserError(f"too few usable records to fit: {len(obs.y)} nodes with an accepted parent "
+        raise SimError(f"too few usable records to fit: {len(obs.y)} nodes with an accepted parent "
                         f"({int(obs.y.sum())} accepted); need at least 50 with 5 accepted and 5 rejected")
     D = int(obs.depth.max())
     # empirical: the normal score is centred on each dataset's skill and its depth-1 mean is 0, so the records' own

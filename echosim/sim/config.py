@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from echosim.errors import UserError
+from echosim.sim.errors import SimError
 
 ROUTERS = ("round_robin", "least_outstanding", "least_kv")
 PREFILL_FORWARDS = ("mixed", "separate")
@@ -60,23 +60,23 @@ class SimConfig:
         c = self.cluster
         for name in ("tp", "replicas", "max_running", "max_batched_tokens", "block_tokens"):
             if int(getattr(c, name)) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(c, name)}", field=name)
+                raise SimError(f"{name} must be >= 1, got {getattr(c, name)}", field=name)
         if c.max_prefill_tokens is not None and int(c.max_prefill_tokens) < 1:
-            raise UserError(f"max_prefill_tokens must be >= 1, got {c.max_prefill_tokens}", field="max_prefill_tokens")
+            raise SimError(f"max_prefill_tokens must be >= 1, got {c.max_prefill_tokens}", field="max_prefill_tokens")
         for name in ("step_overhead_ms", "overhead_per_token_ms", "overhead_per_draft_row_ms",
                      "overhead_per_request_ms"):
             v = getattr(c, name)
             if v is not None and not v >= 0:
-                raise UserError(f"{name} must be >= 0, got {v}", field=name)
+                raise SimError(f"{name} must be >= 0, got {v}", field=name)
         if c.prefill_forward not in PREFILL_FORWARDS:
-            raise UserError(f"unknown prefill_forward {c.prefill_forward!r}; known: {', '.join(PREFILL_FORWARDS)}",
+            raise SimError(f"unknown prefill_forward {c.prefill_forward!r}; known: {', '.join(PREFILL_FORWARDS)}",
                             field="prefill_forward")
         if c.router not in ROUTERS:
-            raise UserError(f"unknown router {c.router!r}; known: {', '.join(ROUTERS)}", field="router")
+            raise SimError(f"unknown router {c.router!r}; known: {', '.join(ROUTERS)}", field="router")
         if self.core not in CORE_MODES:
-            raise UserError(f"unknown core mode {self.core!r}; known: {', '.join(CORE_MODES)}", field="core")
+            raise SimError(f"unknown core mode {self.core!r}; known: {', '.join(CORE_MODES)}", field="core")
         if not 0.0 < c.gpu_memory_utilization <= 1.0:
-            raise UserError(f"gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
+            raise SimError(f"gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
 
 
 def default_draft(model_name: str) -> str | None:
@@ -108,7 +108,7 @@ def build_cost_model(c: ClusterConfig):
     elif kind.endswith(".json"):
         cost = FittedCostModel(model, hw, tp=c.tp, draft=draft, params=kind, step_overhead_ms=c.step_overhead_ms)
     else:
-        raise UserError(f"unknown cost model {kind!r} (auto, fitted, roofline, or a fitted .json)", field="cost_model")
+        raise SimError(f"unknown cost model {kind!r} (auto, fitted, roofline, or a fitted .json)", field="cost_model")
     if c.step_overhead_ms is not None and kind == "roofline":
         cost.params.step_overhead_ms = float(c.step_overhead_ms)
     return cost
@@ -127,7 +127,7 @@ def kv_capacity_blocks(c: ClusterConfig, cost) -> int:
     """KV blocks per replica: GPU memory (x utilization, x TP) minus target and draft weights."""
     if c.kv_blocks is not None:
         if c.kv_blocks < 1:
-            raise UserError(f"kv_blocks must be >= 1, got {c.kv_blocks}", field="kv_blocks")
+            raise SimError(f"kv_blocks must be >= 1, got {c.kv_blocks}", field="kv_blocks")
         return int(c.kv_blocks)
     gb = 1e9
     budget = cost.hardware.memory_gb * gb * c.gpu_memory_utilization * c.tp
@@ -136,7 +136,7 @@ def kv_capacity_blocks(c: ClusterConfig, cost) -> int:
     per_block *= c.block_tokens
     blocks = math.floor((budget - weights) / per_block)
     if blocks < 1:
-        raise UserError(f"{cost.model.name} does not fit on {c.tp} x {cost.hardware.name}: weights need "
+        raise SimError(f"{cost.model.name} does not fit on {c.tp} x {cost.hardware.name}: weights need "
                         f"{weights / gb:.1f} GB of the {budget / gb:.1f} GB usable "
                         f"({c.gpu_memory_utilization:.0%} of {cost.hardware.memory_gb:g} GB x {c.tp}); "
                         "raise --tp or use a larger GPU")

@@ -19,7 +19,7 @@ from collections import deque
 
 import numpy as np
 
-from echosim.errors import UserError
+from echosim.sim.errors import SimError
 from echosim.sim.speculation import EMIT, ONE, TOKENS, TOKENS_SQ
 from echosim.sim.workload import Request
 
@@ -69,7 +69,7 @@ class Replica:
     def submit(self, req: Request) -> None:
         need = -(-(req.prompt_tokens + req.output_tokens) // self.block)
         if need > self.kv_blocks:
-            raise UserError(f"request {req.id if req.id is not None else req.index} needs {need} KV blocks "
+            raise SimError(f"request {req.id if req.id is not None else req.index} needs {need} KV blocks "
                             f"({req.prompt_tokens} + {req.output_tokens} tokens), more than a replica holds "
                             f"({self.kv_blocks}); use a larger GPU, more TP, or drop it from the trace")
         self.waiting.append(req)
@@ -200,7 +200,7 @@ class Replica:
                 if len(self.reqs) > 1:  # prefills stuck on KV: give the newest one's blocks back
                     self._preempt_newest()
                     continue
-                raise UserError(f"replica {self.index}: nothing can run (KV capacity {self.kv_blocks} blocks, "
+                raise SimError(f"replica {self.index}: nothing can run (KV capacity {self.kv_blocks} blocks, "
                                 f"max_batched_tokens {self.max_tokens})")
 
             # 4. price the iteration (StepBatch aggregates, as StepBatch.from_requests defines them)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import simpy
 
-from echosim.errors import UserError
 from echosim.sim.config import SimConfig, build_cost_model, kv_capacity_blocks
+from echosim.sim.errors import SimError
 from echosim.sim.metrics import Metrics, write_json
 from echosim.sim.pricing import StepPricer
 from echosim.sim.replica import Replica
@@ -43,8 +43,8 @@ def load_acceptance(spec: str):
         return AcceptanceModel.load(path)
     try:
         return AcceptanceModel.preset(spec)
-    except UserError as exc:
-        raise UserError(f"{exc}; pass --acceptance PRESET or a fitted .json (echosim fit-acceptance)") from None
+    except SimError as exc:
+        raise SimError(f"{exc}; pass --acceptance PRESET or a fitted .json (echosim fit-acceptance)") from None
 
 
 def make_policy(policy_cfg: dict, step_time=None):
@@ -54,12 +54,12 @@ def make_policy(policy_cfg: dict, step_time=None):
     cfg = dict(policy_cfg)
     name = cfg.pop("policy", None)
     if not name:
-        raise UserError("a policy config needs 'policy' (its name)", field="policy")
+        raise SimError("a policy config needs 'policy' (its name)", field="policy")
     cfg.pop("calibration", None)
     try:
         return _make(name, cfg, step_time)
     except ConfigError as exc:
-        raise UserError(str(exc), field="policy") from None
+        raise SimError(str(exc), field="policy") from None
 
 
 def budget_step_time(pricer: StepPricer, speculator_ref: list):
@@ -84,12 +84,12 @@ def simulate(config: SimConfig, workload: WorkloadSpec, out_dir: Path | None = N
     acceptance = acceptance if acceptance is not None else load_acceptance(config.acceptance)
     reader = trace_reader(workload) if workload.trace else None
     if workload.kind == "trace" and reader is None:
-        raise UserError("trace replay needs a trace file (--trace)", field="trace")
+        raise SimError("trace replay needs a trace file (--trace)", field="trace")
     if workload.kind == "closed" and workload.concurrency < 1:
-        raise UserError(f"a closed loop needs --concurrency >= 1, got {workload.concurrency}", field="concurrency")
+        raise SimError(f"a closed loop needs --concurrency >= 1, got {workload.concurrency}", field="concurrency")
 
     if records is not None and c.replicas > 1:
-        raise UserError("per-node records are written for one replica; use --replicas 1 with --records")
+        raise SimError("per-node records are written for one replica; use --replicas 1 with --records")
 
     # one policy (and speculator) per replica in exact mode: policies may keep state across steps
     pricers = [StepPricer(cost, c.overhead_per_token_ms, c.overhead_per_draft_row_ms, c.overhead_per_request_ms)
@@ -138,7 +138,7 @@ def simulate(config: SimConfig, workload: WorkloadSpec, out_dir: Path | None = N
             bar.close()
     stuck = sum(r.outstanding for r in replicas)
     if stuck:
-        raise UserError(f"{stuck} requests never finished (nothing could run); check the KV and batch limits")
+        raise SimError(f"{stuck} requests never finished (nothing could run); check the KV and batch limits")
 
     preemptions = sum(r.preemptions for r in replicas)
     summary = metrics.summary(preemptions)

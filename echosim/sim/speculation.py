@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from echosim.errors import UserError
+from echosim.sim.errors import SimError
 from echosim.spec.drafting import depth_widths, draft, draft_rows
 from echosim.spec.pack import pack
 from echosim.spec.policies import Policy
@@ -95,10 +95,10 @@ class Speculator:
         if core == "auto":
             core = "table" if independent and records_path is None else "exact"
         if core == "table" and not independent:
-            raise UserError(f"policy {policy.name!r} with this config couples the requests of a batch; it needs "
+            raise SimError(f"policy {policy.name!r} with this config couples the requests of a batch; it needs "
                             "--core exact", field="core")
         if core == "table" and records_path is not None:
-            raise UserError("per-node records need --core exact", field="core")
+            raise SimError("per-node records need --core exact", field="core")
         self.core = core
         self.seed = seed
         self.rng_latent = np.random.default_rng([seed, 1])

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from echosim.errors import UserError
+from echosim.sim.errors import SimError
 from traces.request import TraceArrays
 
 CHUNK_ROWS = 16_384
@@ -78,7 +78,7 @@ def request_chunks(spec: WorkloadSpec, seed: int, reader=None) -> Iterator[Trace
     """The workload's requests as TraceArrays chunks (arrival 0 for closed loops), streamed."""
     if spec.kind == "trace":
         if spec.time_scale <= 0:
-            raise UserError(f"--time-scale must be > 0, got {spec.time_scale}", field="time_scale")
+            raise SimError(f"--time-scale must be > 0, got {spec.time_scale}", field="time_scale")
         for chunk in _limit(reader.chunks(), spec.requests):
             if spec.time_scale != 1.0:
                 chunk = chunk.with_arrivals(chunk.arrival_s * spec.time_scale)
@@ -86,12 +86,12 @@ def request_chunks(spec: WorkloadSpec, seed: int, reader=None) -> Iterator[Trace
         return
     n = spec.requests
     if n is None or n < 1:
-        raise UserError("a synthetic workload needs --requests N >= 1", field="requests")
+        raise SimError("a synthetic workload needs --requests N >= 1", field="requests")
     lengths = None
     if reader is not None:  # lengths resampled from a trace (held in memory: its lengths only)
         lengths = reader.arrays()
         if len(lengths) == 0:
-            raise UserError("the trace has no requests to take lengths from", path=str(reader.path))
+            raise SimError("the trace has no requests to take lengths from", path=str(reader.path))
     from traces.generators import _positive
 
     if spec.kind in ("poisson", "gamma"):
@@ -119,7 +119,7 @@ def request_chunks(spec: WorkloadSpec, seed: int, reader=None) -> Iterator[Trace
             prompt = np.full(m, spec.prompt_tokens, np.int64)
             output = np.full(m, spec.output_tokens, np.int64)
         if (prompt < 1).any() or (output < 1).any():
-            raise UserError("prompt and output lengths must be >= 1")
+            raise SimError("prompt and output lengths must be >= 1")
         yield TraceArrays(arrival, prompt, output, format=spec.kind)
 
 

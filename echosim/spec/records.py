@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from echosim.errors import UserError
+from echosim.spec.errors import SpecError
 from echosim.spec.forest import DraftForest
 from echosim.spec.pack import VerifyBatch
 from echosim.spec.verify import VerifyResult
@@ -85,14 +85,14 @@ def write_records(path: str | Path, records: NodeRecords, append: bool = False) 
 
 
 def read_records(path: str | Path) -> NodeRecords:
-    """Read JSON-lines records; a malformed line is a UserError naming the file, line and field."""
+    """Read JSON-lines records; a malformed line is a SpecError naming the file, line and field."""
     cols: dict[str, list] = {f: [] for f in FIELDS}
     datasets: list[str] = []
     parent_accepted: list[bool] = []
     try:
         fh = open(path)
     except OSError as exc:
-        raise UserError(f"cannot read records: {exc.strerror}", path=str(path)) from None
+        raise SpecError(f"cannot read records: {exc.strerror}", path=str(path)) from None
     with fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -100,32 +100,32 @@ def read_records(path: str | Path) -> NodeRecords:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"not valid JSON ({exc.msg})", path=str(path), line=lineno) from None
+                raise SpecError(f"not valid JSON ({exc.msg})", path=str(path), line=lineno) from None
             if not isinstance(row, dict):
-                raise UserError("a record must be a JSON object", path=str(path), line=lineno)
+                raise SpecError("a record must be a JSON object", path=str(path), line=lineno)
             for f in FIELDS:
                 if f not in row:
-                    raise UserError("missing", path=str(path), line=lineno, field=f)
+                    raise SpecError("missing", path=str(path), line=lineno, field=f)
                 v = row[f]
                 if f == "accepted":
                     if not isinstance(v, bool):
-                        raise UserError(f"must be true or false, not {v!r}", path=str(path), line=lineno, field=f)
+                        raise SpecError(f"must be true or false, not {v!r}", path=str(path), line=lineno, field=f)
                 elif isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise UserError(f"must be a number, not {v!r}", path=str(path), line=lineno, field=f)
+                    raise SpecError(f"must be a number, not {v!r}", path=str(path), line=lineno, field=f)
                 elif f in ("draft_prob", "path_prob") and not 0.0 <= v <= 1.0:
-                    raise UserError(f"must be a probability in [0, 1], not {v!r}", path=str(path), line=lineno,
+                    raise SpecError(f"must be a probability in [0, 1], not {v!r}", path=str(path), line=lineno,
                                     field=f)
                 elif f == "depth" and v < 1:
-                    raise UserError(f"must be >= 1, not {v!r}", path=str(path), line=lineno, field=f)
+                    raise SpecError(f"must be >= 1, not {v!r}", path=str(path), line=lineno, field=f)
                 cols[f].append(v)
             datasets.append(str(row.get("dataset", "")))
             if "parent_accepted" in row:
                 if not isinstance(row["parent_accepted"], bool):
-                    raise UserError(f"must be true or false, not {row['parent_accepted']!r}", path=str(path),
+                    raise SpecError(f"must be true or false, not {row['parent_accepted']!r}", path=str(path),
                                     line=lineno, field="parent_accepted")
                 parent_accepted.append(row["parent_accepted"])
     if not cols["step"]:
-        raise UserError("no records in file", path=str(path))
+        raise SpecError("no records in file", path=str(path))
     return NodeRecords(step=np.asarray(cols["step"], np.int64), request=np.asarray(cols["request"], np.int64),
                        depth=np.asarray(cols["depth"], np.int32), rank=np.asarray(cols["rank"], np.int32),
                        draft_prob=np.asarray(cols["draft_prob"], float),

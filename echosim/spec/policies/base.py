@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from echosim.spec.budget import StepTimeFn
+from echosim.spec.errors import SpecError
 from echosim.spec.forest import DraftForest
 
 
@@ -25,7 +26,7 @@ class DraftPlan:
     k: int      # children per beam node and beam width below the root
 
 
-class ConfigError(ValueError):
+class ConfigError(SpecError):
     """An impossible policy configuration."""
 
 
