@@ -89,7 +89,7 @@ def main() -> int:
     cfg = json.loads(a.config) if a.config else shipped_echo()
     model = AcceptanceModel.load(a.acceptance)
     if a.validate_prompts:
-        from echo_exec.crossval import calibration_prompts, prompt_files
+        from echosim.validate.crossval import calibration_prompts, prompt_files
 
         prompts, a.gen_len = calibration_prompts(prompt_files()[0], 16, 256, 1), 64
     else:

@@ -56,7 +56,7 @@ from echosim.spec.verify import verify_greedy as verify_greedy_np
 @dataclass
 class IterationRecord:
     """One engine step in the terms a step-time model prices (cost_models' StepBatch.from_requests), with its
-    measured time: what the simulator's per-step overheads are fitted from (echo_exec/crossval.py)."""
+    measured time: what the simulator's per-step overheads are fitted from (echosim/validate/crossval.py)."""
 
     start_s: float                       # on Engine.clock
     step_ms: float                       # the whole step: admission, prefill, draft, verify, commit, emit

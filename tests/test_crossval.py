@@ -1,4 +1,4 @@
-"""Strict replay (echo_exec/crossval.py, `echosim validate`): the engine's step log, the overhead fit, the
+"""Strict replay (echosim/validate/crossval.py, `echosim validate`): the engine's step log, the overhead fit, the
 comparison, and one small end-to-end run with the shipped pair behind a real server on 127.0.0.1."""
 
 import json
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from cost_models.interface import StepTime
-from echo_exec.crossval import METRICS, compare, format_breakdown, step_breakdown
 from echo_exec.engine import Engine, IterationRecord, SamplingParams
-from echo_exec.step_overheads import SUSPECT_APE_PCT, Overheads, fit_overheads, priced_steps_ms, replay_drift
 from echo_exec.train_tiny import MODELS_DIR
 from echosim.cli import main
+from echosim.validate.crossval import METRICS, compare, format_breakdown, step_breakdown
+from echosim.validate.step_overheads import SUSPECT_APE_PCT, Overheads, fit_overheads, priced_steps_ms, replay_drift
 
 SMALL_EAGLE = {"steps": 3, "topk": 2, "num_draft_tokens": 6}
 
@@ -148,7 +148,7 @@ def test_validate_end_to_end_small(tmp_path, capsys, monkeypatch):
     validate profiles once more and refits the overheads on the same calibration steps."""
     import dataclasses
 
-    import echo_exec.crossval as cv
+    import echosim.validate.crossval as cv
 
     calls = {"profile": 0, "fit": 0}
     real_profile, real_fit = cv.profile_and_fit, cv.fit_overheads

@@ -1,4 +1,4 @@
-"""`echosim validate`: strict replay of one trace through the real engine and the simulator (echo_exec/crossval.py).
+"""`echosim validate`: strict replay of one trace through the real engine and the simulator (echosim.validate).
 
     echosim validate --trace synthetic_bursty_4rps --limit 48 --policy eagle3 --out runs/validate-eagle3
 """
@@ -47,9 +47,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from echo_exec.crossval import DRIFT_WARN, CrossValConfig, format_breakdown, format_comparison
-    from echo_exec.crossval import run as crossval
     from echosim.commands.serve import policy_settings
+    from echosim.validate.crossval import DRIFT_WARN, CrossValConfig, format_breakdown, format_comparison
+    from echosim.validate.crossval import run as crossval
 
     # the settings `echosim serve` would run with the same draft directory
     policy, config, _ = policy_settings(args.policy_config, args.policy, args.draft)

@@ -6,7 +6,7 @@ simulator's own terms (ClusterConfig's overhead knobs and the cost model's draft
     priced = priced_steps_ms(cost, over, replay_steps)    # any logged steps, as the simulator prices them
     replay_drift(replay_steps, priced)                    # ~1 when the machine ran at the calibration's speed
 
-Used by `echosim validate` (echo_exec/crossval.py); the steps are the engine's IterationRecords.
+Used by `echosim validate` (echosim/validate/crossval.py); the steps are the engine's IterationRecords.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from echo_exec.errors import ExecError
+from echosim.validate.errors import ValidationError
 
 SUSPECT_APE_PCT = 20.0  # a calibration fitted this badly means the profile is not this machine's state now
 DRIFT_WARN = 0.15  # replay steps this far (median ratio) from their calibrated price: the machine drifted
@@ -103,7 +103,7 @@ def fit_overheads(cost, iterations) -> Overheads:
     from scipy.optimize import lsq_linear
 
     if len(iterations) < 8:
-        raise ExecError("too few calibration steps to fit the engine's overheads (raise calibration_prompts)")
+        raise ValidationError("too few calibration steps to fit the engine's overheads (raise calibration_prompts)")
     pred = predicted_forward_ms(cost, iterations)
     meas = np.array([it.step_ms for it in iterations])
     X = overhead_terms(iterations)

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from echo_exec.errors import ExecError
-from echo_exec.step_overheads import DRIFT_WARN, Overheads, fit_overheads, priced_steps_ms, replay_drift
+from echosim.validate.errors import ValidationError
+from echosim.validate.step_overheads import DRIFT_WARN, Overheads, fit_overheads, priced_steps_ms, replay_drift
 
 # Metrics compared, as (summary key, sub-key or None). Percentiles come from the same definitions on both sides
 # (echosim.sim.metrics.Metrics).
@@ -67,21 +67,21 @@ class CrossValConfig:
                      "max_prefill_tokens", "calibration_prompts", "profile_repeats", "profile_rounds",
                      "engine_runs", "threads"):
             if int(getattr(self, name)) < 1:
-                raise ExecError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
+                raise ValidationError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
         if not self.time_scale > 0:
-            raise ExecError(f"time_scale must be > 0, got {self.time_scale}", field="time_scale")
+            raise ValidationError(f"time_scale must be > 0, got {self.time_scale}", field="time_scale")
         for flag, d in (("model", self.model), ("draft", self.draft)):
             if d is not None and not (Path(d) / "config.json").is_file():
-                raise ExecError(f"{flag}: not a model directory (no config.json)", path=str(d))
+                raise ValidationError(f"{flag}: not a model directory (no config.json)", path=str(d))
         if self.draft is None and self.policy != "ar":
-            raise ExecError(f"policy {self.policy!r} needs a draft model", field="draft")
+            raise ValidationError(f"policy {self.policy!r} needs a draft model", field="draft")
         from echosim.spec.policies import ConfigError, make_policy
         from traces import resolve_trace
 
         try:
             make_policy(self.policy, self.policy_config)
         except ConfigError as exc:
-            raise ExecError(str(exc), field="policy_config") from None
+            raise ValidationError(str(exc), field="policy_config") from None
         resolve_trace(str(self.trace))  # a missing trace fails here, before anything is written
 
     def batches(self) -> list[int]:
@@ -107,7 +107,7 @@ def prompt_files() -> tuple[list[Path], list[Path]]:
     _, held = split_files()
     held = sorted(f for f in held if f.stat().st_size >= 1024)  # skip near-empty files (__init__.py...)
     if len(held) < 4:
-        raise ExecError("too few held-out standard-library files for calibration and replay prompts")
+        raise ValidationError("too few held-out standard-library files for calibration and replay prompts")
     return held[0::2], held[1::2]
 
 
@@ -182,7 +182,7 @@ def profile_and_fit(cfg: CrossValConfig, out: Path, log) -> Path:
         log(f"step-time fit, {p.name}: held-out median {h['median_ape_pct']}% P90 {h['p90_ape_pct']}%")
     fit = {"kind": "fitted", "hardware": "this-machine", "params": res.params.to_dict(),
            "fitted_parameters": res.fitted, "profiles": [p.name for p in paths], "stats": stats,
-           "command": "echosim validate (echo_exec/crossval.py)"}
+           "command": "echosim validate (echosim/validate/crossval.py)"}
     path = out / "cost_fit.json"
     path.write_text(json.dumps(fit, indent=2) + "\n")
     (out / "hardware.json").write_text(json.dumps({
@@ -281,7 +281,7 @@ def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_le
                              for j in range(i, min(i + b, len(texts)))]
                     failed = [r.error for r in asyncio.run(replay(url, burst)) if not r.ok]
                     if failed:
-                        raise ExecError(f"a calibration request failed: {failed[0]}")
+                        raise ValidationError(f"a calibration request failed: {failed[0]}")
         eng.close()
         mat = eng.stats()["avg_accept_length"]
         log(f"calibration ({eng.policy.name}): {len(prompts)} prompts at batch {cfg.batches()}, "
@@ -407,7 +407,7 @@ def replay_engine(cfg: CrossValConfig, items, eng, out: Path, log) -> dict:
     t0 = min((it.start_s for it in its), default=0.0)
     write_iterations(out / "iterations.csv", its, t_origin=t0)
     if summary["failed"]:
-        raise ExecError(f"{summary['failed']} replayed requests failed, e.g. {summary['errors'][0]}")
+        raise ValidationError(f"{summary['failed']} replayed requests failed, e.g. {summary['errors'][0]}")
     return {"summary": summary, "records": records, "iterations": its}
 
 
