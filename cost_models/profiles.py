@@ -15,6 +15,7 @@ the error statistics compare against: the per-layer time for per-operator profil
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -377,3 +378,12 @@ def read_allreduce(path: str | Path) -> AllReduceProfile:
         df = df[df["rank"] == 0]
     return AllReduceProfile(str(path), df["num_workers"].to_numpy(np.int64), df["size"].to_numpy(np.float64),
                             df["time_stats.all_reduce.median"].to_numpy(np.float64))
+
+
+def write_profile(rows: list[dict], path: str | Path) -> None:
+    """Our profile CSV (PROFILE_COLUMNS), as `echosim profile` writes it and read_echo_profile reads it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=PROFILE_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)

@@ -15,7 +15,7 @@ from echosim.cli import main
 
 
 def test_time_forward_counts_calls():
-    from cost_models.profiler import time_forward
+    from echo_exec.profiler import time_forward
 
     calls = []
     tm = time_forward(lambda: calls.append(1), warmup=3, repeats=7)
@@ -69,8 +69,8 @@ def test_profile_without_timing_column_still_reads(tmp_path):
 def test_profile_cuda_graph_replays_faster_than_eager():
     """On a GPU the graph-captured forward gives the kernels' time; the eager one adds Python's launch gaps,
     which dominate a small model."""
-    from cost_models.profiler import profile_model
     from cost_models.specs import load_model
+    from echo_exec.profiler import profile_model
 
     spec = load_model("echo-draft-small")
     grid = dict(batch_sizes=(1, 4), tokens_per_seq=(1, 16), kv_lens=(0, 512), warmup=2, repeats=5)

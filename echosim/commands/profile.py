@@ -48,8 +48,9 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cost_models.profiler import CPU_GRID, GPU_GRID, profile_model, write_profile
+    from cost_models.profiles import write_profile
     from cost_models.specs import load_model
+    from echo_exec.profiler import CPU_GRID, GPU_GRID, profile_model
     from echosim.errors import UserError
 
     if args.repeats < 1 or args.rounds < 1 or args.warmup < 0:

@@ -136,10 +136,10 @@ def profile_and_fit(cfg: CrossValConfig, out: Path, log) -> Path:
     import torch
 
     from cost_models.fitted import ape_stats, fit_params, heldout_stats, predict_obs
-    from cost_models.profiler import profile_model, write_profile
-    from cost_models.profiles import concat, read_profile
+    from cost_models.profiles import concat, read_profile, write_profile
     from cost_models.roofline import RooflineParams
     from cost_models.specs import load_model
+    from echo_exec.profiler import profile_model
     from echosim.spec.policies import make_policy
 
     torch.set_num_threads(cfg.threads)

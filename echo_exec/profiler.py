@@ -1,5 +1,7 @@
 """Time the real forward of a model shape (random weights) over a grid of batch sizes, verify tokens per sequence
-and KV lengths; write our profile CSV (cost_models.profiles.PROFILE_COLUMNS), which `echosim fit` reads.
+and KV lengths, as rows of our profile CSV (cost_models.profiles.PROFILE_COLUMNS, written by
+cost_models.profiles.write_profile), which `echosim fit` reads. Timing a forward is execution, so it lives here;
+the profile format and the fit are cost models.
 
 The timing harness (`time_forward`) takes any zero-argument callable: warm-up calls, then repeated timed calls,
 with CUDA events on a GPU and perf_counter on the CPU. `profile_model` builds echo_exec's Transformer for the
@@ -9,16 +11,15 @@ mask among them) after `kv` cached tokens, every row through the LM head, as one
 
 from __future__ import annotations
 
-import csv
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from cost_models.errors import CostModelError
-from cost_models.profiles import PROFILE_COLUMNS
 from cost_models.specs import ModelSpec
+from echo_exec.errors import ExecError
+from echo_exec.host_memory import keep_freed_memory
+from echo_exec.model import KVCache, ModelConfig, Transformer, make_attn_meta
 
 CPU_GRID = dict(batch_sizes=(1, 2, 4, 8), tokens_per_seq=(1, 2, 4, 8, 16, 32), kv_lens=(0, 128, 512))
 GPU_GRID = dict(batch_sizes=(1, 4, 16, 64), tokens_per_seq=(1, 2, 4, 8, 16, 32),
@@ -92,10 +93,9 @@ def build_model(spec: ModelSpec, device: str, dtype: str, num_layers: int | None
     """echo_exec's Transformer of this shape with random weights (MoE is not built by echo_exec)."""
     import torch
 
-    from echo_exec.model import ModelConfig, Transformer
 
     if spec.is_moe:
-        raise CostModelError(f"{spec.name} is a mixture of experts; the profiler builds dense Llama/Qwen models only")
+        raise ExecError(f"{spec.name} is a mixture of experts; the profiler builds dense Llama/Qwen models only")
     cfg = ModelConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
                       n_layers=num_layers or spec.num_layers, n_heads=spec.num_heads, n_kv_heads=spec.num_kv_heads,
                       intermediate_size=spec.intermediate_size, head_dim=spec.head_dim,
@@ -121,15 +121,13 @@ def profile_model(spec: ModelSpec, *, device: str = "cpu", dtype: str = "float32
     a few points a lot. cuda_graph: time CUDA-graph replays of each point (see time_forward)."""
     import torch
 
-    from echo_exec.model import KVCache, make_attn_meta
 
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CostModelError("--device cuda: no CUDA device is available here")
-    from echo_exec.host_memory import keep_freed_memory
+        raise ExecError("--device cuda: no CUDA device is available here")
 
     keep_freed_memory()  # the host allocator as the engine runs it, so profile and engine agree
     if rounds < 1 or repeats < 1:
-        raise CostModelError("rounds and repeats must be >= 1")
+        raise ExecError("rounds and repeats must be >= 1")
     model, cfg = build_model(spec, device, dtype, num_layers)
     max_slots = max(batch_sizes) * (max(kv_lens) + max(tokens_per_seq))
     cache = KVCache(cfg, num_blocks=-(-max_slots // block_size), block_size=block_size,
@@ -172,11 +170,3 @@ def profile_model(spec: ModelSpec, *, device: str = "cpu", dtype: str = "float32
             if progress:
                 progress(rows[-1])
     return rows
-
-
-def write_profile(rows: list[dict], path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=PROFILE_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
