@@ -16,7 +16,7 @@ summary JSON of the simulator.
   many tokens (both servers honour ignore_eos). Only /generate fields that SGLang has are sent.
 - Timing: `first_token_s` is when the first streamed chunk with at least one token arrives; `finish_s` when the
   final chunk does; times are seconds from the start of the replay.
-- Outputs: requests.csv with the simulator's per-request columns (echosim/sim/metrics.py: ttft_ms, tpot_ms,
+- Outputs: requests.csv with the simulator's per-request columns (echosim/metrics.py: ttft_ms, tpot_ms,
   e2e_ms, steps = spec_verify_ct, accepted, mat...) then the replay's own (scheduled_s, target lengths,
   finish_reason, ok, error); summary.json with the simulator's summary keys and definitions, computed over the
   requests that succeeded (per-iteration quantities a client cannot see, such as mean_batch, are null);
@@ -166,7 +166,7 @@ class RequestRecord:
         return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
 
 
-# The simulator's per-request columns (echosim/sim/metrics.py), then the replay's own. Unknown cells are empty:
+# The simulator's per-request columns (echosim/metrics.py), then the replay's own. Unknown cells are empty:
 # the server does not report verified drafts or preemptions per request.
 EXTRA_COLUMNS = ("scheduled_s", "target_prompt_tokens", "target_output_tokens", "finish_reason", "dataset", "ok",
                  "error")
@@ -358,10 +358,10 @@ def _no_nan(x):
 
 
 def summarize(records: list[RequestRecord], *, slo_ttft_ms: float = 2000.0, slo_tpot_ms: float = 100.0) -> dict:
-    """The simulator's summary (echosim/sim/metrics.py: same keys, same definitions) over the requests that
+    """The simulator's summary (echosim/metrics.py: same keys, same definitions) over the requests that
     succeeded, plus completed / failed / errors. MAT = (accepted + steps) / steps summed over requests, from the
     server's per-request counts (None when it reports none, e.g. SGLang without speculation)."""
-    from echosim.sim.metrics import Metrics
+    from echosim.metrics import Metrics
 
     ok = [r for r in records if r.ok]
     metrics = Metrics(None, slo_ttft_ms, slo_tpot_ms)
@@ -382,7 +382,7 @@ def summarize(records: list[RequestRecord], *, slo_ttft_ms: float = 2000.0, slo_
 
 def write_outputs(out_dir: str | Path, records: list[RequestRecord], summary: dict, config: dict) -> dict[str, Path]:
     """requests.csv (the simulator's columns, then the replay's), summary.json and config.json in `out_dir`."""
-    from echosim.sim.metrics import REQUEST_COLUMNS
+    from echosim.metrics import REQUEST_COLUMNS
 
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)

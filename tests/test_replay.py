@@ -19,7 +19,7 @@ from echo_exec.replay import (
     summarize,
 )
 from echosim.cli import main
-from echosim.sim.metrics import REQUEST_COLUMNS
+from echosim.metrics import REQUEST_COLUMNS
 
 
 def write_trace(path: Path, rows: list[tuple[float, int, int]], **extra) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from echosim.cli import main
-from echosim.sim.metrics import ITERATION_COLUMNS, REQUEST_COLUMNS
+from echosim.metrics import ITERATION_COLUMNS, REQUEST_COLUMNS
 
 SAMPLE = Path(__file__).resolve().parents[1] / "traces" / "azure_conv_2023_5min.jsonl"
 

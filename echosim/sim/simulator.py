@@ -16,9 +16,9 @@ from pathlib import Path
 
 import simpy
 
+from echosim.metrics import Metrics, write_json
 from echosim.sim.config import SimConfig, build_cost_model, kv_capacity_blocks
 from echosim.sim.errors import SimError
-from echosim.sim.metrics import Metrics, write_json
 from echosim.sim.pricing import StepPricer
 from echosim.sim.replica import Replica
 from echosim.sim.router import Router

@@ -33,7 +33,7 @@ from echosim.validate.errors import ValidationError
 from echosim.validate.step_overheads import DRIFT_WARN, Overheads, fit_overheads, priced_steps_ms, replay_drift
 
 # Metrics compared, as (summary key, sub-key or None). Percentiles come from the same definitions on both sides
-# (echosim.sim.metrics.Metrics).
+# (echosim.metrics.Metrics).
 METRICS = [("throughput_tok_s", None), ("mat", None)] + [
     (name, q) for name in ("ttft_ms", "tpot_ms", "e2e_ms") for q in ("mean", "p50", "p90", "p99")]
 
@@ -348,7 +348,7 @@ def bind_budget(engine, cost, over: Overheads | None, mean_ctx: float) -> None:
 
 def write_iterations(path: Path, iterations, t_origin: float) -> None:
     """The engine's steps in the simulator's iterations.csv columns (the split: draft, target, the rest)."""
-    from echosim.sim.metrics import ITERATION_COLUMNS
+    from echosim.metrics import ITERATION_COLUMNS
 
     with open(path, "w", newline="") as f:
         w = csv.writer(f)

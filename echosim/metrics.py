@@ -1,5 +1,6 @@
 """What a run measures: per-request and per-iteration rows (written to CSV as they come, so memory stays flat),
-and the summary computed from them.
+and the summary computed from them. The simulator and a replay against a real server share these definitions, so
+their numbers compare; it imports neither of them.
 
 Definitions (summary.json):
 - throughput_tok_s: output tokens / makespan (first arrival to last finish), all replicas together;
