@@ -7,7 +7,7 @@ summary JSON of the simulator.
   free slot, in trace order, and its `arrival_s` is when it is sent (latencies count from there); `scheduled_s`
   keeps the trace's time.
 - Prompts: the trace's text when it has some; otherwise a prompt of exactly the trace's prompt length in bytes is
-  cut from a prompt set (default ../shared/data/prompts/spec_bench.jsonl, else echo_exec/replay_prompts.jsonl).
+  cut from a prompt set (default: Spec-Bench's 480 prompts, shipped as echo_exec/prompts/spec_bench.jsonl.gz).
   Bytes are tokens for our byte-level model, so lengths are exact against `echosim serve`, and against a live
   SGLang server serving the shipped models (their tokenizer.json is the same byte tokenizer). Against a server
   with a subword tokenizer the same text is fewer tokens (a subword token spans several bytes): the CSV's
@@ -38,7 +38,7 @@ from pathlib import Path
 from echo_exec.errors import ExecError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-SHARED_PROMPTS = PACKAGE_DIR.parent.parent / "shared" / "data" / "prompts" / "spec_bench.jsonl"
+SPEC_BENCH_PROMPTS = PACKAGE_DIR / "prompts" / "spec_bench.jsonl.gz"  # Spec-Bench, Apache-2.0 (prompts/NOTICE.md)
 SHIPPED_PROMPTS = PACKAGE_DIR / "replay_prompts.jsonl"
 
 
@@ -47,7 +47,7 @@ SHIPPED_PROMPTS = PACKAGE_DIR / "replay_prompts.jsonl"
 
 
 def default_prompt_set() -> Path:
-    return SHARED_PROMPTS if SHARED_PROMPTS.exists() else SHIPPED_PROMPTS
+    return SPEC_BENCH_PROMPTS
 
 
 def _first_text(obj: dict) -> str | None:

@@ -10,9 +10,10 @@ from test_server_support import FakeEngine, fake_server
 
 from echo_exec.replay import (
     EXTRA_COLUMNS,
-    SHARED_PROMPTS,
     SHIPPED_PROMPTS,
+    SPEC_BENCH_PROMPTS,
     PromptSynth,
+    default_prompt_set,
     load_prompts,
     plan_from_trace,
     replay,
@@ -50,9 +51,9 @@ def test_shipped_prompt_set_loads():
     assert len(prompts) >= 20 and all(p.strip() for p in prompts)
 
 
-@pytest.mark.skipif(not SHARED_PROMPTS.exists(), reason="../shared/data absent")
 def test_spec_bench_prompt_set_loads():
-    prompts = load_prompts(SHARED_PROMPTS)
+    assert default_prompt_set() == SPEC_BENCH_PROMPTS  # shipped, so a fresh clone replays the same prompts
+    prompts = load_prompts(SPEC_BENCH_PROMPTS)
     assert len(prompts) == 480  # turns[0] of each Spec-Bench question
 
 

@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
                    help="multiply arrival times by X (0.5 = twice the rate); default 1")
     p.add_argument("--prompts", default=None,
                    help="prompt set (JSONL or text) for traces without text; default "
-                        "../shared/data/prompts/spec_bench.jsonl if present, else echo_exec/replay_prompts.jsonl")
+                        "Spec-Bench, shipped as echo_exec/prompts/spec_bench.jsonl.gz")
     p.add_argument("--out", default=None, help="output folder (default: runs/replay-<time>)")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="clip prompts to N tokens")
