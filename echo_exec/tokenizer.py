@@ -63,6 +63,12 @@ def _byte_chars() -> list[str]:
     return chars
 
 
+# A plain chat template for the tiny pair (trained on code and prose, not on chats): each message as a "role:" line
+# and its text, then "assistant:" for the reply. Chat clients (/v1/chat/completions, SGLang, vLLM) render it.
+CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
 def hf_tokenizer_files() -> dict[str, dict]:
     """{file name: JSON object} of tokenizer.json and tokenizer_config.json for ByteTokenizer (no BOS added)."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
@@ -77,7 +83,8 @@ def hf_tokenizer_files() -> dict[str, dict]:
     }
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[BOS_ID],
               "eos_token": SPECIAL_TOKENS[EOS_ID], "pad_token": SPECIAL_TOKENS[PAD_ID], "add_bos_token": False,
-              "add_eos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": 4096}
+              "add_eos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": 4096,
+              "chat_template": CHAT_TEMPLATE}
     return {"tokenizer.json": tokenizer, "tokenizer_config.json": config}
 
 

@@ -113,13 +113,14 @@ class FakeEngine:
         return {"steps": self.steps, "avg_accept_length": self.tokens_total / max(self.verify_total, 1)}
 
 
-def fake_server(engine: FakeEngine | None = None, max_context: int = 256):
-    from echo_exec.server import EchoServer, Limits, ServerThread
+def fake_server(engine: FakeEngine | None = None, max_context: int = 256, grace_s: float = 5.0):
+    from echo_exec.server import ChatTemplate, EchoServer, Limits, ServerThread
+    from echo_exec.tokenizer import CHAT_TEMPLATE
 
     engine = engine or FakeEngine()
     server = EchoServer(engine, make_params=FakeParams, limits=Limits(259, max_context),
-                        info={"model": "fake", "policy": "fake"})
-    return engine, ServerThread(server)
+                        info={"model": "fake", "policy": "fake"}, chat_template=ChatTemplate(CHAT_TEMPLATE))
+    return engine, ServerThread(server, grace_s=grace_s)
 
 
 # ----------------------------------------------------------------------------------------------------------

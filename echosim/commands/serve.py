@@ -1,11 +1,16 @@
 """`echosim serve --model DIR --draft DIR --policy echo`: the echo engine behind an HTTP server with SGLang's
-`/generate`, the OpenAI-compatible `/v1/completions`, `/server_info` and `/health` (see echo_exec/server.py)."""
+`/generate`, OpenAI's `/v1/completions` and `/v1/chat/completions`, `/v1/models`, `/server_info`, `/health`,
+Prometheus `/metrics` and more (see echo_exec/server.py)."""
 
 from __future__ import annotations
 
 import json
+import socket
+import sys
+import time
 from pathlib import Path
 
+from echosim.commands.help_format import DefaultsHelpFormatter
 from echosim.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -13,26 +18,34 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "serve", help="serve the engine over HTTP (SGLang /generate, OpenAI /v1/completions)",
-        description="Serve the echo engine over HTTP: SGLang's native /generate, the OpenAI-compatible "
-                    "/v1/completions, /server_info (with the average accept length) and /health.")
+        "serve", help="serve the engine over HTTP (SGLang /generate, OpenAI /v1/completions and chat)",
+        formatter_class=DefaultsHelpFormatter,
+        description="Serve the echo engine over HTTP: SGLang's native /generate, OpenAI's /v1/completions, "
+                    "/v1/chat/completions and /v1/models, SGLang's /server_info, /get_model_info, /health, "
+                    "/health_generate and /flush_cache, and Prometheus /metrics.")
     p.add_argument("--model", required=True, help="target model directory (config.json + safetensors)")
     p.add_argument("--draft", default=None, help="draft model directory (needed by every policy but ar)")
-    p.add_argument("--policy", default=None, help="speculation policy (echo, eagle3, ar, ...); default echo")
+    p.add_argument("--policy", default=None, help="speculation policy (echo, eagle3, ar, ...); none given = echo")
     p.add_argument("--policy-config", default=None,
                    help="policy settings: a JSON object inline, or a JSON file (e.g. from echosim calibrate); "
                         "default: the draft directory's policy-<policy>.json if it has one, else the policy's own")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=30000, help="port (default 30000, as SGLang; 0 = any free port)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1); default cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default float32)")
-    p.add_argument("--max-running", type=int, default=32, help="most requests decoding at once (default 32)")
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: the engine's)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    p.add_argument("--max-prefill-tokens", type=int, default=512, help="prefill chunk budget (default 512)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=30000, help="port (30000 as SGLang; 0 = any free port)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations")
+    p.add_argument("--max-running", type=int, default=32, help="most requests decoding at once")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (none = the engine's)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-prefill-tokens", type=int, default=512, help="prefill chunk budget")
     p.add_argument("--records", default=None, help="write per-node draft/accept records to this file")
-    p.add_argument("--seed", type=int, default=0, help="engine seed (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="engine seed")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (none = torch's)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name /v1/models reports and responses carry (none = the --model path)")
+    p.add_argument("--no-access-log", action="store_true", help="no access log line per request on stderr")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up request before listening")
+    p.add_argument("--shutdown-grace", type=float, default=5.0,
+                   help="on SIGINT/SIGTERM, seconds requests in flight get to finish before a 503")
     p.set_defaults(func=run)
 
 
@@ -98,7 +111,7 @@ def build_server(args):
 
     from echo_exec.engine import Engine, SamplingParams
     from echo_exec.model import ModelConfig
-    from echo_exec.server import EchoServer, Limits
+    from echo_exec.server import ChatTemplate, EchoServer, Limits
     from echo_exec.tokenizer import ByteTokenizer
 
     if args.threads:
@@ -124,8 +137,36 @@ def build_server(args):
             "device": args.device, "dtype": args.dtype,
             "max_running_requests": args.max_running, "max_context_tokens": max_context}
     tok = ByteTokenizer()
+    try:
+        template = ChatTemplate.from_model_dir(args.model)
+    except (ValueError, OSError) as exc:  # bad JSON, a template that does not compile (jinja's errors are both)
+        raise UserError(f"cannot read the chat template: {exc}", path=args.model) from None
+    info["chat_template"] = template is not None
     return EchoServer(engine, make_params=SamplingParams, limits=Limits(target_cfg.vocab_size, max_context),
-                      info=info, encode=tok.encode)
+                      info=info, encode=tok.encode, chat_template=template,
+                      model_name=getattr(args, "served_model_name", None) or str(args.model))
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the models load, so that a port in use fails in a second."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _warmup(engine, params_cls) -> float:
+    """One short request through the engine (first-call allocations and code paths); seconds it took."""
+    t0 = time.perf_counter()
+    engine.generate([list(b"def main():\n")], params_cls(max_new_tokens=8, temperature=0.0, ignore_eos=True))
+    return time.perf_counter() - t0
 
 
 def run(args) -> int:
@@ -134,7 +175,26 @@ def run(args) -> int:
 
     from echo_exec.server import serve_forever
 
-    server = build_server(args)
+    if not args.shutdown_grace >= 0:
+        raise UserError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
+    _checks(args)
+    sock = _bind(args.host, args.port)
+
+    def say(msg: str) -> None:
+        print(f"echosim serve: {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    say(f"loading {args.model}" + (f" and draft {args.draft}" if args.draft else "") + f" on {args.device}")
+    try:
+        server = build_server(args)
+    except BaseException:
+        sock.close()
+        raise
+    say(f"loaded in {time.perf_counter() - t0:.1f} s")
+    if not args.no_warmup:
+        from echo_exec.engine import SamplingParams
+
+        say(f"warmed up in {_warmup(server.engine, SamplingParams):.1f} s (one 8-token request)")
 
     def ready(port: int) -> None:
         # Tests and scripts wait for this line (with --port 0 it is the only way to learn the port).
@@ -147,11 +207,12 @@ def run(args) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve_forever(server, args.host, args.port, ready=ready, stop=stop)
+        await serve_forever(server, args.host, args.port, ready=ready, stop=stop, sock=sock,
+                            grace_s=args.shutdown_grace, access_log=not args.no_access_log)
 
     try:
         asyncio.run(main())
     except OSError as exc:
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
     print("echosim serve: stopped", flush=True)
     return 0
