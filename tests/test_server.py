@@ -16,7 +16,11 @@ from echosim.cli import main
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return make_tiny_models(tmp_path_factory.mktemp("models"))
+    from echo_exec.tokenizer import write_hf_tokenizer
+
+    target, draft = make_tiny_models(tmp_path_factory.mktemp("models"))
+    write_hf_tokenizer(target)  # its chat template, for /v1/chat/completions
+    return target, draft
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +290,65 @@ def test_the_shipped_pair_ships_a_valid_echo_config():
     # serve and validate resolve the same settings: the shipped file for echo, defaults for eagle3
     assert policy_settings(None, None, str(draft)) == ("echo", config, str(shipped))
     assert policy_settings(None, "eagle3", str(draft)) == ("eagle3", None, "defaults")
+
+
+def test_openai_python_client(server):
+    """The OpenAI Python client, completions and chat, plain and streamed, against `echosim serve`."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    model = client.models.list().data[0]
+    assert model.id.endswith("target") and model.max_model_len == 1024 and model.root.endswith("target")
+    want = gen(server.url, "def add(a, b):", 10)["text"]
+    out = client.completions.create(model=model.id, prompt="def add(a, b):", max_tokens=10, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].text == want and out.usage.completion_tokens == 10
+    assert out.choices[0].finish_reason == "length"
+    stream = client.completions.create(model=model.id, prompt="def add(a, b):", max_tokens=10, temperature=0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == 10
+
+    messages = [{"role": "user", "content": "write a loop"}]
+    rendered = "user: write a loop\n\nassistant: "  # the shipped chat template
+    chat = client.chat.completions.create(model=model.id, messages=messages, max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == gen(server.url, rendered, 8)["text"]
+    assert chat.usage.prompt_tokens == len(rendered)
+    parts = client.chat.completions.create(model=model.id, messages=messages, max_tokens=8, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in parts if c.choices) == chat.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model=model.id, prompt="x", max_tokens=2, best_of=3)
+
+
+def test_tiny_temperature_is_greedy_not_nul_bytes(server):
+    greedy = gen(server.url, "import sys\n", 12)
+    tiny = gen(server.url, "import sys\n", 12, temperature=1e-310)
+    assert tiny["output_ids"] == greedy["output_ids"] and 0 not in tiny["output_ids"]
+
+
+def test_startup_progress_and_access_log(server):
+    gen(server.url, "log me", 2)
+    text = "".join(server.lines)
+    assert "echosim serve: loading" in text and "warmed up in" in text
+    assert text.index("warmed up in") < text.index("listening on")
+    assert '"POST /generate HTTP/1.1" 200' in text
+
+
+def test_port_in_use_is_reported_before_loading(models, capsys):
+    import socket
+
+    target, _ = models
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        assert main(["serve", "--model", str(target), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "loading" not in err and "Traceback" not in err
+    assert time.monotonic() - t0 < 5
