@@ -215,3 +215,90 @@ def test_accepted_drafts_without_a_count_assume_the_first_token_from_prefill(tmp
     assert recs[0].ok and recs[0].output_tokens == 9 and recs[0].steps == 3
     assert recs[0].accepted == 9 - 1 - 3
     assert summarize(recs)["mat"] == pytest.approx((5 + 3) / 3, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real deployments: a subword tokenizer, the OpenAI backends, redrawn arrivals, ITL and bench_serving's keys.
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """A small byte-level BPE trained here on the shipped prompt set, and a fake server that counts in it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from echo_exec.server import EchoServer, Limits, ServerThread
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(load_prompts(SHIPPED_PROMPTS), trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    d = tmp_path_factory.mktemp("bpe")
+    tok.save(str(d / "tokenizer.json"))
+    from test_server_support import FakeParams
+
+    server = EchoServer(FakeEngine(tokens_per_step=3, step_s=0.002), make_params=FakeParams,
+                        limits=Limits(tok.get_vocab_size(), 4096), info={"model": "bpe-fake"},
+                        encode=lambda s: tok.encode(s, add_special_tokens=False).ids)
+    thread = ServerThread(server)
+    yield d, tok, thread
+    thread.stop()
+
+
+@pytest.mark.parametrize("backend,mode", [("sglang", "text"), ("sglang", "ids"), ("openai", "text"),
+                                          ("openai", "ids")])
+def test_subword_tokenizer_hits_the_traces_prompt_tokens(bpe, tmp_path, backend, mode):
+    d, tok, thread = bpe
+    lengths = [1, 2, 7, 33, 100, 257, 640]
+    trace = write_trace(tmp_path / "t.jsonl", [(0.01 * i, p, 3) for i, p in enumerate(lengths)])
+    out = tmp_path / "out"
+    assert main(["replay", "--trace", str(trace), "--base-url", thread.url, "--backend", backend, "--tokenizer",
+                 str(d), "--prompt-mode", mode, "--out", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out / "requests.csv")))
+    assert [int(r["prompt_tokens"]) for r in rows] == lengths  # the server's own count
+    assert [int(r["target_prompt_tokens"]) for r in rows] == lengths
+    # in bytes the same prompts are several times longer: the tokenizer does matter
+    items = plan_from_trace(trace, tokenizer=__import__("echo_exec.replay").replay.HFTokenizer(d))
+    assert sum(len(it.prompt.encode()) for it in items) > 2 * sum(lengths)
+
+
+def test_openai_chat_backend_itl_timeline_and_bench_keys(tmp_path):
+    engine, thread = fake_server(FakeEngine(tokens_per_step=2, step_s=0.005), max_context=512)
+    try:
+        trace = write_trace(tmp_path / "t.jsonl", [(0.0, 20, 9), (0.01, 30, 9), (0.02, 10, 9)])
+        out = tmp_path / "out"
+        assert main(["replay", "--trace", str(trace), "--base-url", thread.url, "--backend", "openai-chat",
+                     "--slo-ttft-ms", "5000", "--slo-tpot-ms", "1000", "--warmup-requests", "2", "--out", str(out),
+                     "--quiet"]) == 0
+    finally:
+        thread.stop()
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert (config["slo_ttft_ms"], config["slo_tpot_ms"], config["backend"]) == (5000, 1000, "openai-chat")
+    assert summary["completed"] == 3 and summary["output_tokens"] == 27 and summary["slo_attainment"] == 1.0
+    chunks = list(csv.DictReader(open(out / "chunks.csv")))
+    assert len(chunks) == 3 * 5  # 9 tokens at 2 per engine step: 5 chunks each
+    assert summary["itl_ms"]["p50"] > 0
+    bench = summary["bench_serving"]
+    assert bench["completed"] == 3 and bench["total_output_tokens"] == 27
+    assert bench["request_goodput"] == pytest.approx(3 / summary["makespan_s"], rel=1e-3)
+    assert bench["median_ttft_ms"] == pytest.approx(summary["ttft_ms"]["p50"], rel=1e-6)
+    for key in ("mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "median_e2e_latency_ms", "output_throughput"):
+        assert key in bench
+    rows = list(csv.DictReader(open(out / "requests.csv")))
+    # the chat template wraps the prompt: the server counts more than the trace's prompt
+    assert all(int(r["prompt_tokens"]) > int(r["target_prompt_tokens"]) for r in rows)
+
+
+def test_request_rate_redraws_arrivals_like_bench_serving(tmp_path):
+    from echo_exec.replay import redraw_arrivals
+
+    trace = write_trace(tmp_path / "t.jsonl", [(100.0 * i, 5, 2) for i in range(400)])
+    items = plan_from_trace(trace, request_rate=20.0, burstiness=1.0, seed=3)
+    gaps = [b.scheduled_s - a.scheduled_s for a, b in zip(items, items[1:], strict=False)]
+    assert items[0].scheduled_s == 0 and sum(gaps) / len(gaps) == pytest.approx(1 / 20, rel=0.15)
+    bursty = redraw_arrivals(4000, 20.0, 0.25, seed=1)
+    poisson = redraw_arrivals(4000, 20.0, 1.0, seed=1)
+    cv = lambda a: float(__import__("numpy").diff(a).std() / __import__("numpy").diff(a).mean())  # noqa: E731
+    assert cv(poisson) == pytest.approx(1.0, abs=0.1) and cv(bursty) == pytest.approx(2.0, abs=0.25)
+    assert (redraw_arrivals(5, float("inf")) == 0).all()
