@@ -579,8 +579,8 @@ def bench_serving_keys(ok: list[RequestRecord], s: dict, itl_ms: np.ndarray) -> 
         if not len(x):
             return {}
         return {f"mean_{name}_ms": round(float(x.mean()), 3), f"median_{name}_ms": round(float(np.median(x)), 3),
-                f"std_{name}_ms": round(float(x.std()), 3), f"p90_{name}_ms": round(float(np.percentile(x, 90)), 3),
-                f"p99_{name}_ms": round(float(np.percentile(x, 99)), 3)}
+                f"std_{name}_ms": round(float(x.std()), 3),
+                **{f"p{q}_{name}_ms": round(float(np.percentile(x, q)), 3) for q in (90, 95, 99)}}
 
     duration = s["makespan_s"] or 0.0
     out_tok = sum(r.output_tokens for r in ok)
@@ -593,6 +593,7 @@ def bench_serving_keys(ok: list[RequestRecord], s: dict, itl_ms: np.ndarray) -> 
             "input_throughput": round(in_tok / duration, 3) if duration else None,
             "output_throughput": round(out_tok / duration, 3) if duration else None,
             "total_token_throughput": round((in_tok + out_tok) / duration, 3) if duration else None,
+            "total_throughput": round((in_tok + out_tok) / duration, 3) if duration else None,
             "accept_length": s.get("mat")}
     e2e = [r.e2e_s * 1e3 for r in ok]
     for name, values in (("ttft", [r.ttft_s * 1e3 for r in ok]), ("tpot", [r.tpot_s * 1e3 for r in ok
