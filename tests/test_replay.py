@@ -258,7 +258,9 @@ def test_subword_tokenizer_hits_the_traces_prompt_tokens(bpe, tmp_path, backend,
     assert [int(r["prompt_tokens"]) for r in rows] == lengths  # the server's own count
     assert [int(r["target_prompt_tokens"]) for r in rows] == lengths
     # in bytes the same prompts are several times longer: the tokenizer does matter
-    items = plan_from_trace(trace, tokenizer=__import__("echo_exec.replay").replay.HFTokenizer(d))
+    from echo_exec.replay import HFTokenizer
+
+    items = plan_from_trace(trace, tokenizer=HFTokenizer(d), prompt_set=SHIPPED_PROMPTS)  # the BPE's own text
     assert sum(len(it.prompt.encode()) for it in items) > 2 * sum(lengths)
 
 
