@@ -4,6 +4,10 @@
     echosim run --trace azure_conv_2023_5min --compare-policies ar,eagle3,echo
     echosim run --concurrency 32 --requests 128 --input-len 100 --output-len 500 --policy eagle3
     echosim run --rate 8 --cv 2 --requests 5000 --trace azure_conv_2023_5min   # lengths from the trace
+    echosim run --config runs/azure_conv_2023_5min-echo-seed0/config.json          # rerun a run folder's run
+
+bench_serving / vLLM spellings are accepted beside ours: --request-rate (--rate), --burstiness (gamma shape,
+CV = 1 / sqrt(burstiness)), --num-prompts (--requests), --block-size (--block-tokens).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import re
 from pathlib import Path
 
+from echosim.commands.help_format import DefaultsHelpFormatter
 from echosim.errors import UserError
 
 
@@ -19,19 +24,27 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("run", help="simulate a serving cluster on a trace (or a synthetic workload)",
                               description="Simulate a serving cluster with speculative decoding. Writes a run "
                                           "folder (config.json, requests.csv, iterations.csv, summary.json) and "
-                                          "prints a summary table.")
+                                          "prints a summary table.",
+                              formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--config", default=None,
+                   help="YAML or JSON file of settings: flag names as keys (e.g. trace, policy, requests), or a run "
+                        "folder's config.json (reruns that run); flags given on the command line win")
     w = p.add_argument_group("workload (trace replay, open-loop rate, or closed loop)")
     w.add_argument("--trace", help="trace file (native JSONL, Azure, Mooncake, BurstGPT, Vidur) or a shipped "
                                    "sample's name; with --rate or --concurrency it only gives the lengths")
     w.add_argument("--format", default=None, help="force the trace format (default: detect)")
     w.add_argument("--skip-bad-lines", action="store_true", help="skip malformed trace rows and count them")
+    w.add_argument("--sort", action="store_true", help="sort an unsorted trace by arrival time (stable)")
     w.add_argument("--time-scale", type=float, default=1.0,
                    help="trace replay: multiply arrival times by X (0.5 = twice the rate)")
-    w.add_argument("--rate", type=float, default=None, help="open loop: arrivals per second (Poisson)")
+    w.add_argument("--rate", "--request-rate", dest="rate", type=float, default=None,
+                   help="open loop: arrivals per second (Poisson)")
     w.add_argument("--cv", type=float, default=1.0, help="with --rate: gamma gaps with this CV (> 1 = bursty)")
+    w.add_argument("--burstiness", type=float, default=None,
+                   help="with --rate, bench_serving's spelling: gamma shape of the gaps (CV = 1 / sqrt(burstiness))")
     w.add_argument("--concurrency", type=int, default=None,
                    help="closed loop: keep C requests in flight (the paper's 'batch size')")
-    w.add_argument("--requests", type=int, default=None,
+    w.add_argument("--requests", "--num-prompts", dest="requests", type=int, default=None,
                    help="number of requests (open loop: required; closed loop: default 4 x concurrency; "
                         "trace: the first N)")
     w.add_argument("--input-len", type=int, default=100, help="fixed prompt length without a trace")
@@ -59,7 +72,8 @@ def add_parser(subparsers) -> None:
     c.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="prefill tokens per iteration per replica, as SGLang's --chunked-prefill-size (default: "
                         "what --max-batched-tokens leaves after the verify trees)")
-    c.add_argument("--block-tokens", type=int, default=16, help="KV-cache block size (tokens)")
+    c.add_argument("--block-tokens", "--block-size", dest="block_tokens", type=int, default=16,
+                   help="KV-cache block size (tokens)")
     c.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     c.add_argument("--kv-blocks", type=int, default=None, help="KV capacity per replica in blocks (default: "
                                                                "from GPU memory minus weights)")
@@ -84,7 +98,8 @@ def add_parser(subparsers) -> None:
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="goodput SLO on TTFT (ms)")
     o.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput SLO on TPOT (ms)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _defaults={a.dest: a.default for a in p._actions if a.dest != "help"},
+                   _names={o.lstrip("-").replace("-", "_"): a.dest for a in p._actions for o in a.option_strings})
 
 
 def split_items(text: str) -> list[str]:
@@ -134,12 +149,61 @@ def _policy(spec: str, sets: list[str]) -> dict:
     return cfg
 
 
+# A run folder's config.json ({"sim": ..., "workload": ...}) in flag names: what --config reruns.
+CLUSTER_FLAGS = {"model": "model", "hardware": "hardware", "tp": "tp", "replicas": "replicas", "router": "router",
+                 "draft": "draft", "cost_model": "cost_model", "step_overhead_ms": "step_overhead_ms",
+                 "overhead_per_token_ms": "overhead_per_token_ms",
+                 "overhead_per_draft_row_ms": "overhead_per_draft_row_ms",
+                 "overhead_per_request_ms": "overhead_per_request_ms", "max_running": "max_running",
+                 "max_batched_tokens": "max_batched_tokens", "max_prefill_tokens": "max_prefill_tokens",
+                 "prefill_forward": "prefill_forward", "block_tokens": "block_tokens",
+                 "gpu_memory_utilization": "gpu_memory_utilization", "kv_blocks": "kv_blocks"}
+
+
+def _run_folder_settings(cfg: dict) -> dict:
+    sim, w = cfg["sim"], cfg["workload"]
+    flat = {flag: sim["cluster"][key] for key, flag in CLUSTER_FLAGS.items() if key in sim.get("cluster", {})}
+    flat.update({k: sim[k] for k in ("policy", "acceptance", "core", "seed", "slo_ttft_ms", "slo_tpot_ms") if k in sim})
+    flat.update(trace=w.get("trace"), time_scale=w.get("time_scale", 1.0), requests=w.get("requests"),
+                input_len=w.get("prompt_tokens", 100), output_len=w.get("output_tokens", 500),
+                skip_bad_lines=w.get("skip_bad_lines", False), format=w.get("trace_format"),
+                sort=w.get("sort", False))
+    if w.get("kind") == "closed":
+        flat["concurrency"] = w["concurrency"]
+    elif w.get("kind") in ("poisson", "gamma"):
+        flat.update(rate=w["rate_rps"], cv=w.get("cv", 1.0))
+    return flat
+
+
+def apply_config(args) -> None:
+    """Settings from --config under the flags the command line left at their defaults."""
+    from echosim.config_files import load_settings
+
+    path = args.config
+    settings = load_settings(path)
+    if "sim" in settings and "workload" in settings:
+        settings = _run_folder_settings(settings)
+    defaults = args._defaults
+    for key, value in settings.items():
+        dest = args._names.get(str(key).replace("-", "_"), str(key))
+        if dest not in defaults or dest in ("config", "help"):
+            raise UserError(f"unknown setting {key!r} (settings are `echosim run` flag names)", path=path, field=key)
+        if getattr(args, dest) == defaults[dest]:  # the command line did not set it
+            setattr(args, dest, value)
+
+
 def _workload(args):
     from echosim.sim.workload import WorkloadSpec
 
+    if args.burstiness is not None:
+        if not args.burstiness > 0:
+            raise UserError(f"--burstiness must be positive, got {args.burstiness}")
+        if args.cv != 1.0:
+            raise UserError("give --cv or --burstiness, not both")
+        args.cv = 1.0 / args.burstiness ** 0.5
     common = dict(trace=args.trace, requests=args.requests, prompt_tokens=args.input_len,
                   output_tokens=args.output_len, skip_bad_lines=args.skip_bad_lines, trace_format=args.format,
-                  time_scale=args.time_scale)
+                  time_scale=args.time_scale, sort=args.sort)
     if args.concurrency is not None and args.rate is not None:
         raise UserError("give --rate (open loop) or --concurrency (closed loop), not both")
     if args.concurrency is not None:
@@ -170,6 +234,8 @@ def run(args) -> int:
     from echosim.sim.report import format_speed, format_table
     from echosim.sim.simulator import simulate
 
+    if args.config:
+        apply_config(args)
     workload = _workload(args)
     cluster = ClusterConfig(model=args.model, hardware=args.hardware, tp=args.tp, replicas=args.replicas,
                             router=args.router, draft=args.draft, cost_model=args.cost_model,
@@ -181,6 +247,11 @@ def run(args) -> int:
                             prefill_forward=args.prefill_forward,
                             block_tokens=args.block_tokens,
                             gpu_memory_utilization=args.gpu_memory_utilization, kv_blocks=args.kv_blocks)
+    if isinstance(args.policy, dict):  # from --config: the policy's settings themselves
+        if "policy" not in args.policy:
+            raise UserError("the config's policy is an object with 'policy'", path=args.config, field="policy")
+        inline = json.dumps({k: v for k, v in args.policy.items() if k != "policy"})
+        args.policy = args.policy["policy"] + (inline if inline != "{}" else "")
     specs = split_items(args.compare_policies) if args.compare_policies else [args.policy]
     if not specs:
         raise UserError("--compare-policies needs at least one policy")

@@ -49,17 +49,22 @@ class WorkloadSpec:
     output_tokens: int = 500
     skip_bad_lines: bool = False
     trace_format: str | None = None
+    sort: bool = False                 # sort an unsorted trace by arrival (stable) instead of refusing it
 
     def to_json(self) -> dict:
         from dataclasses import asdict
 
-        return asdict(self)
+        d = asdict(self)
+        if not self.sort:  # absent unless set: run folders of sorted traces stay as they were
+            del d["sort"]
+        return d
 
 
 def trace_reader(spec: WorkloadSpec):
     from traces import TraceReader, resolve_trace
 
-    return TraceReader(resolve_trace(spec.trace), format=spec.trace_format, skip_bad_lines=spec.skip_bad_lines)
+    return TraceReader(resolve_trace(spec.trace), format=spec.trace_format, skip_bad_lines=spec.skip_bad_lines,
+                       sort=spec.sort)
 
 
 def _limit(chunks: Iterator[TraceArrays], n: int | None) -> Iterator[TraceArrays]:
