@@ -171,6 +171,22 @@ def test_validate_end_to_end_small(tmp_path, capsys, monkeypatch):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| throughput_tok_s |" in printed and "| e2e_ms.p99 |" in printed
+    # `validate --replay` on the engine's replay folder, with the run's own fits: no engine runs, same errors
+    again = tmp_path / "again"
+    assert main(["validate", "--replay", str(out / "engine"), "--cost-model", str(out / "cost_fit.json"),
+                 "--acceptance", str(out / "acceptance.json"), "--overheads", str(out / "overheads.json"),
+                 "--policy", "eagle3", "--policy-config", json.dumps(SMALL_EAGLE), "--max-running", "4",
+                 "--max-prompt-tokens", "48", "--max-output-tokens", "16", "--out", str(again)]) == 0
+    replayed = json.loads((again / "validation.json").read_text())["metrics"]
+    res = json.loads((out / "validation.json").read_text())
+    assert [r["metric"] for r in replayed] == [r["metric"] for r in res["metrics"]]
+    for mine, theirs in zip(replayed, res["metrics"], strict=True):  # arrivals go through the CSV's 6 decimals
+        assert mine["engine"] == theirs["engine"], mine["metric"]
+        assert mine["sim"] == pytest.approx(theirs["sim"], rel=1e-5, abs=1e-3), mine["metric"]
+        assert mine["signed_pct"] == pytest.approx(theirs["signed_pct"], abs=0.011), mine["metric"]
+    assert "| throughput_tok_s |" in capsys.readouterr().out
+    rerun = json.loads((again / "config.json").read_text())
+    assert rerun["replay"] == str(out / "engine") and rerun["acceptance"] == str(out / "acceptance.json")
     for name in ("config.json", "profile_target.csv", "profile_draft.csv", "cost_fit.json", "overheads.json",
                  "acceptance.json", "calibration_records.jsonl", "calibration_iterations.csv",
                  "engine/requests.csv", "engine/summary.json", "engine/iterations.csv", "sim/requests.csv",
@@ -212,6 +228,7 @@ def test_validate_end_to_end_small(tmp_path, capsys, monkeypatch):
     assert res["overheads_before_reprofile"]["forward_share"] == 1.4
     assert res["overheads_suspect"] == (res["overheads"]["forward_share"] > 1.0
                                         or res["overheads"]["median_ape_pct"] > SUSPECT_APE_PCT)
+
 
 
 def test_step_breakdown_groups_steps_by_kind(tmp_path):

@@ -1,12 +1,20 @@
 """`echosim validate`: strict replay of one trace through the real engine and the simulator (echosim.validate).
 
     echosim validate --trace synthetic_bursty_4rps --limit 48 --policy eagle3 --out runs/validate-eagle3
+
+With --replay, no engine runs here: the simulator is compared with a replay that already ran (an `echosim replay`
+folder against any server, e.g. SGLang on a GPU cluster, or a bench_serving / vLLM result file), with the step-time
+fit, acceptance model and overheads the user names (docs/VALIDATION.md, "Validating a GPU cluster's run").
+
+    echosim validate --replay runs/replay-h100 --model Qwen3-8B --draft EAGLE3-Qwen3-8B --policy eagle3 \
+        --cost-model fits/h100/cost_fit.json --acceptance fits/acceptance.json --max-running 64 --out runs/val-h100
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from echosim.commands.help_format import DefaultsHelpFormatter
 from echosim.errors import UserError
 
 # the shipped tiny pair (echo_exec/models), named without importing echo_exec (torch) at parser build time
@@ -21,7 +29,8 @@ def add_parser(subparsers) -> None:
                     "profile on this machine and whose acceptance model is fitted from the engine's records on "
                     "other prompts. Writes a run folder (profiles, fits, calibration, engine/, sim/, "
                     "validation.json) and prints the signed and absolute errors of throughput, MAT, TTFT, TPOT "
-                    "and E2E.")
+                    "and E2E. With --replay, the simulator against a replay that already ran (any server).",
+        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--trace", default="synthetic_bursty_4rps", help="trace file or shipped sample name")
     p.add_argument("--limit", type=int, default=48, help="the trace's first N requests (default 48)")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times by X")
@@ -43,7 +52,62 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default runs/validate-<policy>)")
+    r = p.add_argument_group("validating an existing replay (--replay)")
+    r.add_argument("--replay", default=None,
+                   help="an echosim replay folder (requests.csv, summary.json), or a bench_serving / vLLM result file "
+                        "with per-request details: simulate its requests and compare, without running an engine")
+    r.add_argument("--cost-model", default=None,
+                   help="with --replay: the step-time fit (.json from echosim fit, hardware.json beside it)")
+    r.add_argument("--acceptance", default=None,
+                   help="with --replay: an acceptance preset or fitted .json (e.g. echosim fit-acceptance on "
+                        "serve --records); none = fitted here from --acceptance-records")
+    r.add_argument("--acceptance-records", default=None,
+                   help="with --replay: draft/accept records (serve --records) to fit the acceptance model from")
+    r.add_argument("--overheads", default=None,
+                   help="with --replay: the engine's per-step overheads (.json, as validate writes); none = zero")
+    r.add_argument("--hardware", default=None,
+                   help="with --replay: the GPU (catalog name or spec .json); none = hardware.json beside the fit")
+    r.add_argument("--block-size", type=int, default=16, help="KV-cache block size (tokens)")
+    r.add_argument("--max-prefill-tokens", type=int, default=512, help="prefill tokens per step")
     p.set_defaults(func=run)
+
+
+def run_replay(args, policy: str, config: dict | None) -> int:
+    import json
+
+    from echosim.validate.crossval import CrossValConfig, format_comparison, validate_replay
+    from echosim.validate.step_overheads import Overheads
+
+    if args.cost_model is None:
+        raise UserError("--replay needs --cost-model (a step-time fit; echosim fit makes one from a profile)")
+    acceptance = args.acceptance
+    out = Path(args.out) if args.out else Path("runs") / f"validate-replay-{policy}"
+    if acceptance is None:
+        if args.acceptance_records is None:
+            raise UserError("--replay needs --acceptance (preset or fitted .json) or --acceptance-records")
+        from echosim.sim.acceptance_fit import fit_records
+        from echosim.spec.records import read_records
+
+        out.mkdir(parents=True, exist_ok=True)
+        acceptance = str(out / "acceptance.json")
+        fit_records(read_records(args.acceptance_records), name="replay-records").model.save(acceptance)
+    over = Overheads(0.0, 0.0, 0.0)
+    if args.overheads is not None:
+        try:
+            over = Overheads(**json.loads(Path(args.overheads).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise UserError(f"cannot read the overheads: {exc}", path=args.overheads) from None
+    replay = Path(args.replay)
+    if not replay.exists():
+        raise UserError("no such replay folder or result file", path=args.replay)
+    cfg = CrossValConfig(model=args.model, draft=None if policy == "ar" else args.draft, policy=policy,
+                         policy_config=config, max_running=args.max_running, num_kv_blocks=args.num_kv_blocks,
+                         block_size=args.block_size, max_prefill_tokens=args.max_prefill_tokens, seed=args.seed,
+                         max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
+    result = validate_replay(replay, cfg, Path(args.cost_model), acceptance, over, out, hardware=args.hardware)
+    print(format_comparison(result["metrics"]))
+    print(f"run folder: {out} ({result['wall_s']:.0f} s)")
+    return 0
 
 
 def run(args) -> int:
@@ -53,6 +117,8 @@ def run(args) -> int:
 
     # the settings `echosim serve` would run with the same draft directory
     policy, config, _ = policy_settings(args.policy_config, args.policy, args.draft)
+    if args.replay is not None:
+        return run_replay(args, policy, config)
     cfg = CrossValConfig(model=args.model, draft=None if policy == "ar" else args.draft, policy=policy,
                          policy_config=config, trace=args.trace, limit=args.limit, time_scale=args.time_scale,
                          max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -412,7 +413,7 @@ def replay_engine(cfg: CrossValConfig, items, eng, out: Path, log) -> dict:
 
 
 def simulate_same(cfg: CrossValConfig, records, fit_path: Path, acc_path: Path | None, over: Overheads,
-                  mean_ctx: float, out: Path) -> dict:
+                  mean_ctx: float, out: Path, hardware: str | None = None) -> dict:
     """The engine's requests (trace arrivals; the prompt and output tokens it served) through the simulator."""
     from echosim.sim.config import ClusterConfig, SimConfig
     from echosim.sim.simulator import simulate
@@ -426,7 +427,8 @@ def simulate_same(cfg: CrossValConfig, records, fit_path: Path, acc_path: Path |
     write_jsonl(trace, TraceArrays(arrival_s=np.array([r.scheduled_s for r in order]),
                                    prompt_tokens=np.array([r.prompt_tokens for r in order], np.int64),
                                    output_tokens=np.array([r.output_tokens for r in order], np.int64)))
-    cluster = ClusterConfig(model=cfg.model, hardware=str(fit_path.parent / "hardware.json"), draft=cfg.draft,
+    hardware = hardware or str(fit_path.parent / "hardware.json")  # profile_and_fit writes it beside the fit
+    cluster = ClusterConfig(model=cfg.model, hardware=hardware, draft=cfg.draft,
                             cost_model=str(fit_path), step_overhead_ms=over.step_overhead_ms,
                             overhead_per_token_ms=over.overhead_per_token_ms,
                             overhead_per_draft_row_ms=over.overhead_per_draft_row_ms,
@@ -607,4 +609,110 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
                  "are off by about as much; run again.\n\n" + table)
     (out / "validation.md").write_text(table + "\n\nSteps, engine against simulator (where a step-time error "
                                        "comes from):\n\n" + format_breakdown(steps) + "\n")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The simulator against a replay that already ran (ours, or a converted bench_serving / vLLM result): no engine
+# here, so it works for a GPU cluster's run. The cost model and acceptance model are the user's (named or fitted).
+
+
+@dataclass
+class ReplayedRequest:
+    """What the simulator needs of a replayed request: its trace arrival and the lengths the server served."""
+
+    index: int
+    scheduled_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+def read_replay(folder: Path) -> tuple[list[ReplayedRequest], dict]:
+    """The successful requests of a replay folder (requests.csv) and its summary (summary.json)."""
+    req_path, sum_path = folder / "requests.csv", folder / "summary.json"
+    for p in (req_path, sum_path):
+        if not p.is_file():
+            raise ValidationError("not a replay folder (echosim replay writes requests.csv and summary.json)",
+                                  path=str(p))
+    try:
+        summary = json.loads(sum_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"not valid JSON ({exc.msg})", path=str(sum_path), line=exc.lineno) from None
+    rows = []
+    with open(req_path, newline="") as f:
+        for n, row in enumerate(csv.DictReader(f), 2):
+            if row.get("ok", "True") != "True":
+                continue
+            try:
+                scheduled = row.get("scheduled_s") or row["arrival_s"]
+                rows.append(ReplayedRequest(int(row["request"]), float(scheduled), int(row["prompt_tokens"]),
+                                            int(row["output_tokens"])))
+            except (KeyError, ValueError) as exc:
+                raise ValidationError(f"bad request row: {exc}", path=str(req_path), line=n) from None
+    if not rows:
+        raise ValidationError("the replay has no successful requests", path=str(req_path))
+    return rows, summary
+
+
+def convert_bench_result(path: Path, out: Path) -> Path:
+    """A bench_serving (SGLang, --output-details) or `vllm bench serve` (--save-result --save-detailed) result file
+    as a replay folder: per-request prompt and output lengths, TTFT and inter-token gaps. Their clients do not save
+    send times, so the file must come from a run that sent every request at once (--request-rate inf)."""
+    from echo_exec.replay import RequestRecord, summarize, write_outputs
+
+    try:
+        lines = [x for x in path.read_text().splitlines() if x.strip()]
+        data = json.loads(lines[-1]) if path.suffix == ".jsonl" else json.loads("\n".join(lines))
+    except (OSError, IndexError, json.JSONDecodeError) as exc:
+        raise ValidationError(f"cannot read the result file: {exc}", path=str(path)) from None
+    need = ("input_lens", "output_lens", "ttfts", "itls")
+    missing = [k for k in need if not isinstance(data.get(k), list)]
+    if missing:
+        raise ValidationError(f"no per-request {', '.join(missing)} (run the benchmark with --output-details / "
+                              "--save-detailed)", path=str(path), field=missing[0])
+    rate = data.get("request_rate")
+    if rate not in (None, "inf", float("inf")) and not (isinstance(rate, float) and math.isinf(rate)):
+        raise ValidationError(f"request_rate {rate}: the file has no send times; validate a run made with "
+                              "--request-rate inf, or replay the workload with echosim replay", path=str(path),
+                              field="request_rate")
+    records = []
+    for i, (p, o, ttft, itl) in enumerate(zip(data["input_lens"], data["output_lens"], data["ttfts"], data["itls"],
+                                              strict=True)):
+        if not ttft or o < 1:
+            continue  # a failed request
+        chunks = [ttft + sum(itl[:k]) for k in range(len(itl) + 1)]
+        records.append(RequestRecord(i, str(i), 0.0, ttft, chunks[-1], int(p), int(o), 0, 0, "", 0.0, int(p), int(o),
+                                     "", True, "", chunk_s=chunks))
+    summary = summarize(records)
+    if data.get("accept_length"):
+        summary["mat"] = float(data["accept_length"])
+    write_outputs(out, records, summary, {"command": "converted", "source": str(path)})
+    return out
+
+
+def validate_replay(replay: Path, cfg: CrossValConfig, cost_fit: Path, acceptance: str, over: Overheads,
+                    out: Path, hardware: str | None = None) -> dict:
+    """The replay's requests through the simulator (their trace arrivals, the lengths the server served), with the
+    given step-time fit (hardware.json beside it), acceptance model and engine overheads, compared with what the
+    replay measured: the error table of `run`."""
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    if replay.is_file():  # a benchmark client's result file
+        replay = convert_bench_result(replay, out / "replay")
+    records, measured = read_replay(replay)
+    if hardware is None and not (cost_fit.parent / "hardware.json").is_file():
+        raise ValidationError("name the GPU (--hardware h100, or a spec .json), or keep hardware.json beside the "
+                              "step-time fit", path=str(cost_fit))
+    sim = simulate_same(cfg, records, cost_fit, acceptance, over, 0.0, out / "sim", hardware)  # type: ignore
+    rows = compare(measured, sim)
+    result = {"metrics": rows, "replay": str(replay), "measured": measured,
+              "sim": {k: v for k, v in sim.items() if k != "sim"}, "overheads": asdict(over),
+              "cost_model": str(cost_fit), "hardware": hardware, "acceptance": acceptance,
+              "wall_s": round(time.perf_counter() - t0, 1)}
+    (out / "config.json").write_text(json.dumps({"command": "echosim validate --replay", "replay": str(replay),
+                                                 **asdict(cfg), "cost_model": str(cost_fit),
+                                                 "acceptance": acceptance, "overheads": asdict(over)}, indent=2)
+                                     + "\n")
+    (out / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "validation.md").write_text(format_comparison(rows) + "\n")
     return result
