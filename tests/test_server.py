@@ -352,3 +352,18 @@ def test_port_in_use_is_reported_before_loading(models, capsys):
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "loading" not in err and "Traceback" not in err
     assert time.monotonic() - t0 < 5
+
+
+def test_prometheus_metrics_from_the_real_engine(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gen(server.url, "def metrics():", 16)
+    status, raw = get(server.url + "/metrics")
+    assert status == 200
+    got = {s.name: s.value for f in text_string_to_metric_families(raw.decode()) for s in f.samples}
+    assert got["vllm:spec_decode_num_drafts_total"] > 0
+    assert got["vllm:spec_decode_num_accepted_tokens_total"] > 0
+    assert got["vllm:spec_decode_num_draft_tokens_total"] >= got["vllm:spec_decode_num_accepted_tokens_total"]
+    info = json.loads(get(server.url + "/server_info")[1])
+    assert got["sglang:spec_accept_length"] == pytest.approx(info["avg_spec_accept_length"])
+    assert 0 <= got["vllm:kv_cache_usage_perc"] <= 1 and got["vllm:generation_tokens_total"] >= 16

@@ -75,8 +75,8 @@ def add_parser(subparsers) -> None:
     c.add_argument("--block-tokens", "--block-size", dest="block_tokens", type=int, default=16,
                    help="KV-cache block size (tokens)")
     c.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    c.add_argument("--kv-blocks", type=int, default=None, help="KV capacity per replica in blocks (default: "
-                                                               "from GPU memory minus weights)")
+    c.add_argument("--kv-blocks", "--num-kv-blocks", dest="kv_blocks", type=int, default=None,
+                   help="KV capacity per replica in blocks (none = from GPU memory minus weights)")
 
     s = p.add_argument_group("speculation")
     s.add_argument("--policy", default="echo", help="policy name (ar, eagle3, echo, ...) or a policy .json")

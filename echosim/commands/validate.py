@@ -32,26 +32,29 @@ def add_parser(subparsers) -> None:
                     "and E2E. With --replay, the simulator against a replay that already ran (any server).",
         formatter_class=DefaultsHelpFormatter)
     p.add_argument("--trace", default="synthetic_bursty_4rps", help="trace file or shipped sample name")
-    p.add_argument("--limit", type=int, default=48, help="the trace's first N requests (default 48)")
+    p.add_argument("--limit", "--num-prompts", dest="limit", type=int, default=48,
+                   help="the trace's first N requests")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times by X")
-    p.add_argument("--max-prompt-tokens", type=int, default=256, help="clip prompts to N tokens (default 256)")
-    p.add_argument("--max-output-tokens", type=int, default=64, help="clip outputs to N tokens (default 64)")
+    p.add_argument("--max-prompt-tokens", type=int, default=256, help="clip prompts to N tokens")
+    p.add_argument("--max-output-tokens", type=int, default=64, help="clip outputs to N tokens")
     p.add_argument("--model", default=str(MODELS_DIR / "tiny-target"), help="target model directory")
     p.add_argument("--draft", default=str(MODELS_DIR / "tiny-draft"), help="draft model directory")
-    p.add_argument("--policy", default="eagle3", help="speculation policy (default eagle3)")
+    p.add_argument("--policy", default="eagle3", help="speculation policy")
     p.add_argument("--policy-config", default=None,
-                   help="policy settings: inline JSON or a JSON file (default: the draft directory's "
+                   help="policy settings: inline JSON or a JSON file (none = the draft directory's "
                         "policy-<policy>.json if it has one, as echosim serve)")
-    p.add_argument("--max-running", type=int, default=16, help="most requests decoding at once (default 16)")
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (default: room for max-running)")
+    p.add_argument("--max-running", type=int, default=16, help="most requests decoding at once")
+    p.add_argument("--block-size", type=int, default=16, help="KV-cache block size (tokens)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512, help="prefill tokens per step")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (none = room for max-running)")
     p.add_argument("--calibration-prompts", type=int, default=16,
-                   help="calibration prompts (other files than the replay's) per batch size (default 16)")
+                   help="calibration prompts (other files than the replay's) per batch size")
     p.add_argument("--engine-runs", type=int, default=2,
-                   help="replays through the engine (default 2: the second measures the machine's own noise)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+                   help="replays through the engine (the second measures the machine's own noise)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="run folder (default runs/validate-<policy>)")
+    p.add_argument("--out", default=None, help="run folder (none = runs/validate-<policy>)")
     r = p.add_argument_group("validating an existing replay (--replay)")
     r.add_argument("--replay", default=None,
                    help="an echosim replay folder (requests.csv, summary.json), or a bench_serving / vLLM result file "
@@ -67,8 +70,6 @@ def add_parser(subparsers) -> None:
                    help="with --replay: the engine's per-step overheads (.json, as validate writes); none = zero")
     r.add_argument("--hardware", default=None,
                    help="with --replay: the GPU (catalog name or spec .json); none = hardware.json beside the fit")
-    r.add_argument("--block-size", type=int, default=16, help="KV-cache block size (tokens)")
-    r.add_argument("--max-prefill-tokens", type=int, default=512, help="prefill tokens per step")
     p.set_defaults(func=run)
 
 
@@ -124,6 +125,7 @@ def run(args) -> int:
                          max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
                          max_running=args.max_running, num_kv_blocks=args.num_kv_blocks,
                          calibration_prompts=args.calibration_prompts, engine_runs=args.engine_runs,
+                         block_size=args.block_size, max_prefill_tokens=args.max_prefill_tokens,
                          device=args.device, threads=args.threads,
                          seed=args.seed)
     out = Path(args.out) if args.out else Path("runs") / f"validate-{policy}"
