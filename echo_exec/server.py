@@ -93,6 +93,7 @@ class Handle:
     queue: asyncio.Queue
     stream: bool = False      # token events wanted (streaming); otherwise only the final result
     created_s: float = field(default_factory=time.perf_counter)
+    max_name: str = "max_new_tokens"   # what the client called the output length (engine errors say it so)
     last_token_s: float | None = None  # worker thread: when the engine last delivered tokens (inter-token latency)
 
 
@@ -231,7 +232,7 @@ class EngineWorker:
         try:
             self.engine.add_request(prompt_ids, params, request_id=handle.request_id, on_tokens=callback)
         except Exception as exc:  # the engine refused the request (too long, out of capacity...): a 400
-            self._emit(handle, ("error", 400, f"{exc}"))
+            self._emit(handle, ("error", 400, str(exc).replace("max_new_tokens", handle.max_name)))
             return
         self._handles[handle.request_id] = handle
 
@@ -286,6 +287,7 @@ class GenRequest:
     sampling: dict            # keyword arguments of SamplingParams
     request_id: str
     ignore_eos: bool = False  # SGLang's flag: do not stop at the model's EOS
+    max_name: str = "max_new_tokens"  # the client's name for the output length
 
 
 @dataclass
@@ -514,7 +516,7 @@ class EchoServer:
             raise BadRequest("the server is shutting down", status=503)
         if self.worker is None or not self.worker.alive():
             raise BadRequest("the engine is not running", status=503)
-        handle = Handle(req.request_id, req.prompt_ids, asyncio.Queue(), stream)
+        handle = Handle(req.request_id, req.prompt_ids, asyncio.Queue(), stream, max_name=req.max_name)
         self.inflight[req.request_id] = handle
         self.worker.add(handle, req.prompt_ids, self.make_params(**req.sampling), req.ignore_eos)
         return handle
@@ -696,7 +698,7 @@ class EchoServer:
                                    stop_token_ids=o.stop_token_ids, vocab_size=self.limits.vocab_size)
         v.fits(ids, max_new, "prompt", max_name)
         rid = o.request_id or uuid.uuid4().hex
-        return GenRequest(ids, {"max_new_tokens": max_new, **sampling}, prefix + rid, o.ignore_eos)
+        return GenRequest(ids, {"max_new_tokens": max_new, **sampling}, prefix + rid, o.ignore_eos, max_name)
 
     def _parse_completions(self, body) -> tuple[GenRequest, CompletionIn]:
         o = parse(CompletionIn, body)

@@ -256,3 +256,21 @@ def test_server_is_up_after_the_fuzzing(srv):
     _, url = srv
     assert get(url + "/health")[0] == 200
     assert post(url + "/generate", {"text": "ok", "sampling_params": {"max_new_tokens": 2}})[0] == 200
+
+
+def test_engine_refusals_name_the_clients_field():
+    class Refusing(FakeEngine):
+        def add_request(self, prompt_ids, params, request_id=None, on_tokens=None):
+            raise ValueError(f"prompt + max_new_tokens ({params.max_new_tokens}) can never fit the KV pool")
+
+    _, thread = fake_server(Refusing())
+    try:
+        cases = [("/v1/completions", {"prompt": "a", "max_tokens": 5}, "max_tokens (5)"),
+                 ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                           "max_completion_tokens": 6}, "max_completion_tokens (6)"),
+                 ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 7}}, "max_new_tokens (7)")]
+        for path, body, words in cases:
+            status, raw = post(thread.url + path, body)
+            assert status == 400 and words in json.loads(raw)["error"]["message"], (path, raw)
+    finally:
+        thread.stop()
