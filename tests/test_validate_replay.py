@@ -32,7 +32,8 @@ def test_a_bench_serving_result_becomes_a_replay_folder(tmp_path):
     assert float(req[0]["tpot_ms"]) == pytest.approx(20.0)
 
 
-@pytest.mark.parametrize("extra,words", [({"request_rate": 4.0}, "no send times"), ({"itls": None}, "itls")])
+@pytest.mark.parametrize("extra,words", [({"request_rate": 4.0}, "no send times"), ({"itls": None}, "itls"),
+                                         ({"max_concurrency": 2}, "held requests back")])
 def test_bench_results_it_cannot_use(tmp_path, extra, words):
     with pytest.raises(ValidationError, match=words):
         convert_bench_result(bench_file(tmp_path / "r.json", **extra), tmp_path / "replay")

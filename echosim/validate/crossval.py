@@ -675,6 +675,11 @@ def convert_bench_result(path: Path, out: Path) -> Path:
         raise ValidationError(f"request_rate {rate}: the file has no send times; validate a run made with "
                               "--request-rate inf, or replay the workload with echosim replay", path=str(path),
                               field="request_rate")
+    cap = data.get("max_concurrency")
+    if isinstance(cap, int) and 0 < cap < len(data["input_lens"]):
+        raise ValidationError(f"max_concurrency {cap}: the client held requests back, and the file does not say "
+                              "when it sent them; validate a run without --max-concurrency, or replay the workload "
+                              "with echosim replay", path=str(path), field="max_concurrency")
     records = []
     for i, (p, o, ttft, itl) in enumerate(zip(data["input_lens"], data["output_lens"], data["ttfts"], data["itls"],
                                               strict=True)):
