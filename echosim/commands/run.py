@@ -177,7 +177,7 @@ def _run_folder_settings(cfg: dict) -> dict:
 
 def apply_config(args) -> None:
     """Settings from --config under the flags the command line left at their defaults."""
-    from echosim.config_files import load_settings
+    from echosim.commands.config_files import load_settings
 
     path = args.config
     settings = load_settings(path)
