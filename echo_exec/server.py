@@ -323,8 +323,11 @@ class Validator:
     def max_new(self, value: int | None, name: str, ids: list[int], *, default: int | None, low: int = 1) -> int:
         """max_new_tokens / max_tokens: `default` when null (None = as many as fit the context)."""
         if value is None:
-            value = default if default is not None else self.limits.max_context_tokens - len(ids)
-            value = max(min(value, self.limits.max_context_tokens - len(ids)), 0)
+            room = self.limits.max_context_tokens - len(ids)
+            if room < low or room < 1:
+                raise BadRequest(f"the prompt ({len(ids)} tokens) leaves no room in this server's context of "
+                                 f"{self.limits.max_context_tokens} for '{name}'")
+            value = room if default is None else min(default, room)
         if value < low:
             raise BadRequest(f"'{name}' must be >= {low}, got {value}")
         return value

@@ -157,6 +157,8 @@ def test_null_lengths_mean_the_default(srv):
     assert status == 200 and json.loads(raw)["meta_info"]["completion_tokens"] == 128  # SGLang's default
     status, raw = post(url + "/v1/completions", {"prompt": "ab", "max_tokens": None})
     assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 256 - 2  # all the context left
+    status, raw = post(url + "/v1/completions", {"prompt": "x" * 256, "max_tokens": None})
+    assert status == 400 and "leaves no room" in json.loads(raw)["error"]["message"]
 
 
 def test_tiny_temperature_is_greedy():
