@@ -65,14 +65,19 @@ def test_bench_serving_completes_and_agrees_with_our_replay(server, sharegpt, tm
                              for p, o in zip(got["input_lens"], got["output_lens"], strict=True)))
     out = tmp_path / "ours"
     ours_backend = "sglang" if backend == "sglang" else "openai"
+    from echo_exec.replay import SHIPPED_PROMPTS  # the text bench_serving's prompts were cut from: alike acceptance
+
     assert main(["replay", "--trace", str(trace), "--base-url", server.url, "--backend", ours_backend,
-                 "--tokenizer", str(TARGET), "--max-concurrency", "8", "--out", str(out), "--quiet"]) == 0
+                 "--tokenizer", str(TARGET), "--prompts", str(SHIPPED_PROMPTS), "--max-concurrency", "8",
+                 "--out", str(out), "--quiet"]) == 0
     ours = json.loads((out / "summary.json").read_text())["bench_serving"]
     assert ours["completed"] == NUM_PROMPTS
     assert ours["total_output_tokens"] == got["total_output_tokens"]
     assert ours["total_input_tokens"] == got["total_input_tokens"]
     print(f"{backend}: bench_serving output {got['output_throughput']:.1f} tok/s, median TTFT "
-          f"{got['median_ttft_ms']:.1f} ms; ours {ours['output_throughput']:.1f} tok/s, {ours['median_ttft_ms']:.1f}")
+          f"{got['median_ttft_ms']:.1f} ms, median E2E {got['median_e2e_latency_ms']:.1f} ms, accept length "
+          f"{got.get('accept_length')}; ours {ours['output_throughput']:.1f} tok/s, {ours['median_ttft_ms']:.1f} ms, "
+          f"{ours['median_e2e_latency_ms']:.1f} ms, {ours['accept_length']}")
     # within noise: a shared 2-core machine, 16 requests; the same definitions on both sides
     assert ours["output_throughput"] == pytest.approx(got["output_throughput"], rel=0.5)
     assert ours["median_e2e_latency_ms"] == pytest.approx(got["median_e2e_latency_ms"], rel=0.5)
