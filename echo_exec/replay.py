@@ -473,12 +473,40 @@ async def served_model(url: str) -> str | None:
         return None
 
 
+SPEC_COUNTERS = ("vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_drafts_total")
+
+
+async def spec_counters(session, url: str) -> tuple[float, float] | None:
+    """(accepted draft tokens, drafts) from the server's Prometheus /metrics under vLLM's names (vLLM, and
+    `echosim serve`), summed over labels; None when it exports none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        async with session.get(url.rstrip("/") + "/metrics") as resp:
+            if resp.status != 200:
+                return None
+            text = await resp.text()
+        totals = dict.fromkeys(SPEC_COUNTERS, 0.0)
+        seen = set()
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                if sample.name in totals:
+                    totals[sample.name] += sample.value
+                    seen.add(sample.name)
+    except Exception:  # no /metrics, not Prometheus text: the replay just has no server-side MAT
+        return None
+    return (totals[SPEC_COUNTERS[0]], totals[SPEC_COUNTERS[1]]) if len(seen) == 2 else None
+
+
 async def replay(url: str, items: list[ReplayItem], *, concurrency: int | None = None, temperature: float = 0.0,
                  stream: bool = True, request_timeout_s: float = 600.0, backend: str = "sglang",
                  model: str | None = None, warmup_requests: int = 0,
-                 progress: Callable[[RequestRecord], None] | None = None) -> list[RequestRecord]:
+                 progress: Callable[[RequestRecord], None] | None = None,
+                 server: dict | None = None) -> list[RequestRecord]:
     """Send `items` at their scheduled times (seconds from now); returns one record per item, in item order.
-    `warmup_requests` of the first items are sent first, one at a time, and not recorded."""
+    `warmup_requests` of the first items are sent first, one at a time, and not recorded. `server`, a dict, gets
+    the server's speculative-decoding counters over the timed run ("spec_accepted", "spec_drafts") when its
+    /metrics has vLLM's: the MAT of a server that reports none per request (vLLM, any OpenAI route)."""
     import aiohttp
 
     if backend not in BACKENDS:
@@ -496,6 +524,7 @@ async def replay(url: str, items: list[ReplayItem], *, concurrency: int | None =
         for k in range(min(warmup_requests, len(items))):  # a failure shows again in the timed requests
             await send_one(session, url, items[k], t0=time.perf_counter(), temperature=temperature, stream=stream,
                            backend=backend, model=model)
+        before = await spec_counters(session, url) if server is not None else None
         t0 = time.perf_counter()
         tasks: set[asyncio.Task] = set()
 
@@ -521,6 +550,9 @@ async def replay(url: str, items: list[ReplayItem], *, concurrency: int | None =
             task.add_done_callback(tasks.discard)
         while tasks:
             await asyncio.gather(*list(tasks))
+        after = await spec_counters(session, url) if before is not None else None
+        if server is not None and before is not None and after is not None:
+            server.update(spec_accepted=after[0] - before[0], spec_drafts=after[1] - before[1])
     return [r for r in records if r is not None]
 
 
@@ -541,10 +573,12 @@ def _no_nan(x):
     return x
 
 
-def summarize(records: list[RequestRecord], *, slo_ttft_ms: float = 2000.0, slo_tpot_ms: float = 100.0) -> dict:
+def summarize(records: list[RequestRecord], *, slo_ttft_ms: float = 2000.0, slo_tpot_ms: float = 100.0,
+              server: dict | None = None) -> dict:
     """The simulator's summary (echosim/metrics.py: same keys, same definitions) over the requests that
     succeeded, plus completed / failed / errors. MAT = (accepted + steps) / steps summed over requests, from the
-    server's per-request counts (None when it reports none, e.g. SGLang without speculation)."""
+    server's per-request counts; without them, 1 + accepted / drafts from the server's counters over the run
+    (`server`, from replay(); `mat_source` says which), else None (e.g. SGLang without speculation)."""
     from echosim.metrics import Metrics
 
     ok = [r for r in records if r.ok]
@@ -556,8 +590,12 @@ def summarize(records: list[RequestRecord], *, slo_ttft_ms: float = 2000.0, slo_
     s = metrics.summary(preemptions=0)
     for key in UNOBSERVED:
         s[key] = None
+    s["mat_source"] = "per-request" if metrics.request_steps else None
     if not metrics.request_steps:
         s["mat"] = None
+        if server and server.get("spec_drafts"):
+            s["mat"] = round(1.0 + server["spec_accepted"] / server["spec_drafts"], 4)
+            s["mat_source"] = "server /metrics (vllm:spec_decode_*)"
     s = _no_nan(s)   # without streaming there is no first token: TTFT / TPOT are None
     itl_ms = np.array([g * 1e3 for r in ok for g in r.itl_s])
     s["itl_ms"] = ({"mean": round(float(itl_ms.mean()), 3),

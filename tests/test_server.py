@@ -367,3 +367,20 @@ def test_prometheus_metrics_from_the_real_engine(server):
     info = json.loads(get(server.url + "/server_info")[1])
     assert got["sglang:spec_accept_length"] == pytest.approx(info["avg_spec_accept_length"])
     assert 0 <= got["vllm:kv_cache_usage_perc"] <= 1 and got["vllm:generation_tokens_total"] >= 16
+
+
+def test_replay_openai_backend_takes_mat_from_the_servers_metrics(server, tmp_path):
+    """Over OpenAI's API no request reports its verify steps; the replay reads MAT from vLLM's spec_decode
+    counters on /metrics, before and after its timed run, and it agrees with the per-request MAT of /generate."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"arrival_s": 0.05 * i, "prompt_tokens": 30 + 5 * i, "output_tokens": 24})
+                             + "\n" for i in range(6)))
+    mats = {}
+    for backend in ("sglang", "openai"):
+        out = tmp_path / backend
+        assert main(["replay", "--trace", str(trace), "--base-url", server.url, "--backend", backend, "--out",
+                     str(out), "--quiet"]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        mats[backend] = (summary["mat"], summary["mat_source"])
+    assert mats["sglang"][1] == "per-request" and mats["openai"][1].startswith("server /metrics")
+    assert mats["openai"][0] == pytest.approx(mats["sglang"][0], abs=0.35), mats  # same prompts, greedy

@@ -102,12 +102,14 @@ def run(args) -> int:
 
     print(f"replaying {len(items)} requests over {items[-1].scheduled_s:.1f} s to {args.url} ({args.backend})",
           file=sys.stderr)
+    server: dict = {}
     records = asyncio.run(replay(args.url, items, concurrency=args.concurrency, temperature=args.temperature,
                                  stream=not args.no_stream, request_timeout_s=args.timeout, backend=args.backend,
-                                 model=args.model, warmup_requests=args.warmup_requests, progress=progress))
+                                 model=args.model, warmup_requests=args.warmup_requests, progress=progress,
+                                 server=server))
     if bar is not None:
         bar.close()
-    summary = summarize(records, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+    summary = summarize(records, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, server=server)
     config = {"command": "replay", "trace": args.trace, "url": args.url, "backend": args.backend,
               "model": args.model, "tokenizer": args.tokenizer, "prompt_mode": args.prompt_mode,
               "max_concurrency": args.concurrency, "request_rate": args.request_rate, "burstiness": args.burstiness,
