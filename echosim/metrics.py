@@ -6,7 +6,11 @@ Definitions (summary.json):
 - throughput_tok_s: output tokens / makespan (first arrival to last finish), all replicas together;
 - goodput_tok_s: the same, counting only requests that meet both SLOs (TTFT <= slo_ttft_ms, TPOT <= slo_tpot_ms);
 - mat: (accepted drafts + 1) summed over decode request-steps / decode request-steps (plain decoding: 1.00);
-- ttft_ms: arrival -> first token; tpot_ms: (finish - first token) / (output tokens - 1); e2e_ms: arrival -> finish;
+- ttft_ms: arrival -> first token; e2e_ms: arrival -> finish;
+- tpot_ms: (finish - first token) / (output tokens - 1), defined only for outputs of 2 tokens or more: a 1-token
+  output has no token after the first, so it is left out of the TPOT mean and percentiles (as SGLang's and vLLM's
+  bench_serving do) and counts as meeting the TPOT SLO; requests.csv leaves its tpot_ms empty, and when a run has
+  such outputs `tpot_ms.requests` says how many requests the TPOT figures cover;
 - verification_waste: draft tokens verified but rejected / draft tokens verified (roots excluded);
 - mean_batch: decode requests per decode iteration; preemptions: KV-full recomputations.
 """
@@ -42,7 +46,9 @@ class Metrics:
         self.ttft, self.tpot, self.e2e = array("d"), array("d"), array("d")
         self.out_tokens, self.good = array("q"), array("b")
         self.first_arrival = float("inf")
+        self.last_arrival = 0.0
         self.last_finish = 0.0
+        self.prompt_tokens = 0  # summed, for the load estimate
         # per-iteration sums
         self.iterations = self.decode_iterations = 0
         self.request_steps = self.verified_tokens = self.accepted = self.prefill_tokens = 0
@@ -70,20 +76,27 @@ class Metrics:
     def request(self, r, finish_s: float, replica: int) -> None:
         ttft = (r.first_token_s - r.arrival_s) * 1000.0
         e2e = (finish_s - r.arrival_s) * 1000.0
-        tpot = (finish_s - r.first_token_s) * 1000.0 / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
         self.ttft.append(ttft)
-        self.tpot.append(tpot)
         self.e2e.append(e2e)
         self.out_tokens.append(r.output_tokens)
-        self.good.append(ttft <= self.slo_ttft_ms and tpot <= self.slo_tpot_ms)
+        if r.output_tokens > 1:
+            tpot = (finish_s - r.first_token_s) * 1000.0 / (r.output_tokens - 1)
+            self.tpot.append(tpot)
+            self.good.append(ttft <= self.slo_ttft_ms and tpot <= self.slo_tpot_ms)
+            tpot_text = f"{tpot:.3f}"
+        else:   # no TPOT: nothing follows the first token
+            self.good.append(ttft <= self.slo_ttft_ms)
+            tpot_text = ""
         self.first_arrival = min(self.first_arrival, r.arrival_s)
+        self.last_arrival = max(self.last_arrival, r.arrival_s)
         self.last_finish = max(self.last_finish, finish_s)
+        self.prompt_tokens += r.prompt_tokens
         if self._req_fh is not None:
             mat = (r.accepted + r.steps) / r.steps if r.steps else 1.0
             rid = "" if r.id is None else str(r.id).replace(",", ";")
             self._req_rows.append(
                 f"{r.index},{rid},{replica},{r.arrival_s:.6f},{r.first_token_s:.6f},{finish_s:.6f},"
-                f"{r.prompt_tokens},{r.output_tokens},{ttft:.3f},{tpot:.3f},{e2e:.3f},{r.steps},{r.accepted},"
+                f"{r.prompt_tokens},{r.output_tokens},{ttft:.3f},{tpot_text},{e2e:.3f},{r.steps},{r.accepted},"
                 f"{r.verified},{mat:.4f},{r.preemptions}\n")
             if len(self._req_rows) >= _FLUSH_ROWS:
                 self._req_fh.write("".join(self._req_rows))
@@ -133,10 +146,12 @@ class Metrics:
                 ("overhead", self.overhead_ms))},
         }
         for name, values in (("ttft_ms", self.ttft), ("tpot_ms", self.tpot), ("e2e_ms", self.e2e)):
-            x = np.frombuffer(values, dtype=np.float64) if n else np.zeros(0)
+            x = np.frombuffer(values, dtype=np.float64) if len(values) else np.zeros(0)
             s[name] = ({"mean": round(float(x.mean()), 3),
                         **{f"p{q}": round(float(np.percentile(x, q)), 3) for q in (50, 90, 99)}}
-                       if n else {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0})
+                       if len(x) else {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0})
+        if len(self.tpot) != n:   # some 1-token outputs: say how many requests the TPOT figures cover
+            s["tpot_ms"]["requests"] = len(self.tpot)
         return s
 
 

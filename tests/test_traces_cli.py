@@ -85,4 +85,4 @@ def test_convert_gzip_input_and_bad_time_scale(tmp_path, capsys):
     assert main(["trace", "convert", str(src), "-o", str(out), "--time-scale", "2"]) == 0
     np.testing.assert_allclose(read_arrays(out).arrival_s, [0.0, 0.25, 1.0, 4.0])
     assert main(["trace", "convert", str(src), "-o", str(out), "--time-scale", "0"]) == 2
-    assert "--time-scale must be a positive number" in capsys.readouterr().err
+    assert "--time-scale must be a finite number > 0" in capsys.readouterr().err

@@ -9,7 +9,9 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -65,6 +67,27 @@ def open_text(path: Path):
     return open(path, encoding="utf-8-sig", newline="")   # -sig: tolerate a byte-order mark
 
 
+@contextmanager
+def reading(path: Path):
+    """Turns what can go wrong while reading a file's bytes (not text, not gzip, a truncated or corrupt gzip
+    stream, an I/O error) into one TraceError naming the file."""
+    where = str(path)
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"not a UTF-8 text file ({exc.reason} at byte {exc.start})", path=where) from None
+    except gzip.BadGzipFile as exc:
+        raise TraceError(f"not a gzip file ({exc}); rename it without .gz if it is plain text",
+                         path=where) from None
+    except EOFError:
+        raise TraceError("truncated gzip file: the compressed stream ends before its end marker",
+                         path=where) from None
+    except zlib.error as exc:
+        raise TraceError(f"corrupt gzip file ({exc})", path=where) from None
+    except OSError as exc:
+        raise TraceError(f"cannot read the trace ({exc.strerror or exc})", path=where) from None
+
+
 def _base_suffix(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
@@ -90,10 +113,8 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise TraceError("no such trace file", path=str(path))
-    try:
+    with reading(path):
         lines = _first_lines(path)
-    except UnicodeDecodeError as exc:
-        raise TraceError(f"not a text trace file ({exc.reason})", path=str(path)) from None
     first = lines[0]
     ext = _base_suffix(path)
     if ext in _JSON_EXT or (ext != ".csv" and first.startswith("{")):
@@ -127,10 +148,11 @@ def detect_format(path: str | Path) -> str:
 
 
 def iter_raw_chunks(path: Path, fmt: Format, chunk_rows: int) -> Iterator[RawChunk]:
-    if fmt.name in ("native", "mooncake"):
-        yield from _jsonl_chunks(path, fmt, chunk_rows)
-    else:
-        yield from _csv_chunks(path, fmt, chunk_rows)
+    with reading(path):
+        if fmt.name in ("native", "mooncake"):
+            yield from _jsonl_chunks(path, fmt, chunk_rows)
+        else:
+            yield from _csv_chunks(path, fmt, chunk_rows)
 
 
 # --- JSONL ----------------------------------------------------------------------------------------
@@ -200,13 +222,21 @@ def _columns(objs: list[dict], lines: np.ndarray, fmt: Format, errors: list) -> 
 def _csv_chunks(path: Path, fmt: Format, chunk_rows: int) -> Iterator[RawChunk]:
     with open_text(path) as f:
         reader = csv.reader(f)
-        header = [h.strip() for h in next(reader)]
+        first = _csv_rows(reader, 1, path)
+        if not first:
+            raise TraceError("the trace file is empty (no CSV header)", path=str(path))
+        header = [h.strip() for h in first[0]]
+        for name in (fmt.time_field, fmt.prompt_field, fmt.output_field):
+            if name not in header:
+                raise TraceError(f"the CSV header has no column '{name}' (format {fmt.name} needs "
+                                 f"{fmt.time_field}, {fmt.prompt_field}, {fmt.output_field})",
+                                 path=str(path), line=1, field=name)
         col = {name: header.index(name) for name in (fmt.time_field, fmt.prompt_field, fmt.output_field)}
         dataset_col = header.index("Log Type") if fmt.name == "burstgpt" and "Log Type" in header else None
         need = max(list(col.values()) + ([dataset_col] if dataset_col is not None else [])) + 1
         line_no = 1
         while True:
-            rows = list(islice(reader, chunk_rows))
+            rows = _csv_rows(reader, chunk_rows, path)
             if not rows:
                 return
             first = line_no + 1
@@ -234,3 +264,12 @@ def _csv_chunks(path: Path, fmt: Format, chunk_rows: int) -> Iterator[RawChunk]:
             if dataset_col is not None:
                 chunk.extras["dataset"] = [r[dataset_col] for r in rows]
             yield chunk
+
+
+def _csv_rows(reader, count: int, path: Path) -> list[list[str]]:
+    """Up to `count` rows; a row the csv module cannot split (e.g. a field over its size limit) is an error that
+    names its line."""
+    try:
+        return list(islice(reader, count))
+    except csv.Error as exc:
+        raise TraceError(f"not a readable CSV row ({exc})", path=str(path), line=reader.line_num) from None

@@ -22,6 +22,11 @@ from traces.request import ReadStats, Request, TraceArrays
 
 CHUNK_ROWS = 16_384
 _MAX_EXAMPLES = 5
+# The documented cap on a prompt or output length (tokens): far above any model's context today, low enough
+# that token counts, KV blocks and times stay exact in int64 / float64 everywhere downstream.
+MAX_TOKENS = 10_000_000
+MAX_ARRIVAL_S = 1e12   # the cap on an arrival time in seconds (~31,700 years): time scaling stays finite
+_INT64 = 2**63
 
 
 class TraceReader:
@@ -70,17 +75,24 @@ class TraceReader:
         self._epoch: int | None = None    # first timestamp in ns (dated formats), so that floats stay exact
         self._last = -np.inf                     # latest arrival so far, for the order check
         self._last_line = 0
-        try:
-            for raw in iter_raw_chunks(self.path, self.fmt, self.chunk_rows):
-                chunk = self._validate(raw, check_order)
-                if len(chunk):
-                    self.stats.requests += len(chunk)
-                    chunk.stats = self.stats
-                    yield chunk
-        except UnicodeDecodeError as exc:
-            raise TraceError(f"not a UTF-8 text file ({exc.reason})", path=str(self.path)) from None
-        except OSError as exc:
-            raise TraceError(f"cannot read the trace ({exc})", path=str(self.path)) from None
+        for raw in iter_raw_chunks(self.path, self.fmt, self.chunk_rows):
+            chunk = self._validate(raw, check_order)
+            if len(chunk):
+                self.stats.requests += len(chunk)
+                chunk.stats = self.stats
+                yield chunk
+        if self.stats.requests == 0:
+            raise TraceError(self._why_empty(), path=str(self.path))
+
+    def _why_empty(self) -> str:
+        s = self.stats
+        if s.bad_lines or s.failed_requests:
+            parts = [f"{s.bad_lines:,} bad lines skipped"] if s.bad_lines else []
+            if s.failed_requests:
+                parts.append(f"{s.failed_requests:,} failed requests (0 output tokens) dropped")
+            first = f"; first: {s.examples[0]}" if s.examples else ""
+            return f"no requests left to run ({', '.join(parts)}){first}"
+        return "the trace has no requests (only a header or blank lines)"
 
     def _validate(self, raw: RawChunk, check_order: bool) -> TraceArrays:
         fmt, n = self.fmt, len(raw.lines)
@@ -114,6 +126,8 @@ class TraceReader:
                      lambda i, v=values: f"must be an integer, got {_show(v[i])}")
                 low = (x < 1) & ~(fmt.zero_output_is_failure & (name == fmt.output_field) & (x == 0))
                 flag(low, name, lambda i, v=values: f"must be a positive integer (>= 1), got {_show(v[i])}")
+                flag(x > MAX_TOKENS, name, lambda i, v=values: f"must be at most {MAX_TOKENS:,} tokens (the "
+                     f"reader's cap, see traces/README.md), got {_show(v[i])}")
             lengths.append(x)
         prompt, output = lengths
 
@@ -132,6 +146,13 @@ class TraceReader:
             t = t / 1e9
         elif fmt.time_unit == "ms":
             t = t / 1e3
+        with np.errstate(invalid="ignore"):
+            too_late = ok & ~(np.abs(t) <= MAX_ARRIVAL_S)   # also catches a difference that overflowed
+        if too_late.any():
+            origin = " after the first request" if fmt.relative else ""
+            flag(too_late, fmt.time_field, lambda i: f"must be at most {MAX_ARRIVAL_S:.0e} seconds{origin} (the "
+                                                     f"reader's cap), got {_show(raw.time[i])}")
+            ok &= ~too_late
         if check_order and ok.any():
             idx = np.flatnonzero(ok)
             tv = t[idx]
@@ -218,11 +239,11 @@ class TraceReader:
                 for i, v in enumerate(values):
                     if v is None:
                         continue
-                    if type(v) is int or (type(v) is float and v.is_integer()):
+                    if (type(v) is int or (type(v) is float and v.is_integer())) and -_INT64 < v < _INT64:
                         col[i] = int(v)
                     else:
                         wrong[i] = True
-                flag(wrong, name, lambda i, v=values: f"must be an integer, got {_show(v[i])}")
+                flag(wrong, name, lambda i, v=values: f"must be an integer within +-2^63, got {_show(v[i])}")
                 out[name] = col
                 continue
             if name == "hash_ids":
@@ -230,11 +251,11 @@ class TraceReader:
                 for i, v in enumerate(values):
                     if v is None:
                         continue
-                    if isinstance(v, list) and all(type(h) is int for h in v):
+                    if isinstance(v, list) and all(type(h) is int and 0 <= h < _INT64 for h in v):
                         col[i] = tuple(v)
                     else:
                         wrong[i] = True
-                flag(wrong, name, lambda i, v=values: f"must be a list of integers, got {_show(v[i])}")
+                flag(wrong, name, lambda i, v=values: f"must be a list of integers in [0, 2^63), got {_show(v[i])}")
                 out[name] = col
                 continue
             col = list(values)
@@ -252,17 +273,20 @@ class TraceReader:
 
 
 def _numbers(values: list, field: str, strings_ok: bool, flag) -> np.ndarray:
-    """Float64 column; unreadable entries become NaN and are flagged (missing, wrong type, not a number)."""
-    try:
-        arr = np.array(values) if values else np.zeros(0)
-    except ValueError:   # ragged nested values
-        arr = np.zeros(0, dtype=object)
-    if arr.ndim == 1 and arr.dtype.kind in "iuf":
-        return arr.astype(np.float64)
-    if strings_ok and arr.ndim == 1 and arr.dtype.kind == "U":
+    """Float64 column; unreadable entries become NaN and are flagged (missing, wrong type, not a number).
+
+    The same rule for every row of every format: a JSON number (true / false are not numbers, on any line), or
+    in a CSV a string that parses as one. Integers too large for a float become +-1e308, over every cap."""
+    kinds = set(map(type, values))
+    if kinds <= {int, float}:   # the common JSON case, bool excluded by the exact type test
         try:
-            return arr.astype(np.float64)
-        except ValueError:
+            return np.array(values, dtype=np.float64) if values else np.zeros(0)
+        except OverflowError:   # an integer beyond float range: the row loop below marks it inf
+            pass
+    elif strings_ok and kinds == {str}:
+        try:
+            return np.array(values).astype(np.float64)
+        except (ValueError, OverflowError):
             pass
     out = np.full(len(values), np.nan)
     missing = np.zeros(len(values), dtype=bool)
@@ -270,8 +294,10 @@ def _numbers(values: list, field: str, strings_ok: bool, flag) -> np.ndarray:
     for i, v in enumerate(values):
         if v is None or (type(v) is str and not v.strip()):
             missing[i] = True
-        elif type(v) in (int, float):
+        elif type(v) is float:
             out[i] = v
+        elif type(v) is int:
+            out[i] = v if -1e308 < v < 1e308 else (1e308 if v > 0 else -1e308)  # over every cap
         elif type(v) is str and strings_ok:
             try:
                 out[i] = float(v)

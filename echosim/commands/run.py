@@ -13,7 +13,9 @@ CV = 1 / sqrt(burstiness)), --num-prompts (--requests), --block-size (--block-to
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
 from pathlib import Path
 
 from echosim.commands.help_format import DefaultsHelpFormatter
@@ -192,6 +194,50 @@ def apply_config(args) -> None:
             setattr(args, dest, value)
 
 
+# Every number the command takes: (flag, attribute, low, high, low is allowed). Checked before anything runs, so
+# that nan, inf, 0 or a negative count is one line naming the flag instead of a traceback, a hang or a NaN table.
+_INT_FLAGS = (("--requests", "requests", 1), ("--concurrency", "concurrency", 1), ("--input-len", "input_len", 1),
+              ("--output-len", "output_len", 1), ("--tp", "tp", 1), ("--replicas", "replicas", 1),
+              ("--max-running", "max_running", 1), ("--max-batched-tokens", "max_batched_tokens", 1),
+              ("--max-prefill-tokens", "max_prefill_tokens", 1), ("--block-tokens", "block_tokens", 1),
+              ("--kv-blocks", "kv_blocks", 1), ("--seed", "seed", 0))
+_POSITIVE = (("--time-scale", "time_scale"), ("--rate", "rate"), ("--cv", "cv"), ("--burstiness", "burstiness"),
+             ("--slo-ttft-ms", "slo_ttft_ms"), ("--slo-tpot-ms", "slo_tpot_ms"))
+_NON_NEGATIVE = (("--step-overhead-ms", "step_overhead_ms"), ("--overhead-per-token-ms", "overhead_per_token_ms"),
+                 ("--overhead-per-draft-row-ms", "overhead_per_draft_row_ms"),
+                 ("--overhead-per-request-ms", "overhead_per_request_ms"))
+
+
+def check_numbers(args) -> None:
+    """Raise UserError naming the first flag whose value is out of range (None = not given, skipped). Values may
+    come from a --config file too, so their types are checked as well."""
+    from traces.reader import MAX_TOKENS
+
+    for flag, name, low in _INT_FLAGS:
+        v = getattr(args, name)
+        high = MAX_TOKENS if name in ("input_len", "output_len") else 2**63 - 1
+        if v is not None and type(v) is not int:
+            raise UserError(f"{flag} must be an integer, got {v!r}")
+        if v is not None and not low <= v <= high:
+            bound = f"in [{low:,}, {high:,}]" if high < 2**63 - 1 else f">= {low}"
+            raise UserError(f"{flag} must be an integer {bound}, got {v}")
+    for flag, name in _POSITIVE + _NON_NEGATIVE + (("--gpu-memory-utilization", "gpu_memory_utilization"),):
+        v = getattr(args, name)
+        if v is not None and type(v) not in (int, float):
+            raise UserError(f"{flag} must be a number, got {v!r}")
+    for flag, name in _POSITIVE:
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UserError(f"{flag} must be a finite number > 0, got {v}")
+    for flag, name in _NON_NEGATIVE:
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise UserError(f"{flag} must be a finite number >= 0, got {v}")
+    v = args.gpu_memory_utilization
+    if not (math.isfinite(v) and 0 < v <= 1):
+        raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {v}")
+
+
 def _workload(args):
     from echosim.sim.workload import WorkloadSpec
 
@@ -236,6 +282,7 @@ def run(args) -> int:
 
     if args.config:
         apply_config(args)
+    check_numbers(args)
     workload = _workload(args)
     cluster = ClusterConfig(model=args.model, hardware=args.hardware, tp=args.tp, replicas=args.replicas,
                             router=args.router, draft=args.draft, cost_model=args.cost_model,
@@ -279,6 +326,11 @@ def run(args) -> int:
         out = None if root is None else (root / label if len(policies) > 1 else root)
         result = simulate(config, workload, out_dir=out, records=args.records, progress=not args.no_progress)
         summaries[label] = result.summary
+    for label in labels:
+        warning = (summaries[label].get("load") or {}).get("warning")
+        if warning:
+            prefix = f"{label}: " if len(labels) > 1 else ""
+            print(f"echosim: warning: {prefix}{warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(summaries if len(summaries) > 1 else summaries[labels[0]], indent=2))
         return 0

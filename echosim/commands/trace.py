@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 
 def add_parser(subparsers) -> None:
@@ -60,8 +61,8 @@ def run_convert(args) -> int:
 
     if args.limit is not None and args.limit < 0:
         raise UserError(f"--limit must be >= 0, got {args.limit}")
-    if not args.time_scale > 0:
-        raise UserError(f"--time-scale must be a positive number, got {args.time_scale}")
+    if not (math.isfinite(args.time_scale) and args.time_scale > 0):
+        raise UserError(f"--time-scale must be a finite number > 0, got {args.time_scale}")
     reader = _reader(args)
 
     def chunks():

@@ -75,6 +75,8 @@ class SimConfig:
             raise SimError(f"unknown router {c.router!r}; known: {', '.join(ROUTERS)}", field="router")
         if self.core not in CORE_MODES:
             raise SimError(f"unknown core mode {self.core!r}; known: {', '.join(CORE_MODES)}", field="core")
+        if not 0 <= int(self.seed) < 2**63:
+            raise SimError(f"seed must be an integer >= 0, got {self.seed}", field="seed")
         if not 0.0 < c.gpu_memory_utilization <= 1.0:
             raise SimError(f"gpu_memory_utilization must be in (0, 1], got {c.gpu_memory_utilization}")
 

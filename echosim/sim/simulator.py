@@ -19,6 +19,7 @@ import simpy
 from echosim.metrics import Metrics, write_json
 from echosim.sim.config import SimConfig, build_cost_model, kv_capacity_blocks
 from echosim.sim.errors import SimError
+from echosim.sim.load import capacity_rps, load_report
 from echosim.sim.pricing import StepPricer
 from echosim.sim.replica import Replica
 from echosim.sim.router import Router
@@ -125,10 +126,12 @@ def simulate(config: SimConfig, workload: WorkloadSpec, out_dir: Path | None = N
     router = Router(replicas, c.router)
     arrivals = Arrivals(env, chunks, router.submit, speculators[0].assign,
                         concurrency=workload.concurrency if workload.kind == "closed" else 0)
+    backlog = [0]   # requests waiting when the last one arrived (open loop)
     if arrivals.concurrency:
         arrivals.start_closed_loop()
     else:
-        env.process(arrivals.open_loop())
+        env.process(arrivals.open_loop()).callbacks.append(
+            lambda _: backlog.__setitem__(0, sum(len(r.waiting) for r in replicas)))
     try:
         env.run()
     finally:
@@ -144,6 +147,15 @@ def simulate(config: SimConfig, workload: WorkloadSpec, out_dir: Path | None = N
     summary = metrics.summary(preemptions)
     wall = time.perf_counter() - wall0
     sim_s = env.now
+    if not arrivals.concurrency and summary["requests"]:
+        n = summary["requests"]
+        steps = summary["decode_request_steps"]
+        capacity = capacity_rps(pricers[0], speculators[0].width, c, kv_blocks, metrics.prompt_tokens / n,
+                                summary["output_tokens"] / n, summary["mat"],
+                                summary["verified_tokens"] / steps if steps else 1.0)
+        load = load_report(metrics, summary, capacity, c.replicas, backlog[0])
+        if load is not None:
+            summary["load"] = load
     summary["speculation"] = speculators[0].describe()
     summary["kv_blocks_per_replica"] = kv_blocks
     summary["routed"] = router.routed

@@ -82,8 +82,8 @@ def _limit(chunks: Iterator[TraceArrays], n: int | None) -> Iterator[TraceArrays
 def request_chunks(spec: WorkloadSpec, seed: int, reader=None) -> Iterator[TraceArrays]:
     """The workload's requests as TraceArrays chunks (arrival 0 for closed loops), streamed."""
     if spec.kind == "trace":
-        if spec.time_scale <= 0:
-            raise SimError(f"--time-scale must be > 0, got {spec.time_scale}", field="time_scale")
+        if not (np.isfinite(spec.time_scale) and spec.time_scale > 0):
+            raise SimError(f"--time-scale must be a finite number > 0, got {spec.time_scale}", field="time_scale")
         for chunk in _limit(reader.chunks(), spec.requests):
             if spec.time_scale != 1.0:
                 chunk = chunk.with_arrivals(chunk.arrival_s * spec.time_scale)
