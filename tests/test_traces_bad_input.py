@@ -10,6 +10,7 @@ import pytest
 
 from echosim.errors import UserError
 from traces import TraceReader, iter_chunks, read_arrays, write_jsonl
+from traces.errors import TraceError
 from traces.generators import synthetic_trace
 
 GOOD = '{"arrival_s": 0.5, "prompt_tokens": 10, "output_tokens": 5}\n'
@@ -107,7 +108,7 @@ def test_first_error_wins_and_skip_counts_all(tmp_path):
     ("2023-11-16 18:15:47.0000000,-5,44", "ContextTokens", "positive integer"),
     ("2023-11-16 18:15:47.0000000,12,4x", "GeneratedTokens", "not a number: '4x'"),
     ("yesterday,12,44", "TIMESTAMP", "not a timestamp"),
-    (",12,44", "TIMESTAMP", "missing or not a timestamp"),
+    (",12,44", "TIMESTAMP", "missing"),
     ("2023-11-16 18:15:47.0000000,12", "GeneratedTokens", "missing"),
     ("2023-11-16 18:15:40.0000000,12,44", "TIMESTAMP", "not sorted"),
 ])
@@ -199,3 +200,80 @@ def test_one_million_requests_stream_in_bounded_memory(tmp_path):
     n, peak = _stream_peak_bytes(path)
     assert n == 1_000_000
     assert peak < 10_000_000, peak   # one 8,192-row chunk; the whole trace as Requests would be > 100 MB
+
+
+@pytest.mark.parametrize("content, name, message", [
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n", "az.csv", "the trace has no requests (only a header"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n\n\n", "az.csv", "the trace has no requests (only a header"),
+    ("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n5,ChatGPT,10,0,10,API log\n",
+     "b.csv", "no requests left to run (1 failed requests (0 output tokens) dropped)"),
+])
+def test_empty_after_filtering_is_an_error(tmp_path, content, name, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(TraceError, match=re.escape(message)) as info:
+        read_arrays(path)
+    assert info.value.path == str(path)
+
+
+def test_all_rows_skipped_is_an_error_that_shows_the_first(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                    "5,ChatGPT,abc,10,10,API log\n6,ChatGPT,10,true,10,API log\n")
+    with pytest.raises(TraceError) as info:
+        read_arrays(path, skip_bad_lines=True)
+    assert str(info.value) == (f"{path}: no requests left to run (2 bad lines skipped); first: line 2, field "
+                               "'Request tokens': not a number: 'abc'")
+
+
+@pytest.mark.parametrize("line, field, message", [
+    ('{"arrival_s": true, "prompt_tokens": 10, "output_tokens": 5}', "arrival_s", "not a number: true"),
+    ('{"arrival_s": 2, "prompt_tokens": false, "output_tokens": 5}', "prompt_tokens", "not a number: false"),
+    ('{"arrival_s": 2, "prompt_tokens": 10, "output_tokens": 1e30}', "output_tokens", "must be at most 10,000,000"),
+    ('{"arrival_s": 2, "prompt_tokens": 10, "output_tokens": 9223372036854775808}', "output_tokens", "at most"),
+    ('{"arrival_s": 2, "prompt_tokens": 1' + "0" * 400 + ', "output_tokens": 5}', "prompt_tokens", "at most"),
+    ('{"arrival_s": 2e12, "prompt_tokens": 10, "output_tokens": 5}', "arrival_s", "must be at most 1e+12 seconds"),
+    ('{"arrival_s": 2, "prompt_tokens": 10, "output_tokens": 5, "priority": 1e30}', "priority", "within +-2^63"),
+    ('{"arrival_s": 2, "prompt_tokens": 10, "output_tokens": 5, "hash_ids": [-1]}', "hash_ids", "[0, 2^63)"),
+])
+def test_the_same_rule_on_every_line(tmp_path, line, field, message):
+    # line 1 and line 3 (after a good line) and line 20,000 (a later chunk) get the same verdict
+    for before in (0, 2, 19_999):
+        path = tmp_path / f"t{before}.jsonl"
+        path.write_text("".join(f'{{"arrival_s": {i * 1e-4}, "prompt_tokens": 10, "output_tokens": 5}}\n'
+                                for i in range(before)) + line + "\n")
+        with pytest.raises(TraceError) as info:
+            read_arrays(path, format="native")
+        assert (info.value.line, info.value.field) == (before + 1, field)
+        assert message in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["now", "today", "2023", "9999-01-01 00:00:00", "-2023-01-01 00:00:00"])
+def test_azure_time_that_numpy_would_misread(tmp_path, value):
+    path = tmp_path / "az.csv"
+    path.write_text(f"TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,10,5\n{value},10,5\n")
+    with pytest.raises(TraceError, match="not a timestamp") as info:
+        read_arrays(path)
+    assert (info.value.line, info.value.field) == (3, "TIMESTAMP")
+
+
+def test_gzip_and_csv_damage_named(tmp_path):
+    import gzip
+
+    whole = gzip.compress(GOOD.encode() * 3000)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[:-20])
+    with pytest.raises(TraceError, match="truncated gzip file"):
+        read_arrays(tmp_path / "cut.jsonl.gz")
+    (tmp_path / "plain.csv.gz").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n")
+    with pytest.raises(TraceError, match="not a gzip file"):
+        read_arrays(tmp_path / "plain.csv.gz")
+    big = tmp_path / "big.csv"
+    big.write_text('arrived_at,num_prefill_tokens,num_decode_tokens\n0,1,1\n"' + "x" * 200_000 + '",1,1\n')
+    with pytest.raises(TraceError, match="not a readable CSV row") as info:
+        read_arrays(big)
+    assert info.value.line == 3
+    wrong = tmp_path / "w.csv"
+    wrong.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(TraceError, match="the CSV header has no column 'arrived_at'") as info:
+        read_arrays(wrong, format="vidur")
+    assert (info.value.line, info.value.field) == (1, "arrived_at")

@@ -25,6 +25,7 @@ _MAX_EXAMPLES = 5
 # The documented cap on a prompt or output length (tokens): far above any model's context today, low enough
 # that token counts, KV blocks and times stay exact in int64 / float64 everywhere downstream.
 MAX_TOKENS = 10_000_000
+DATE_YEARS = (1700, 2200)   # dated formats: timestamps NumPy holds in int64 nanoseconds
 MAX_ARRIVAL_S = 1e12   # the cap on an arrival time in seconds (~31,700 years): time scaling stays finite
 _INT64 = 2**63
 
@@ -205,20 +206,28 @@ class TraceReader:
         values = [v.strip() for v in raw.time]
         # Azure 2024 files may carry a UTC suffix; NumPy has no time zones, so drop it (times are UTC anyway)
         values = [v[:-6] if v.endswith("+00:00") else v[:-1] if v.endswith("Z") else v for v in values]
+        # NumPy also reads "now", "today", a bare year, and wraps years outside 1678-2261 silently: accept only a
+        # date that starts YYYY-MM-DD with a year in DATE_YEARS
+        shaped = np.array([len(v) >= 10 and v[:4].isdigit() and v[4] == "-" and v[7] == "-"
+                           and DATE_YEARS[0] <= int(v[:4]) <= DATE_YEARS[1] for v in values], dtype=bool)
         try:
-            ns = np.array(values, dtype="datetime64[ns]")
+            ns = np.array(values if shaped.all() else [v if k else "NaT" for v, k in zip(values, shaped.tolist(),
+                                                                                            strict=True)],
+                          dtype="datetime64[ns]")
+            unreadable = ~shaped
         except ValueError:
             ns = np.empty(len(values), dtype="datetime64[ns]")
-            unreadable = np.zeros(len(values), dtype=bool)
+            unreadable = ~shaped
             for i, v in enumerate(values):
                 try:
-                    ns[i] = np.datetime64(v, "ns")
+                    ns[i] = np.datetime64(v, "ns") if shaped[i] else np.datetime64("NaT")
                 except ValueError:
                     ns[i] = np.datetime64("NaT")
                     unreadable[i] = True
-            flag(unreadable, fmt.time_field,
-                 lambda i: f"not a timestamp (expected like 2023-11-16 18:15:46.6805900): "
-                           f"{_show(raw.time[i])}")
+        flag(np.array([not v for v in values], dtype=bool), fmt.time_field, lambda i: "missing")
+        flag(unreadable, fmt.time_field,
+             lambda i: f"not a timestamp (expected like 2023-11-16 18:15:46.6805900, years {DATE_YEARS[0]}-"
+                       f"{DATE_YEARS[1]}): {_show(raw.time[i])}")
         nat = np.isnat(ns)
         flag(nat, fmt.time_field, lambda i: f"missing or not a timestamp: {_show(raw.time[i])}")
         # integer ns from the first readable timestamp: float64 holds them exactly for 104 days

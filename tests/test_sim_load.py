@@ -1,0 +1,91 @@
+"""The run's word on load (offered vs an estimated capacity, backlog), TPOT for 1-token outputs, and the CLI's
+number checks: each one line, never a traceback or a NaN table."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from echosim.cli import main
+
+SAMPLE = "traces/azure_conv_2023_5min.jsonl"
+
+
+def test_overload_is_warned_and_recorded(tmp_path, capsys):
+    out = tmp_path / "hot"
+    assert main(["run", "--trace", SAMPLE, "--requests", "400", "--time-scale", "0.02", "--policy", "ar",
+                 "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("echosim: warning: overloaded: the workload offers")
+    load = json.loads((out / "summary.json").read_text())["load"]
+    assert load["overloaded"] and load["load_ratio"] > 5 and load["waiting_at_last_arrival"] > 100
+    assert load["warning"] in err
+    # a saturated run serves about what the estimate says it can
+    s = json.loads((out / "summary.json").read_text())
+    served_rps = s["requests"] / s["makespan_s"]
+    assert served_rps == pytest.approx(load["capacity_rps_est"], rel=0.25)
+
+
+def test_the_shipped_sample_at_its_own_rate_is_not_overloaded(tmp_path, capsys):
+    assert main(["run", "--trace", SAMPLE, "--requests", "300", "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    load = json.loads((tmp_path / "r" / "summary.json").read_text())["load"]
+    assert not load["overloaded"] and load["warning"] is None and load["load_ratio"] < 1
+
+
+def test_closed_loop_has_no_load_verdict(capsys):
+    assert main(["run", "--concurrency", "4", "--requests", "8", "--output-len", "20", "--no-save", "--json",
+                 "--no-progress"]) == 0
+    assert "load" not in json.loads(capsys.readouterr().out)
+
+
+def test_one_token_outputs_have_no_tpot(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    outputs = [1, 30, 1, 50, 1, 40]
+    trace.write_text("".join(f'{{"arrival_s": {0.5 * i}, "prompt_tokens": 100, "output_tokens": {o}}}\n'
+                             for i, o in enumerate(outputs)))
+    assert main(["run", "--trace", str(trace), "--out", str(tmp_path / "r"), "--no-progress", "--policy",
+                 "eagle3"]) == 0
+    rows = list(csv.DictReader((tmp_path / "r" / "requests.csv").open()))
+    tpot = {int(r["output_tokens"]): r["tpot_ms"] for r in rows}
+    assert tpot[1] == "" and all(float(tpot[o]) > 0 for o in (30, 40, 50))
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["tpot_ms"]["requests"] == 3
+    x = np.array([float(tpot[o]) for o in (30, 40, 50)])
+    assert s["tpot_ms"]["mean"] == pytest.approx(x.mean(), abs=2e-3)
+    assert s["tpot_ms"]["p50"] == pytest.approx(np.percentile(x, 50), abs=2e-3)
+    assert s["slo_attainment"] == 1.0   # a 1-token output has no TPOT to miss
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--time-scale", "nan"], "--time-scale must be a finite number > 0, got nan"),
+    (["--time-scale", "inf"], "--time-scale must be a finite number > 0, got inf"),
+    (["--time-scale", "-1"], "--time-scale must be a finite number > 0"),
+    (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+    (["--requests", "0"], "--requests must be an integer >= 1"),
+    (["--replicas", "0"], "--replicas must be an integer >= 1"),
+    (["--kv-blocks", "-3"], "--kv-blocks must be an integer >= 1"),
+    (["--max-prefill-tokens", "0"], "--max-prefill-tokens must be an integer >= 1"),
+    (["--rate", "nan", "--requests", "5"], "--rate must be a finite number > 0, got nan"),
+    (["--rate", "2", "--cv", "inf", "--requests", "5"], "--cv must be a finite number > 0, got inf"),
+    (["--concurrency", "0"], "--concurrency must be an integer >= 1"),
+    (["--input-len", "20000000", "--concurrency", "1"], "--input-len must be an integer in [1, 10,000,000]"),
+    (["--gpu-memory-utilization", "nan"], "--gpu-memory-utilization must be in (0, 1]"),
+    (["--step-overhead-ms", "inf"], "--step-overhead-ms must be a finite number >= 0"),
+    (["--slo-tpot-ms", "0"], "--slo-tpot-ms must be a finite number > 0"),
+])
+def test_every_number_is_checked(capsys, flags, message):
+    assert main(["run", "--trace", SAMPLE, "--no-save", "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"echosim: error: {message}") and err.count("\n") == 1
+
+
+def test_trace_convert_numbers_are_checked(tmp_path, capsys):
+    for flags, message in ((["--time-scale", "inf"], "--time-scale must be a finite number > 0"),
+                           (["--limit", "-1"], "--limit must be >= 0")):
+        assert main(["trace", "convert", SAMPLE, "-o", str(tmp_path / "o.jsonl"), *flags]) == 2
+        assert capsys.readouterr().err.startswith(f"echosim: error: {message}")
