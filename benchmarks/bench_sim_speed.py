@@ -1,17 +1,20 @@
-"""Simulator speed: the full hour of the Azure LLM 2023 conversation trace (19,366 requests) at its real rate, on one
-H100-modelled replica of Qwen3-8B with echo (the default `echosim run` setup). Reports simulated time / wall time,
-iterations (SimPy events of the replica loops) per second and requests per second, for the table and exact cores.
+"""Simulator speed: the full hour of the Azure LLM 2023 conversation trace (19,366 requests, shipped as
+traces/azure_conv_2023_1h.csv.gz) at its real rate, on one H100-modelled replica of Qwen3-8B (the default
+`echosim run` cluster). For each policy, side by side in one process: simulated time / wall time, iterations (SimPy
+events of the replica loop) per second, requests per second.
 
-    python benchmarks/bench_sim_speed.py                 # table core (the default), full hour
-    python benchmarks/bench_sim_speed.py --core exact --requests 2000
-    python benchmarks/bench_sim_speed.py --profile       # cProfile's top functions instead
-    python benchmarks/bench_sim_speed.py --synthetic 1000000 --out /tmp/run1m   # memory: a 1M-request stream
+    python benchmarks/bench_sim_speed.py                 # ar, eagle3, echo, echo with a goodput budget; full hour
+    python benchmarks/bench_sim_speed.py --policies 'echo{"budget":{"kind":"goodput","tokens":31}}' --requests 2000
+    python benchmarks/bench_sim_speed.py --core exact --policies echo --requests 2000
+    python benchmarks/bench_sim_speed.py --profile --policies echo     # cProfile's top functions instead
+    python benchmarks/bench_sim_speed.py --synthetic 1000000            # memory: a 1M-request stream, peak RSS
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -19,15 +22,53 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
+TRACE = ROOT / "traces" / "azure_conv_2023_1h.csv.gz"
+POLICIES = 'ar,eagle3,echo,echo{"budget":{"kind":"goodput","tokens":31}}'
+
+
+def _policy(spec: str) -> dict:
+    name, brace, body = spec.partition("{")
+    return {"policy": name.strip(), **(json.loads(brace + body) if brace else {})}
+
+
+def run_one(policy: dict, args) -> dict:
+    from echosim.sim.config import SimConfig
+    from echosim.sim.simulator import simulate
+    from echosim.sim.workload import WorkloadSpec
+
+    config = SimConfig(policy=policy, core=args.core, seed=args.seed)
+    if args.synthetic is not None:
+        workload = WorkloadSpec(kind="poisson", rate_rps=args.rate, requests=args.synthetic, prompt_tokens=32,
+                                output_tokens=4)
+    else:
+        workload = WorkloadSpec(kind="trace", trace=args.trace, requests=args.requests, time_scale=args.time_scale)
+    out = Path(args.out) if args.out else None
+    cpu0 = time.process_time()
+    result = simulate(config, workload, out_dir=out)
+    cpu = time.process_time() - cpu0
+    s = result.summary
+    sim = s["sim"]
+    return {
+        "policy": json.dumps(policy, separators=(",", ":")), "requests": s["requests"],
+        "core": s["speculation"]["core"], "simulated_s": sim["simulated_s"], "wall_s": sim["wall_s"],
+        "cpu_s": round(cpu, 3), "speedup_wall": sim["speedup"], "speedup_cpu": round(sim["simulated_s"] / cpu, 1),
+        "iterations": s["iterations"], "iterations_per_s": sim["iterations_per_s"],
+        "requests_per_s": sim["requests_per_s"], "table_build_s": s["speculation"].get("table_build_s"),
+        "mat": s["mat"], "throughput_tok_s": s["throughput_tok_s"], "mean_batch": s["mean_batch"],
+        "load_ratio": (s.get("load") or {}).get("load_ratio"),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default=str(TRACE))
     ap.add_argument("--core", default="table")
-    ap.add_argument("--policy", default="echo")
+    ap.add_argument("--policies", default=POLICIES,
+                    help="comma-separated NAME or NAME{JSON settings} (commas inside {} belong to the item)")
     ap.add_argument("--requests", type=int, default=None, help="only the first N requests")
+    ap.add_argument("--time-scale", type=float, default=1.0, help="arrival times x this (0.5 = twice the load)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the run folder here (CSV writing included)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--synthetic", type=int, default=None, metavar="N",
@@ -36,47 +77,27 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=300.0)
     args = ap.parse_args()
     if args.synthetic is None and not Path(args.trace).is_file():
-        print(f"trace not found: {args.trace} (needs ../shared/data)", file=sys.stderr)
+        print(f"trace not found: {args.trace}", file=sys.stderr)
         return 1
+    from echosim.commands.run import split_items
 
-    from echosim.sim.config import SimConfig
-    from echosim.sim.simulator import simulate
-    from echosim.sim.workload import WorkloadSpec
-
-    config = SimConfig(policy={"policy": args.policy}, core=args.core)
-    if args.synthetic is not None:
-        workload = WorkloadSpec(kind="poisson", rate_rps=args.rate, requests=args.synthetic, prompt_tokens=32,
-                                output_tokens=4)
-    else:
-        workload = WorkloadSpec(kind="trace", trace=args.trace, requests=args.requests)
-    out = Path(args.out) if args.out else None
+    policies = [_policy(p) for p in split_items(args.policies)]
     if args.profile:
         import cProfile
         import pstats
 
-        cProfile.runctx("simulate(config, workload, out_dir=out)", globals(), locals(), "/tmp/bench_sim.prof")
-        pstats.Stats("/tmp/bench_sim.prof").sort_stats("tottime").print_stats(25)
+        for policy in policies:
+            prof = cProfile.Profile()
+            prof.runcall(run_one, policy, args)
+            print(f"== {policy}")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return 0
-    cpu0 = time.process_time()
-    result = simulate(config, workload, out_dir=out)
-    cpu = time.process_time() - cpu0
-    s = result.summary
-    sim = s["sim"]
-    import resource
-
-    report = {
-        "trace": f"synthetic poisson {args.rate:g} req/s" if args.synthetic else Path(args.trace).name,
-        "requests": s["requests"], "policy": args.policy,
-        "core": s["speculation"]["core"], "simulated_s": sim["simulated_s"], "wall_s": sim["wall_s"],
-        "cpu_s": round(cpu, 3), "speedup_wall": sim["speedup"],
-        "speedup_cpu": round(sim["simulated_s"] / cpu, 1), "iterations": s["iterations"],
-        "iterations_per_s": sim["iterations_per_s"], "events": sim["events"], "events_per_s": sim["events_per_s"],
-        "requests_per_s": sim["requests_per_s"],
-        "table_build_s": s["speculation"].get("table_build_s"), "mat": s["mat"],
-        "throughput_tok_s": s["throughput_tok_s"], "mean_batch": s["mean_batch"],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
-    print(json.dumps(report, indent=2))
+    rows = [run_one(policy, args) for policy in policies]
+    print(json.dumps(rows, indent=2))
+    print(f"\n{'policy':<55}{'sim s':>9}{'wall s':>9}{'x real':>9}{'iters':>9}{'iters/s':>10}")
+    for r in rows:
+        print(f"{r['policy']:<55}{r['simulated_s']:>9.1f}{r['wall_s']:>9.2f}{r['speedup_wall']:>9.0f}"
+              f"{r['iterations']:>9,}{r['iterations_per_s']:>10,.0f}")
     return 0
 
 

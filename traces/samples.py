@@ -1,4 +1,6 @@
-"""Small traces shipped inside the package, loadable by name: `sample_path("azure_conv_2023_5min")`."""
+"""Traces shipped inside the package, loadable by name: `sample_path("azure_conv_2023_5min")`.
+
+Small samples are native JSONL; the Azure conversation hour is the public CSV as published, gzip-compressed."""
 
 from __future__ import annotations
 
@@ -7,16 +9,31 @@ from pathlib import Path
 from traces.errors import TraceError
 
 HERE = Path(__file__).resolve().parent
+_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv.gz")
+
+
+def _name(path: Path) -> str:
+    for suffix in _SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name.removesuffix(suffix)
+    return path.name
 
 
 def list_samples() -> list[str]:
-    return sorted(p.name.removesuffix(".jsonl") for p in HERE.glob("*.jsonl"))
+    return sorted(_name(p) for suffix in _SUFFIXES for p in HERE.glob(f"*{suffix}"))
+
+
+def _find(name: str) -> Path | None:
+    for candidate in [name] + [name + s for s in _SUFFIXES]:
+        if (HERE / candidate).is_file() and any(candidate.endswith(s) for s in _SUFFIXES):
+            return HERE / candidate
+    return None
 
 
 def sample_path(name: str) -> Path:
-    """Path of a shipped sample, by name with or without ".jsonl" (see traces/README.md)."""
-    path = HERE / (name if name.endswith(".jsonl") else f"{name}.jsonl")
-    if not path.is_file():
+    """Path of a shipped sample, by name with or without its suffix (see traces/README.md)."""
+    path = _find(name)
+    if path is None:
         raise TraceError(f"no shipped trace sample '{name}'; available: {', '.join(list_samples())}")
     return path
 
@@ -27,8 +44,8 @@ def resolve_trace(spec: str | Path) -> Path:
     path = Path(spec)
     if path.is_file():
         return path
-    name = path.name
-    if (HERE / name).is_file() or (HERE / f"{name}.jsonl").is_file():
-        return sample_path(name)
+    found = _find(path.name)
+    if found is not None:
+        return found
     raise TraceError("no such trace file (and no shipped sample of that name; samples: "
                     f"{', '.join(list_samples())})", path=str(spec))
