@@ -20,7 +20,7 @@ from echosim.metrics import Metrics, write_json
 from echosim.sim.config import SimConfig, build_cost_model, kv_capacity_blocks
 from echosim.sim.errors import SimError
 from echosim.sim.load import capacity_rps, load_report
-from echosim.sim.pricing import StepPricer
+from echosim.sim.pricing import CTX_BUCKET, StepPricer
 from echosim.sim.replica import Replica
 from echosim.sim.router import Router
 from echosim.sim.speculation import Speculator
@@ -72,6 +72,9 @@ def budget_step_time(pricer: StepPricer, speculator_ref: list):
         rows = tuple(batch_size * w for w in spec.width) if spec is not None else ()
         return pricer.budget_step_ms(tokens, batch_size, spec.mean_ctx if spec is not None else 512.0, rows)
 
+    # the answer depends on the context through its bucket only, and the budget asks for candidates B + 0..n:
+    # the speculator may keep answers per (batch, bucket, n) (Speculator._step_time_cached)
+    step_ms.ctx_bucket = CTX_BUCKET
     return step_ms
 
 

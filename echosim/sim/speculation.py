@@ -225,26 +225,71 @@ class Speculator:
 
     def _choose_prefix(self, rows: np.ndarray, drawn: np.ndarray) -> np.ndarray:
         """ECHO's goodput budget over the drawn rows' priority orders: floor first, then Priority 1 and Priority 2
-        by probability, the budget choosing how many to verify; returns the outcome rows for that choice."""
-        B = len(drawn)
-        c = self.policy.config
-        probs, acc_rank, confident = self._probs[drawn], self._acc_rank[drawn], self._confident[drawn]
-        floor = np.minimum(rows[:, STOP] > 0, 1) * min(c.floor_tokens, self._cap)
-        floor = np.minimum(floor, (probs > 0).sum(axis=1))
-        j = np.arange(self._cap)
-        rest = (j[None, :] >= floor[:, None]) & (probs > 0)
-        key = np.where(rest, probs + 2.0 * confident[:, None], -1.0)  # Priority 1 ranks above Priority 2
+        by probability, the budget choosing how many to verify; returns the outcome rows for that choice (`rows`,
+        updated in place). What depends on a row alone (its floor, its merge keys) is computed once per table
+        row (`_prefix_keys`); per step only the merge across the batch and the budget's choice remain."""
+        B, C = len(drawn), self._cap
+        budget = self.policy.config.budget
+        floor = self._floor_n[drawn]
+        key = self._key[drawn].ravel()   # Priority 1 above 2, by probability; -1 = floor or no node
         n_floor = int(floor.sum())
-        room = max(c.budget.upper_bound(B) - n_floor, 0)
-        n_rest = min(int(rest.sum()), room)
-        flat = key.ravel()
-        top = np.argpartition(-flat, n_rest - 1)[:n_rest] if 0 < n_rest < flat.size else np.flatnonzero(rest.ravel())
-        top = top[np.argsort(-flat[top], kind="stable")][:n_rest]
-        gains = np.concatenate([probs[j[None, :] < floor[:, None]], probs.ravel()[top]]).astype(np.float64)
-        k = max(c.budget.choose(B, gains, self.policy.step_time), n_floor)
-        m = floor + np.bincount(top[:k - n_floor] // self._cap, minlength=B)
-        accepted = (acc_rank < m[:, None]).sum(axis=1)
-        return outcome_rows(m + 1, accepted, rows[:, STOP])
+        n_rest = min(int(self._n_rest[drawn].sum()), max(budget.upper_bound(B) - n_floor, 0))
+        if 0 < n_rest < key.size:
+            neg = -key
+            top = np.argpartition(neg, n_rest - 1)[:n_rest]
+            top = top[np.argsort(neg[top], kind="stable")]
+        else:
+            top = np.flatnonzero(key > 0)
+            top = top[np.argsort(-key[top], kind="stable")][:n_rest]
+        gain = self._gain[drawn]
+        floor_gains = gain[self._cols < floor[:, None]] if n_floor else gain[:0, 0]
+        gains = np.concatenate([floor_gains, gain.ravel()[top]])
+        k = max(budget.choose(B, gains, self._step_time_cached(B)), n_floor)
+        m = floor + np.bincount(top[:k - n_floor] // C, minlength=B)
+        accepted = (self._acc_rank[drawn] < m[:, None]).sum(axis=1)
+        rows[:, TOKENS] = m + 1
+        rows[:, ACCEPTED] = accepted
+        rows[:, EMIT] = accepted + 1
+        rows[:, TOKENS_SQ] = (m + 1) * (m + 1)
+        return rows
+
+    def _step_time_cached(self, batch: int):
+        """The policy's step-time callable, its answers kept per (batch, context bucket, candidates) when the
+        simulator's pricer computes it (a pure function of those, `budget_step_time`); else the callable."""
+        step_time = self.policy.step_time
+        bucket = getattr(step_time, "ctx_bucket", None)
+        if bucket is None:
+            return step_time
+        ctx = int(self.mean_ctx) // bucket
+        cache = self._step_ms
+
+        def cached(tokens, batch_size):
+            key = (batch_size, ctx, len(tokens))
+            hit = cache.get(key)
+            if hit is None:
+                if len(cache) > 65536:
+                    cache.clear()
+                hit = cache[key] = step_time(tokens, batch_size)
+            return hit
+
+        return cached if batch else step_time
+
+    def _prefix_keys(self) -> None:
+        """Per tabled row, what the goodput merge needs from it alone: its floor (nodes verified before any
+        priority), its merge key per node (probability, + 2 in Priority 1; -1 for the floor and empty slots), how
+        many nodes it offers beyond the floor, and its nodes' gains as float64."""
+        c = self.policy.config
+        C = self._cap
+        probs, confident = self._probs, self._confident
+        floor = np.minimum(self._rows[:, STOP] > 0, 1) * min(c.floor_tokens, C)
+        floor = np.minimum(floor, (probs > 0).sum(axis=1))
+        self._cols = np.arange(C)
+        rest = (self._cols[None, :] >= floor[:, None]) & (probs > 0)
+        self._floor_n = floor.astype(np.int64)
+        self._key = np.where(rest, probs + 2.0 * confident[:, None], -1.0)
+        self._n_rest = rest.sum(axis=1).astype(np.int64)
+        self._gain = probs.astype(np.float64)
+        self._step_ms: dict = {}
 
     def _build_table(self, dataset: int) -> int:
         """Stratified outcomes for one dataset: sorted difficulties split into `bins` equal strata."""
@@ -277,6 +322,8 @@ class Speculator:
             self._acc_rank = np.concatenate([self._acc_rank, acc_rank])
             self._confident = np.concatenate([self._confident, confident])
         self._stop_const = bool((self._rows[:, STOP] == self.depth).all())
+        if self.prefix:
+            self._prefix_keys()
         self._edges.append(edges)
         slot = len(self._edges) - 1
         self._dataset_slot[dataset] = slot

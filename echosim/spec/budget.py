@@ -51,7 +51,7 @@ class Budget:
             return bound
         step_time = step_time or flat_then_linear()
         k = np.arange(bound + 1)
-        accepted = batch_size + np.r_[0.0, np.cumsum(gains[:bound])]
+        accepted = batch_size + np.concatenate(([0.0], np.cumsum(gains[:bound])))  # np.r_ costs ~10 us a call
         goodput = accepted / step_time(batch_size + k, batch_size)
         return int(np.argmax(goodput))
 
