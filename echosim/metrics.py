@@ -18,6 +18,7 @@ Definitions (summary.json):
 from __future__ import annotations
 
 import json
+import tempfile
 from array import array
 from pathlib import Path
 
@@ -29,6 +30,42 @@ REQUEST_COLUMNS = ("request", "id", "replica", "arrival_s", "first_token_s", "fi
 ITERATION_COLUMNS = ("replica", "start_s", "end_s", "batch", "prefill_tokens", "verified_tokens", "accepted",
                      "draft_ms", "verify_ms", "lm_head_ms", "overhead_ms", "step_ms", "kv_tokens", "waiting")
 _FLUSH_ROWS = 20_000
+_SPILL_ROWS = 1 << 16   # per-request latencies beyond this many go to a temporary file, a block at a time
+
+
+class _Column:
+    """Float64 values kept in order for exact percentiles. Past _SPILL_ROWS, each full block moves to an
+    anonymous temporary file, so that a run of millions of requests holds one block per column in memory; the
+    summary reads a column back (8 bytes per request, one column at a time). The file has no name and goes with
+    the object."""
+
+    __slots__ = ("buf", "file", "spilled")
+
+    def __init__(self):
+        self.buf, self.file, self.spilled = array("d"), None, 0
+
+    def append(self, x: float) -> None:
+        buf = self.buf
+        buf.append(x)
+        if len(buf) >= _SPILL_ROWS:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile()
+            buf.tofile(self.file)
+            self.spilled += len(buf)
+            self.buf = array("d")
+
+    def __len__(self) -> int:
+        return self.spilled + len(self.buf)
+
+    def values(self) -> np.ndarray:
+        """All values in the order appended, as a fresh array the caller may reorder."""
+        out = np.empty(len(self), np.float64)
+        if self.file is not None:
+            self.file.flush()
+            self.file.seek(0)
+            self.file.readinto(memoryview(out[:self.spilled]).cast("B"))
+        out[self.spilled:] = np.frombuffer(self.buf, dtype=np.float64) if len(self.buf) else 0.0
+        return out
 
 
 class Metrics:
@@ -42,9 +79,10 @@ class Metrics:
             self._it_fh.write(",".join(ITERATION_COLUMNS) + "\n")
         self._req_rows: list[str] = []
         self._it_rows: list[tuple] = []
-        # per-request results kept for percentiles (8 bytes each)
-        self.ttft, self.tpot, self.e2e = array("d"), array("d"), array("d")
-        self.out_tokens, self.good = array("q"), array("b")
+        # per-request latencies kept for exact percentiles (spilled to a temporary file past _SPILL_ROWS);
+        # output tokens and SLO hits only as sums
+        self.ttft, self.tpot, self.e2e = _Column(), _Column(), _Column()
+        self.out_tokens = self.good_tokens = self.good_requests = 0
         self.first_arrival = float("inf")
         self.last_arrival = 0.0
         self.last_finish = 0.0
@@ -78,15 +116,18 @@ class Metrics:
         e2e = (finish_s - r.arrival_s) * 1000.0
         self.ttft.append(ttft)
         self.e2e.append(e2e)
-        self.out_tokens.append(r.output_tokens)
+        self.out_tokens += r.output_tokens
         if r.output_tokens > 1:
             tpot = (finish_s - r.first_token_s) * 1000.0 / (r.output_tokens - 1)
             self.tpot.append(tpot)
-            self.good.append(ttft <= self.slo_ttft_ms and tpot <= self.slo_tpot_ms)
+            good = ttft <= self.slo_ttft_ms and tpot <= self.slo_tpot_ms
             tpot_text = f"{tpot:.3f}"
         else:   # no TPOT: nothing follows the first token
-            self.good.append(ttft <= self.slo_ttft_ms)
+            good = ttft <= self.slo_ttft_ms
             tpot_text = ""
+        if good:
+            self.good_requests += 1
+            self.good_tokens += r.output_tokens
         self.first_arrival = min(self.first_arrival, r.arrival_s)
         self.last_arrival = max(self.last_arrival, r.arrival_s)
         self.last_finish = max(self.last_finish, finish_s)
@@ -119,17 +160,16 @@ class Metrics:
     def summary(self, preemptions: int) -> dict:
         n = len(self.e2e)
         makespan = max(self.last_finish - self.first_arrival, 1e-12) if n else 0.0
-        out = np.frombuffer(self.out_tokens, dtype=np.int64) if n else np.zeros(0, np.int64)
-        good = np.frombuffer(self.good, dtype=np.int8).astype(bool) if n else np.zeros(0, bool)
+        out_tokens = self.out_tokens
         drafts = self.verified_tokens - self.request_steps
         total_ms = self.draft_ms + self.verify_ms + self.lm_head_ms + self.overhead_ms
         s = {
             "requests": n,
             "makespan_s": round(makespan, 6),
-            "output_tokens": int(out.sum()),
-            "throughput_tok_s": round(float(out.sum()) / makespan, 3) if n else 0.0,
-            "goodput_tok_s": round(float(out[good].sum()) / makespan, 3) if n else 0.0,
-            "slo_attainment": round(float(good.mean()), 4) if n else 0.0,
+            "output_tokens": int(out_tokens),
+            "throughput_tok_s": round(float(out_tokens) / makespan, 3) if n else 0.0,
+            "goodput_tok_s": round(float(self.good_tokens) / makespan, 3) if n else 0.0,
+            "slo_attainment": round(self.good_requests / n, 4) if n else 0.0,
             "request_rate_rps": round(n / makespan, 4) if n else 0.0,
             "mat": round((self.accepted + self.request_steps) / self.request_steps, 4) if self.request_steps else 0.0,
             "verification_waste": round((drafts - self.accepted) / drafts, 4) if drafts > 0 else 0.0,
@@ -145,11 +185,15 @@ class Metrics:
                 ("draft", self.draft_ms), ("verify", self.verify_ms), ("lm_head", self.lm_head_ms),
                 ("overhead", self.overhead_ms))},
         }
-        for name, values in (("ttft_ms", self.ttft), ("tpot_ms", self.tpot), ("e2e_ms", self.e2e)):
-            x = np.frombuffer(values, dtype=np.float64) if len(values) else np.zeros(0)
-            s[name] = ({"mean": round(float(x.mean()), 3),
-                        **{f"p{q}": round(float(np.percentile(x, q)), 3) for q in (50, 90, 99)}}
-                       if len(x) else {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0})
+        for name, col in (("ttft_ms", self.ttft), ("tpot_ms", self.tpot), ("e2e_ms", self.e2e)):
+            if not len(col):
+                s[name] = {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+                continue
+            x = col.values()
+            mean = float(x.mean())   # before the percentiles reorder x in place (no copy)
+            p50, p90, p99 = np.percentile(x, [50, 90, 99], overwrite_input=True).tolist()
+            s[name] = {"mean": round(mean, 3), "p50": round(p50, 3), "p90": round(p90, 3), "p99": round(p99, 3)}
+            del x
         if len(self.tpot) != n:   # some 1-token outputs: say how many requests the TPOT figures cover
             s["tpot_ms"]["requests"] = len(self.tpot)
         return s

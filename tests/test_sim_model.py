@@ -130,12 +130,37 @@ def test_routers_differ(tmp_path):
 GOODPUT_ECHO = {"policy": "echo", "budget": {"kind": "goodput", "tokens": 31}}
 
 
-@pytest.mark.parametrize("policy", [SMALL_EAGLE, {"policy": "echo"}, GOODPUT_ECHO])
+# every policy the table core serves: those whose requests are independent (row_independent) and ECHO with a
+# goodput budget, tabled as priority orders (prefix_tabled)
+TABLED = [{"policy": "ar"}, SMALL_EAGLE, {"policy": "eagle3"}, {"policy": "eagle2"}, {"policy": "ddd"},
+          {"policy": "opt_tree"}, {"policy": "echo"}, {"policy": "echo_dense"}, {"policy": "echo_fixed"},
+          GOODPUT_ECHO, {"policy": "echo_dense", "budget": {"kind": "goodput", "tokens": 31}},
+          {"policy": "echo_fixed", "budget": {"kind": "goodput", "tokens": 31}}]
+
+
+def test_the_tabled_list_is_every_policy_the_table_core_serves():
+    from echosim.spec.policies import POLICIES, ConfigError
+
+    served = set()
+    for name in POLICIES:
+        for extra in ({}, {"budget": {"kind": "goodput", "tokens": 31}}):
+            try:
+                policy = make_policy(name, extra)
+            except ConfigError:  # a policy without a budget setting
+                continue
+            if row_independent(policy) or prefix_tabled(policy):
+                served.add((name, bool(extra)))
+    listed = {(p["policy"], "budget" in p) for p in TABLED}
+    assert served <= listed, served - listed
+
+
+@pytest.mark.parametrize("policy", TABLED, ids=lambda p: p["policy"] + ("-goodput" if "budget" in p else "")
+                         + ("-small" if p is SMALL_EAGLE else ""))
 def test_table_core_matches_exact_core(policy):
     # the table core draws from the core's own outcomes per difficulty stratum: same MAT and tree sizes. A
     # goodput budget decides for the whole batch at once, so its runs vary more: a longer run for it.
     out = {}
-    requests, output = (64, 240) if policy is GOODPUT_ECHO else (32, 120)
+    requests, output = (64, 240) if "budget" in policy else (32, 120)
     for core in ("table", "exact"):
         config = SimConfig(policy=dict(policy), core=core, seed=3)
         s = simulate(config, WorkloadSpec(kind="closed", concurrency=16, requests=requests, prompt_tokens=50,
@@ -143,7 +168,11 @@ def test_table_core_matches_exact_core(policy):
         assert s["speculation"]["core"] == core
         out[core] = (s["mat"], s["verified_tokens"] / s["decode_request_steps"])
     assert out["table"][0] == pytest.approx(out["exact"][0], rel=0.06)
-    assert out["table"][1] == pytest.approx(out["exact"][1], rel=0.03)
+    # dense-gated ECHO under a goodput budget: the prefix table verifies 3.2-3.4% fewer tokens per step than the
+    # exact core (192 requests, seeds 3 and 4; 5.1% in this shorter run) at the same MAT, a known gap
+    # (docs/SIMULATOR.md, "Known limits")
+    dense_goodput = policy["policy"] == "echo_dense" and "budget" in policy
+    assert out["table"][1] == pytest.approx(out["exact"][1], rel=0.07 if dense_goodput else 0.03)
 
 
 def test_which_policies_can_be_tabled():
