@@ -262,15 +262,18 @@ class Speculator:
             return step_time
         ctx = int(self.mean_ctx) // bucket
         cache = self._step_ms
+        longest = self.policy.config.budget.upper_bound(batch) + 1
 
         def cached(tokens, batch_size):
-            key = (batch_size, ctx, len(tokens))
-            hit = cache.get(key)
-            if hit is None:
-                if len(cache) > 65536:
+            # Budget.choose asks for batch + 0..n-1 with n <= longest: one curve per (batch, bucket), sliced (the
+            # cost model prices each candidate on its own, so a prefix of the longest curve is the shorter one)
+            key = (batch_size, ctx)
+            curve = cache.get(key)
+            if curve is None:
+                if len(cache) > 16384:
                     cache.clear()
-                hit = cache[key] = step_time(tokens, batch_size)
-            return hit
+                curve = cache[key] = step_time(batch_size + np.arange(longest), batch_size)
+            return curve[:len(tokens)]
 
         return cached if batch else step_time
 
