@@ -120,3 +120,17 @@ def test_latency_columns_spill_to_disk_and_read_back_exactly(monkeypatch):
         summaries.append(metrics.summary(0))
     assert summaries[0] == summaries[1]
     assert summaries[0]["tpot_ms"]["requests"] == 800 and summaries[0]["output_tokens"] == 3000
+
+
+def test_unwritable_outputs_are_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases = [(["trace", "convert", SAMPLE, "-o", str(blocker / "x.jsonl")], f"{blocker / 'x.jsonl'}: cannot write"),
+             (["run", "--trace", SAMPLE, "--requests", "3", "--out", str(blocker / "run"), "--no-progress"],
+              f"{blocker / 'run'}: cannot write the run folder"),
+             (["run", "--trace", SAMPLE, "--requests", "3", "--no-save", "--records", str(blocker / "r.jsonl"),
+               "--no-progress"], f"{blocker / 'r.jsonl'}: cannot write the records")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"echosim: error: {message}") and err.count("\n") == 1, err

@@ -48,10 +48,13 @@ def write_jsonl(path: str | Path, data: TraceArrays | Iterable[TraceArrays] | It
     partial = path.with_name(path.name + ".partial")
     try:
         count = _write(partial, data, batch)
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise TraceError(f"cannot write the trace ({exc.strerror or exc})", path=str(path)) from None
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    os.replace(partial, path)
     return count
 
 

@@ -109,9 +109,12 @@ def simulate(config: SimConfig, workload: WorkloadSpec, out_dir: Path | None = N
         if spec.core == "table":
             break
 
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics(out_dir, config.slo_ttft_ms, config.slo_tpot_ms)
+    try:
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = Metrics(out_dir, config.slo_ttft_ms, config.slo_tpot_ms)
+    except OSError as exc:
+        raise SimError(f"cannot write the run folder ({exc.strerror or exc})", path=str(out_dir)) from None
     env = simpy.Environment()
     chunks = request_chunks(workload, config.seed, reader)
     bar = _progress(progress, workload)

@@ -111,7 +111,10 @@ class Speculator:
         self.step_index = 0
         self.mean_ctx = 512.0  # mean context of the batch being scheduled (for step-time callables)
         if records_path is not None:
-            open(records_path, "w").close()
+            try:
+                open(records_path, "w").close()
+            except OSError as exc:
+                raise SimError(f"cannot write the records ({exc.strerror or exc})", path=str(records_path)) from None
         # tables: stratum g = dataset slot * bins + bin
         self.bins, self.rows_per_bin = bins, rows_per_bin
         self._dataset_slot: dict[int, int] = {}
