@@ -50,12 +50,19 @@ def write_jsonl(path: str | Path, data: TraceArrays | Iterable[TraceArrays] | It
         count = _write(partial, data, batch)
         os.replace(partial, path)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
+        _remove(partial)
         raise TraceError(f"cannot write the trace ({exc.strerror or exc})", path=str(path)) from None
     except BaseException:
-        partial.unlink(missing_ok=True)
+        _remove(partial)
         raise
     return count
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:   # e.g. its folder is not a folder: nothing was written
+        pass
 
 
 def _write(path: Path, data, batch: int) -> int:
