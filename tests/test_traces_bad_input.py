@@ -277,3 +277,13 @@ def test_gzip_and_csv_damage_named(tmp_path):
     with pytest.raises(TraceError, match="the CSV header has no column 'arrived_at'") as info:
         read_arrays(wrong, format="vidur")
     assert (info.value.line, info.value.field) == (1, "arrived_at")
+
+
+def test_deeply_nested_json_is_a_bad_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text(GOOD + '{"arrival_s": 1, "prompt_tokens": 10, "output_tokens": 5, "x": '
+                    + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(TraceError, match="nested too deeply") as info:
+        read_arrays(path)
+    assert info.value.line == 2
+    assert len(read_arrays(path, skip_bad_lines=True)) == 1

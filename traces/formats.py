@@ -124,7 +124,7 @@ def detect_format(path: str | Path) -> str:
             try:
                 obj = json.loads(text)
                 break
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
         if obj is None:
             raise TraceError(f"none of the first {len(lines)} lines is valid JSON; cannot detect the format",
@@ -179,6 +179,9 @@ def _jsonl_chunks(path: Path, fmt: Format, chunk_rows: int) -> Iterator[RawChunk
                 except ValueError as exc:
                     errors.append((first + k, None, f"not valid JSON ({exc})"))
                     continue
+                except RecursionError:
+                    errors.append((first + k, None, "not a trace row: JSON nested too deeply to read"))
+                    continue
                 if not isinstance(obj, dict):
                     kind = type(obj).__name__
                     errors.append((first + k, None, f"a line must be a JSON object, got {kind}"))
@@ -192,7 +195,7 @@ def _parse_block(lines: list[str]) -> list[dict] | None:
     """All lines as one JSON array (about 3x faster than json.loads per line), or None if a line is odd."""
     try:
         objs = json.loads("[" + ",".join(lines) + "]")
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if len(objs) != len(lines) or not all(type(o) is dict for o in objs):
         return None
