@@ -134,3 +134,17 @@ def test_unwritable_outputs_are_one_line(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"echosim: error: {message}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("value, message", [
+    ("5", 'a budget is a JSON object like {"kind": "goodput", "tokens": 31}, got 5'),
+    ('"goodput"', "a budget is a JSON object"),
+    ('{"kind": "goodput", "tokens": true}', "budget tokens must be an integer, got True"),
+    ('{"kind": "goodput", "tokens": 1e400}', "budget tokens must be an integer, got inf"),
+    ('{"kind": "goodput", "tokens": "many"}', "budget tokens must be an integer, got 'many'"),
+])
+def test_bad_budget_setting_is_one_line(capsys, value, message):
+    assert main(["run", "--trace", SAMPLE, "--requests", "3", "--no-save", "--no-progress", "--set",
+                 f"budget={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("echosim: error: field 'policy': policy 'echo' setting 'budget': ") and message in err

@@ -60,4 +60,11 @@ class Budget:
 
     @classmethod
     def from_json(cls, d: dict) -> Budget:
-        return cls(kind=str(d.get("kind", "per_request")), tokens=int(d.get("tokens", 31)))
+        if not isinstance(d, dict):
+            raise ValueError(f'a budget is a JSON object like {{"kind": "goodput", "tokens": 31}}, got {d!r}')
+        tokens = d.get("tokens", 31)
+        if type(tokens) is float and tokens.is_integer():
+            tokens = int(tokens)
+        if type(tokens) is not int:
+            raise ValueError(f"budget tokens must be an integer, got {tokens!r}")
+        return cls(kind=str(d.get("kind", "per_request")), tokens=tokens)
