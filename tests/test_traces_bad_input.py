@@ -248,7 +248,8 @@ def test_the_same_rule_on_every_line(tmp_path, line, field, message):
         assert message in str(info.value)
 
 
-@pytest.mark.parametrize("value", ["now", "today", "2023", "9999-01-01 00:00:00", "-2023-01-01 00:00:00"])
+@pytest.mark.parametrize("value", ["now", "today", "2023", "9999-01-01 00:00:00", "-2023-01-01 00:00:00",
+                                   "\u00b2\u00b2\u00b2\u00b2-01-01 00:00:00"])
 def test_azure_time_that_numpy_would_misread(tmp_path, value):
     path = tmp_path / "az.csv"
     path.write_text(f"TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,10,5\n{value},10,5\n")

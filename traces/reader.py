@@ -208,7 +208,7 @@ class TraceReader:
         values = [v[:-6] if v.endswith("+00:00") else v[:-1] if v.endswith("Z") else v for v in values]
         # NumPy also reads "now", "today", a bare year, and wraps years outside 1678-2261 silently: accept only a
         # date that starts YYYY-MM-DD with a year in DATE_YEARS
-        shaped = np.array([len(v) >= 10 and v[:4].isdigit() and v[4] == "-" and v[7] == "-"
+        shaped = np.array([len(v) >= 10 and v[:4].isascii() and v[:4].isdigit() and v[4] == "-" and v[7] == "-"
                            and DATE_YEARS[0] <= int(v[:4]) <= DATE_YEARS[1] for v in values], dtype=bool)
         try:
             ns = np.array(values if shaped.all() else [v if k else "NaT" for v, k in zip(values, shaped.tolist(),
