@@ -180,3 +180,16 @@ def test_byte_order_mark_and_bad_first_line(tmp_path):
     with pytest.raises(UserError, match=r"bad_first\.jsonl:1: not valid JSON"):
         read_arrays(path)
     assert len(read_arrays(path, skip_bad_lines=True)) == 1
+
+
+def test_shipped_azure_hour_is_the_source_of_the_5min_sample():
+    # the benchmark's trace ships with the package; the 5-minute sample is its first 300 s, converted
+    hour = read_arrays(traces.sample_path("azure_conv_2023_1h"))
+    assert hour.format == "azure" and len(hour) == 19_366
+    assert traces.resolve_trace("traces/azure_conv_2023_1h.csv.gz") == traces.sample_path("azure_conv_2023_1h")
+    assert hour.duration_s == pytest.approx(3501.721937, abs=1e-6)
+    sample = read_arrays(traces.sample_path("azure_conv_2023_5min"))
+    n = len(sample)
+    assert n == int(np.sum(hour.arrival_s <= 300.0)) == 1_445
+    np.testing.assert_allclose(sample.arrival_s, hour.arrival_s[:n], atol=1e-7)
+    assert sample.output_tokens.tolist() == hour.output_tokens[:n].tolist()
