@@ -171,7 +171,7 @@ class Speculator:
             drawn = offset + self._draws[pos:pos + B]
             rows = self._rows.take(drawn, axis=0)
             if self.prefix:
-                self.mean_ctx = float(kv_len.mean())
+                self.mean_ctx = int(kv_len.sum()) / B   # = kv_len.mean() exactly (an integer sum), without its overhead
                 rows = self._choose_prefix(rows, drawn)
             if self._stop_const:
                 return StepOutcome(rows, tuple(B * w for w in self.width))
@@ -233,10 +233,11 @@ class Speculator:
         row (`_prefix_keys`); per step only the merge across the batch and the budget's choice remain."""
         B, C = len(drawn), self._cap
         budget = self.policy.config.budget
-        floor = self._floor_n[drawn]
-        key = self._key[drawn].ravel()   # Priority 1 above 2, by probability; -1 = floor or no node
-        n_floor = int(floor.sum())
-        n_rest = min(int(self._n_rest[drawn].sum()), max(budget.upper_bound(B) - n_floor, 0))
+        counts = self._counts.take(drawn, axis=0)   # [B, 2]: floor, nodes offered beyond it
+        n_floor, offered = counts.sum(axis=0).tolist()
+        floor = counts[:, 0]
+        key = self._key.take(drawn, axis=0).ravel()   # Priority 1 above 2, by probability; -1 = floor or no node
+        n_rest = min(offered, max(budget.upper_bound(B) - n_floor, 0))
         if 0 < n_rest < key.size:
             neg = -key
             top = np.argpartition(neg, n_rest - 1)[:n_rest]
@@ -244,12 +245,12 @@ class Speculator:
         else:
             top = np.flatnonzero(key > 0)
             top = top[np.argsort(-key[top], kind="stable")][:n_rest]
-        gain = self._gain[drawn]
+        gain = self._gain.take(drawn, axis=0)
         floor_gains = gain[self._cols < floor[:, None]] if n_floor else gain[:0, 0]
         gains = np.concatenate([floor_gains, gain.ravel()[top]])
         k = max(budget.choose(B, gains, self._step_time_cached(B)), n_floor)
         m = floor + np.bincount(top[:k - n_floor] // C, minlength=B)
-        accepted = (self._acc_rank[drawn] < m[:, None]).sum(axis=1)
+        accepted = (self._acc_rank.take(drawn, axis=0) < m[:, None]).sum(axis=1)
         rows[:, TOKENS] = m + 1
         rows[:, ACCEPTED] = accepted
         rows[:, EMIT] = accepted + 1
@@ -291,9 +292,8 @@ class Speculator:
         floor = np.minimum(floor, (probs > 0).sum(axis=1))
         self._cols = np.arange(C)
         rest = (self._cols[None, :] >= floor[:, None]) & (probs > 0)
-        self._floor_n = floor.astype(np.int64)
+        self._counts = np.column_stack([floor, rest.sum(axis=1)]).astype(np.int64)
         self._key = np.where(rest, probs + 2.0 * confident[:, None], -1.0)
-        self._n_rest = rest.sum(axis=1).astype(np.int64)
         self._gain = probs.astype(np.float64)
         self._step_ms: dict = {}
 
