@@ -72,6 +72,7 @@ def test_one_token_outputs_have_no_tpot(tmp_path):
     (["--max-prefill-tokens", "0"], "--max-prefill-tokens must be an integer >= 1"),
     (["--rate", "nan", "--requests", "5"], "--rate must be a finite number > 0, got nan"),
     (["--rate", "2", "--cv", "inf", "--requests", "5"], "--cv must be a finite number > 0, got inf"),
+    (["--rate", "2", "--burstiness", "nan", "--requests", "5"], "--burstiness must be a finite number > 0, got nan"),
     (["--concurrency", "0"], "--concurrency must be an integer >= 1"),
     (["--input-len", "20000000", "--concurrency", "1"], "--input-len must be an integer in [1, 10,000,000]"),
     (["--gpu-memory-utilization", "nan"], "--gpu-memory-utilization must be in (0, 1]"),
@@ -82,6 +83,20 @@ def test_every_number_is_checked(capsys, flags, message):
     assert main(["run", "--trace", SAMPLE, "--no-save", "--no-progress", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"echosim: error: {message}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    ("seed: -1\n", "--seed must be an integer >= 0, got -1"),
+    ('time_scale: "fast"\n', "--time-scale must be a number, got 'fast'"),
+    ("requests: true\n", "--requests must be an integer, got True"),
+    ("time_scale: .nan\n", "--time-scale must be a finite number > 0, got nan"),
+])
+def test_numbers_from_a_config_file_are_checked(tmp_path, capsys, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    assert main(["run", "--trace", SAMPLE, "--no-save", "--no-progress", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"echosim: error: {message}") and err.count("\n") == 1, err
 
 
 def test_trace_convert_numbers_are_checked(tmp_path, capsys):
