@@ -22,6 +22,8 @@ COMMANDS = [
     "serve",      # the engine behind an HTTP server (SGLang /generate, OpenAI /v1/completions)
     "replay",     # replay a trace against an HTTP server
     "validate",   # strict replay: the same trace through the engine and the simulator, their errors
+    "sweep",      # a grid of simulations, capacity search, policy advisor (echosim/commands/sweep.py)
+    "dashboard",  # the Streamlit what-if dashboard (dashboards/app.py)
 ]
 
 

@@ -20,6 +20,9 @@ from pathlib import Path
 
 from echosim.commands.help_format import DefaultsHelpFormatter
 from echosim.errors import UserError
+from echosim.sim.policy_spec import parse_policy as _policy
+from echosim.sim.policy_spec import policy_label as _label
+from echosim.sim.policy_spec import split_items
 
 
 def add_parser(subparsers) -> None:
@@ -102,53 +105,6 @@ def add_parser(subparsers) -> None:
     o.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput SLO on TPOT (ms)")
     p.set_defaults(func=run, _defaults={a.dest: a.default for a in p._actions if a.dest != "help"},
                    _names={o.lstrip("-").replace("-", "_"): a.dest for a in p._actions for o in a.option_strings})
-
-
-def split_items(text: str) -> list[str]:
-    """Comma-separated items; commas inside {...} belong to the item (inline JSON settings)."""
-    items, depth, cur = [], 0, []
-    for ch in text:
-        depth += (ch == "{") - (ch == "}")
-        if ch == "," and depth == 0:
-            items.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(ch)
-    items.append("".join(cur).strip())
-    return [x for x in items if x]
-
-
-def _policy(spec: str, sets: list[str]) -> dict:
-    path = Path(spec)
-    if "{" in spec and spec.endswith("}") and not spec.startswith("{"):
-        name, _, body = spec.partition("{")
-        try:
-            cfg = json.loads("{" + body)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"policy {spec!r}: the settings are not valid JSON ({exc.msg})") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"policy {spec!r}: the settings must be a JSON object")
-        cfg = {"policy": name.strip(), **cfg}
-    elif spec.endswith(".json"):
-        try:
-            cfg = json.loads(path.read_text())
-        except OSError as exc:
-            raise UserError(f"cannot read the policy: {exc.strerror}", path=spec) from None
-        except json.JSONDecodeError as exc:
-            raise UserError(f"not valid JSON ({exc.msg})", path=spec, line=exc.lineno) from None
-        if not isinstance(cfg, dict) or "policy" not in cfg:
-            raise UserError("a policy file is a JSON object with 'policy'", path=spec, field="policy")
-    else:
-        cfg = {"policy": spec}
-    for item in sets:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise UserError(f"--set wants KEY=VALUE, got {item!r}")
-        try:
-            cfg[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            cfg[key.strip()] = value
-    return cfg
 
 
 # A run folder's config.json ({"sim": ..., "workload": ...}) in flag names: what --config reruns.
@@ -263,16 +219,6 @@ def _workload(args):
     if args.requests is not None and args.requests < 1:
         raise UserError(f"--requests must be >= 1, got {args.requests}")
     return WorkloadSpec(kind="trace", **common)
-
-
-def _label(policy_cfg: dict, spec: str) -> str:
-    if spec.endswith(".json"):
-        return Path(spec).stem
-    if "{" not in spec:
-        return policy_cfg["policy"]
-    # inline settings: name[values], e.g. eagle3[3,3,6] or echo[goodput-31]
-    flat = lambda v: "-".join(map(flat, v.values())) if isinstance(v, dict) else str(v)  # noqa: E731
-    return f"{policy_cfg['policy']}[{','.join(flat(v) for k, v in policy_cfg.items() if k != 'policy')}]"
 
 
 def run(args) -> int:

@@ -79,11 +79,12 @@ def budget_step_time(pricer: StepPricer, speculator_ref: list):
 
 
 def simulate(config: SimConfig, workload: WorkloadSpec, out_dir: Path | None = None, records: str | None = None,
-             progress: bool = False, acceptance=None) -> RunResult:
+             progress: bool = False, acceptance=None, cost=None) -> RunResult:
+    """`acceptance` and `cost` (a step-time model, cost_models' interface) override what the config names."""
     wall0 = time.perf_counter()
     config.check()
     c = config.cluster
-    cost = build_cost_model(c)
+    cost = cost if cost is not None else build_cost_model(c)
     kv_blocks = kv_capacity_blocks(c, cost)
     acceptance = acceptance if acceptance is not None else load_acceptance(config.acceptance)
     reader = trace_reader(workload) if workload.trace else None
