@@ -57,7 +57,7 @@ def run_figures(folder: str | Path, title: str = "") -> dict:
     """name -> Figure for a run folder (names: throughput_latency, batch_mat, latency_cdf)."""
     folder = Path(folder)
     req = _read(folder / "requests.csv", ["arrival_s", "first_token_s", "finish_s", "output_tokens", "ttft_ms",
-                                          "tpot_ms", "e2e_ms"])
+                                          "tpot_ms", "e2e_ms", "steps", "accepted"])
     its = _read(folder / "iterations.csv", ["end_s", "batch", "accepted"])
     figs: dict = {}
     if req is None or req.empty:
@@ -108,6 +108,25 @@ def run_figures(folder: str | Path, title: str = "") -> dict:
         ax[0, 0].set_ylabel("requests per decode iteration")
         ax[0, 1].set_title("MAT over time")
         ax[0, 1].set_ylabel("accepted tokens per request-step (incl. bonus)")
+        for x in ax[0]:
+            x.set_xlabel("time (s)")
+        fig.suptitle(title)
+        figs["batch_mat"] = fig
+
+    elif "steps" in req.columns:  # a replay: requests in flight (the server's batch, bounded above) and MAT
+        fig, ax = _figure(11, 4)
+        starts, ends = np.sort(req["arrival_s"].to_numpy()), np.sort(req["finish_s"].to_numpy())
+        inflight = np.searchsorted(starts, centres, side="right") - np.searchsorted(ends, centres, side="right")
+        ax[0, 0].plot(centres - t0, inflight, color="tab:green")
+        ax[0, 0].set_title("requests in flight over time")
+        ax[0, 0].set_ylabel("requests (sent, not finished)")
+        dec = req[req["steps"].fillna(0) > 0]
+        st, _ = np.histogram(dec["finish_s"], bins=edges, weights=dec["steps"])
+        ac, _ = np.histogram(dec["finish_s"], bins=edges, weights=dec["accepted"])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ax[0, 1].plot(centres - t0, np.where(st > 0, (ac + st) / st, np.nan), "o-", ms=2, color="tab:purple")
+        ax[0, 1].set_title("MAT over time (by finish)")
+        ax[0, 1].set_ylabel("accepted tokens per verify step (incl. bonus)")
         for x in ax[0]:
             x.set_xlabel("time (s)")
         fig.suptitle(title)

@@ -59,6 +59,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-stream", action="store_true", help="do not stream (no TTFT/TPOT/ITL, only E2E)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request read timeout in seconds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots in the output folder")
     p.set_defaults(func=run)
 
 
@@ -119,6 +120,10 @@ def run(args) -> int:
               "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms, "stream": not args.no_stream,
               "prompts": str(args.prompts or default_prompt_set())}
     paths = write_outputs(out, records, summary, config)
+    if not args.no_plots and summary["completed"]:
+        from echosim.plots import plot_run
+
+        plot_run(out, f"replay of {Path(args.trace).name} against {args.url}")
 
     def fmt(x, unit=""):
         return "n/a" if x is None else f"{x:,.1f}{unit}"

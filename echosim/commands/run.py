@@ -98,6 +98,7 @@ def add_parser(subparsers) -> None:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--out", default=None, help="run folder (default: runs/<workload>-<policy>)")
     o.add_argument("--no-save", action="store_true", help="do not write a run folder")
+    o.add_argument("--no-plots", action="store_true", help="no PNG plots in the run folder")
     o.add_argument("--records", default=None, help="write per-node draft/accept records (JSON lines) here")
     o.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -272,6 +273,10 @@ def run(args) -> int:
         out = None if root is None else (root / label if len(policies) > 1 else root)
         result = simulate(config, workload, out_dir=out, records=args.records, progress=not args.no_progress)
         summaries[label] = result.summary
+        if out is not None and not args.no_plots:
+            from echosim.plots import plot_run
+
+            plot_run(out, f"{label}: {cluster.model} on {cluster.replicas} x {cluster.tp} x {cluster.hardware}")
     for label in labels:
         warning = (summaries[label].get("load") or {}).get("warning")
         if warning:

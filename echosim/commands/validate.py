@@ -55,6 +55,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (none = runs/validate-<policy>)")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots (measured against simulated)")
     r = p.add_argument_group("validating an existing replay (--replay)")
     r.add_argument("--replay", default=None,
                    help="an echosim replay folder (requests.csv, summary.json), or a bench_serving / vLLM result file "
@@ -106,6 +107,10 @@ def run_replay(args, policy: str, config: dict | None) -> int:
                          block_size=args.block_size, max_prefill_tokens=args.max_prefill_tokens, seed=args.seed,
                          max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
     result = validate_replay(replay, cfg, Path(args.cost_model), acceptance, over, out, hardware=args.hardware)
+    if not args.no_plots and (out / "validation.json").is_file():
+        from echosim.plots import plot_validate
+
+        plot_validate(out)
     print(format_comparison(result["metrics"]))
     print(f"run folder: {out} ({result['wall_s']:.0f} s)")
     return 0
@@ -132,6 +137,10 @@ def run(args) -> int:
     if out.exists() and not out.is_dir():
         raise UserError("the run folder is a file", path=str(out))
     result = crossval(cfg, out)
+    if not args.no_plots:
+        from echosim.plots import plot_validate
+
+        plot_validate(out)
     print(format_comparison(result["metrics"]))
     print("\nsteps, engine against simulator:")
     print(format_breakdown(result["steps"]))
