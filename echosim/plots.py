@@ -290,3 +290,41 @@ def plot_validate(folder: str | Path) -> list[Path]:
         if (folder / side / "requests.csv").is_file():
             paths += plot_run(folder / side, f"{folder.name} / {side}")
     return paths
+
+
+# --- one step ------------------------------------------------------------------------------------------------
+
+
+def step_figure(view):
+    """One step's super-tree (echosim.sim.step_view.StepView): verified nodes per request and depth, the depth
+    the target accepted, and each request's verified drafts split into depth and width."""
+    order = np.argsort(view.difficulty, kind="stable")
+    sel = view.selected[order]
+    B, D = sel.shape
+    fig, axes = _figure(12, max(3.0, min(9.0, 1.2 + 0.12 * B)), 1, 2)
+    ax = axes[0, 0]
+    im = ax.imshow(sel, aspect="auto", cmap="Blues", interpolation="nearest", vmin=0,
+                   extent=(0.5, D + 0.5, B - 0.5, -0.5))
+    acc = view.accepted[order]
+    ax.scatter(np.maximum(acc, 0.0) + 0.0, np.arange(B), s=12, color="tab:orange", zorder=3,
+               label="accepted depth")
+    ax.set_xlabel("draft depth")
+    ax.set_ylabel("request (easiest first)")
+    ax.set_xticks(range(1, D + 1))
+    ax.set_title("verified nodes per request and depth")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.colorbar(im, ax=ax, label="nodes verified")
+    ax = axes[0, 1]
+    depth, width = view.depth_tokens[order], view.width_tokens[order]
+    y = np.arange(B)
+    ax.barh(y, depth, color="tab:blue", label="depth (one per level)")
+    ax.barh(y, width, left=depth, color="tab:cyan", label="width (siblings)")
+    ax.invert_yaxis()
+    ax.set_xlabel("verified drafts")
+    ax.set_title("budget per request: depth vs width")
+    ax.legend(loc="lower right", fontsize=8)
+    s = view.summary()
+    fig.suptitle(f"{view.policy.get('policy', '')}, batch {B}: {s['verified_tokens']} tokens verified "
+                 f"({s['depth_tokens']} depth, {s['width_tokens']} width, {B} roots), {s['accepted_drafts']} "
+                 f"drafts accepted, MAT {s['mat']:.2f}", fontsize=10)
+    return fig

@@ -37,6 +37,8 @@ def parse_policy(spec: str, sets: list[str] = ()) -> dict:
         if not isinstance(cfg, dict):
             raise SimError(f"policy {spec!r}: the settings must be a JSON object")
         cfg = {"policy": name.strip(), **cfg}
+    elif "{" in spec and not spec.endswith(".json"):
+        raise SimError(f"policy {spec!r}: the settings are not valid JSON (no closing '}}')")
     elif spec.endswith(".json"):
         try:
             cfg = json.loads(path.read_text())

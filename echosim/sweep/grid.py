@@ -86,7 +86,8 @@ class SweepSpec(BaseModel):
     replicas: list[int] = [1]
     traces: list[str | None] = [None]
     seeds: list[int] = [0]
-    requests: int | None = None      # default: 4 x concurrency (closed), 200 (rates), the whole trace (replay)
+    requests: int | None = None      # default: requests_per_slot x concurrency (closed), 200 (rates), the trace
+    requests_per_slot: int = 4       # closed loop without `requests`: this many requests per concurrency slot
     input_len: int = 100
     output_len: int = 500
     cv: float = 1.0
@@ -102,6 +103,13 @@ class SweepSpec(BaseModel):
     def _pos_float(cls, v):
         if v is not None and (not v or any(not x > 0 for x in v)):
             raise ValueError("must be a non-empty list of numbers > 0")
+        return v
+
+    @field_validator("requests", "requests_per_slot")
+    @classmethod
+    def _count(cls, v):
+        if v is not None and v < 1:
+            raise ValueError("must be >= 1")
         return v
 
     @field_validator("concurrency", "tp", "replicas")
@@ -269,7 +277,7 @@ def load_axis(spec: SweepSpec) -> tuple[str, list[float]]:
 def _workload(spec: SweepSpec, trace: str | None, kind: str, value: float) -> WorkloadSpec:
     requests = spec.requests
     if requests is None and kind == "concurrency":
-        requests = 4 * int(value)
+        requests = spec.requests_per_slot * int(value)
     elif requests is None and kind == "rate":
         requests = 200
     base = WorkloadSpec(kind="trace", trace=trace, requests=requests, prompt_tokens=spec.input_len,

@@ -81,3 +81,17 @@ def crossovers(df: pd.DataFrame, baseline: str = "ar", metric: str = "throughput
             out.append({"policy": policy, **dict(zip(CONFIG_COLUMNS, conf, strict=True)),
                         "crossover_load": cross, "last_load_ahead": ahead, "first_load_behind": behind})
     return pd.DataFrame(out, columns=cols)
+
+
+def cost_per_million(df: pd.DataFrame, gpu_hour_usd: float) -> pd.DataFrame:
+    """Serving cost in USD per million output tokens from a GPU-hour price: every GPU of the cell (tp x replicas)
+    billed for the time it takes to emit a million tokens at the cell's throughput (and, counting only tokens
+    of requests within the SLOs, at its goodput)."""
+    out = df.copy()
+    usd_per_s = gpu_hour_usd * out["gpus"] / 3600.0
+    with np.errstate(divide="ignore"):
+        out["usd_per_mtok"] = np.where(out["throughput_tok_s"] > 0, usd_per_s / out["throughput_tok_s"] * 1e6,
+                                       np.inf)
+        out["usd_per_mtok_good"] = np.where(out["goodput_tok_s"] > 0, usd_per_s / out["goodput_tok_s"] * 1e6,
+                                            np.inf)
+    return out
