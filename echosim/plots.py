@@ -305,18 +305,24 @@ def step_figure(view):
     ax = axes[0, 0]
     im = ax.imshow(sel, aspect="auto", cmap="Blues", interpolation="nearest", vmin=0,
                    extent=(0.5, D + 0.5, B - 0.5, -0.5))
+    from matplotlib.ticker import MaxNLocator
+
     acc = view.accepted[order]
-    ax.scatter(np.maximum(acc, 0.0) + 0.0, np.arange(B), s=12, color="tab:orange", zorder=3,
-               label="accepted depth")
+    hit = acc > 0
+    ax.scatter(acc[hit], np.arange(B)[hit], s=14, color="tab:orange", zorder=3,
+               label="deepest accepted draft (none: bonus token only)")
+    ax.set_xlim(0.5, D + 0.5)
     ax.set_xlabel("draft depth")
     ax.set_ylabel("request (easiest first)")
     ax.set_xticks(range(1, D + 1))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("verified nodes per request and depth")
     ax.legend(loc="lower right", fontsize=8)
     fig.colorbar(im, ax=ax, label="nodes verified")
     ax = axes[0, 1]
     depth, width = view.depth_tokens[order], view.width_tokens[order]
     y = np.arange(B)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.barh(y, depth, color="tab:blue", label="depth (one per level)")
     ax.barh(y, width, left=depth, color="tab:cyan", label="width (siblings)")
     ax.invert_yaxis()

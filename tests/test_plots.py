@@ -96,3 +96,22 @@ def test_validate_folder_plots_measured_against_simulated(tmp_path):
     assert {"validation.png", "validation_cdf.png"} <= names
     assert _pngs(out) == {"validation.png", "validation_cdf.png"}
     assert _pngs(out / "engine") == RUN_PLOTS and _pngs(out / "sim") == RUN_PLOTS
+
+
+def test_one_step_view_is_the_policy_selection():
+    """The one-step picture the dashboard draws: eagle3 verifies exactly num_draft_tokens per request (the root
+    included); ECHO's per-request budget caps each tree; the accepted path lies within what was selected."""
+    from echosim.plots import step_figure
+    from echosim.sim.step_view import one_step
+
+    v = one_step({"policy": "eagle3", "steps": 4, "topk": 4, "num_draft_tokens": 12}, 8)
+    assert (v.verified == 12).all()
+    assert (v.selected <= v.drafted).all() and v.selected.shape == (8, 4)
+    assert (v.depth_tokens + v.width_tokens == v.selected.sum(axis=1)).all()
+    assert (v.accepted <= v.depth_tokens).all()
+    e = one_step({"policy": "echo", "budget": {"kind": "per_request", "tokens": 10}}, 16)
+    assert (e.verified <= 11).all() and e.summary()["verified_tokens"] == int(e.verified.sum())
+    ar = one_step({"policy": "ar"}, 4)
+    assert (ar.verified == 1).all() and ar.summary()["waste"] == 0.0
+    fig = step_figure(v)
+    assert len(fig.axes) >= 2

@@ -104,7 +104,13 @@ def sidebar() -> tuple[dict, float]:
             from traces import sample_path
 
             path = sample_path(sb.selectbox("sample", SAMPLES, key="sample"))
-        info = inspect_trace(str(path))   # raises the reader's one-line error on a malformed file
+        try:
+            info = inspect_trace(str(path))   # raises the reader's one-line error on a malformed file
+        except InputError as exc:
+            if source != "upload":
+                raise
+            # name the file as the user knows it, not by its place in the cache
+            raise InputError(str(exc).replace(str(path), up.name, 1)) from None
         sb.caption(f"{info['format']} trace: {info['requests']:,} requests over {info['duration_s']:.0f} s "
                    f"({info['rate_rps']:.2f} req/s)")
         spec["traces"] = [str(path)]

@@ -26,6 +26,7 @@ def add_parser(subparsers) -> None:
 def command(port: int, address: str = "127.0.0.1", runs: str = "runs") -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", address,
             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "minimal",
             "--", "--runs", runs]
 
 
