@@ -190,29 +190,36 @@ def results(table: pd.DataFrame, price: float) -> None:
             f"**{r['policy']}** from {r['crossover_load']:.3g}" for r in behind.to_dict("records")))
     elif "ar" in set(table["policy"]) and len(cross):
         st.success("Every policy beats plain decoding at every load swept.")
-    c1, c2 = st.columns(2)
-    c1.altair_chart(line_chart(df, "throughput_tok_s", "throughput (tok/s)", cross, log_x), width="stretch")
-    c2.altair_chart(line_chart(df, "goodput_tok_s", "goodput (tok/s, within SLOs)", cross, log_x),
-                    width="stretch")
-    c1, c2 = st.columns(2)
-    c1.altair_chart(line_chart(df, "mat", "MAT (accepted tokens per step)", None, log_x), width="stretch")
-    c2.altair_chart(line_chart(df, "verification_waste", "verification waste (rejected / verified)", None,
-                               log_x), width="stretch")
-    st.subheader("Latency percentiles")
-    metric = st.radio("latency", ["tpot_ms", "ttft_ms", "e2e_ms"], horizontal=True, key="lat_metric")
-    q = st.radio("percentile", ["p50", "p90", "p99", "mean"], horizontal=True, key="lat_q")
-    st.altair_chart(line_chart(df, f"{metric}_{q}", f"{metric.split('_')[0].upper()} {q} (ms)", None, log_x),
-                    width="stretch")
-    st.subheader(f"Cost per million output tokens at ${price:g} per GPU-hour")
-    cost = cost_per_million(df.assign(gpus=df["gpus"]), price)
-    c1, c2 = st.columns(2)
-    c1.altair_chart(line_chart(cost, "usd_per_mtok", "USD / M tokens (all)", None, log_x), width="stretch")
-    c2.altair_chart(line_chart(cost.replace(float("inf"), None), "usd_per_mtok_good",
-                               "USD / M tokens (within SLOs)", None, log_x), width="stretch")
-    st.subheader("Best policy per load (by goodput)")
-    st.dataframe(advise(table)[["load", "best_policy", "goodput_tok_s", "runner_up", "gain_vs_runner_up",
-                                "gain_vs_ar", "best_config"]], hide_index=True)
-    with st.expander("all cells"):
+    # the first tab is the default view; the others draw when opened
+    tput, lat, acc, cost_tab, cells = st.tabs(["throughput & goodput", "latency", "MAT & waste", "cost",
+                                               "all cells"])
+    with tput:
+        c1, c2 = st.columns(2)
+        c1.altair_chart(line_chart(df, "throughput_tok_s", "throughput (tok/s)", cross, log_x), width="stretch")
+        c2.altair_chart(line_chart(df, "goodput_tok_s", "goodput (tok/s, within SLOs)", cross, log_x),
+                        width="stretch")
+        st.subheader("Best policy per load (by goodput)")
+        st.dataframe(advise(table)[["load", "best_policy", "goodput_tok_s", "runner_up", "gain_vs_runner_up",
+                                    "gain_vs_ar", "best_config"]], hide_index=True)
+    with lat:
+        c1, c2 = st.columns(2)
+        metric = c1.radio("latency", ["tpot_ms", "ttft_ms", "e2e_ms"], horizontal=True, key="lat_metric")
+        q = c2.radio("percentile", ["p50", "p90", "p99", "mean"], horizontal=True, key="lat_q")
+        st.altair_chart(line_chart(df, f"{metric}_{q}", f"{metric.split('_')[0].upper()} {q} (ms)", None, log_x),
+                        width="stretch")
+    with acc:
+        c1, c2 = st.columns(2)
+        c1.altair_chart(line_chart(df, "mat", "MAT (accepted tokens per step)", None, log_x), width="stretch")
+        c2.altair_chart(line_chart(df, "verification_waste", "verification waste (rejected / verified)", None,
+                                   log_x), width="stretch")
+    with cost_tab:
+        st.caption(f"USD per million output tokens at ${price:g} per GPU-hour, every GPU of the cluster billed")
+        cost = cost_per_million(df, price).replace(float("inf"), None)
+        c1, c2 = st.columns(2)
+        c1.altair_chart(line_chart(cost, "usd_per_mtok", "USD / M tokens (all)", None, log_x), width="stretch")
+        c2.altair_chart(line_chart(cost, "usd_per_mtok_good", "USD / M tokens (within SLOs)", None, log_x),
+                        width="stretch")
+    with cells:
         st.dataframe(table, hide_index=True)
         st.download_button("download CSV", table.to_csv(index=False), "whatif.csv", "text/csv")
 

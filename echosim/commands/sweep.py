@@ -64,6 +64,8 @@ def add_parser(subparsers) -> None:
     w = p.add_argument_group("every cell")
     w.add_argument("--requests", type=int, default=None,
                    help="requests per cell (default: 4 x concurrency; 200 at a rate; the whole trace)")
+    w.add_argument("--requests-per-slot", type=int, default=None,
+                   help="closed loop without --requests: requests = this x concurrency (default 4)")
     w.add_argument("--input-len", type=int, default=None, help="prompt length without a trace (default 100)")
     w.add_argument("--output-len", type=int, default=None, help="output length without a trace (default 500)")
     w.add_argument("--cv", type=float, default=None, help="with rates: gamma gaps with this CV (default 1)")
@@ -106,8 +108,9 @@ def build_spec(args):
             if key in ("rates", "concurrency", "loads"):
                 for other in {"rates", "concurrency", "loads"} - {key}:
                     data.pop(other, None)  # a load axis from the flags replaces the file's
-    for flag, key in (("requests", "requests"), ("input_len", "input_len"), ("output_len", "output_len"),
-                      ("cv", "cv"), ("slo_ttft_ms", "slo_ttft_ms"), ("slo_tpot_ms", "slo_tpot_ms")):
+    for flag, key in (("requests", "requests"), ("requests_per_slot", "requests_per_slot"),
+                      ("input_len", "input_len"), ("output_len", "output_len"), ("cv", "cv"),
+                      ("slo_ttft_ms", "slo_ttft_ms"), ("slo_tpot_ms", "slo_tpot_ms")):
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
     cap = dict(data.get("capacity") or {})

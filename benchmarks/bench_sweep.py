@@ -1,0 +1,50 @@
+"""Wall time of one 100-cell sweep, serial against the process pool (and Ray with --ray), side by side.
+
+    python benchmarks/bench_sweep.py [--jobs N] [--ray]
+
+The grid: 5 policies x 10 concurrencies x 2 seeds, Qwen3-8B on one H100, closed loop, 2 requests per slot of
+100 in / 200 out. Each backend runs it into a fresh folder; the tables must come out identical."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from echosim.sweep import parse_spec, run_sweep
+from echosim.sweep.runner import default_jobs
+
+GRID = {"policies": ["ar", "eagle3", "echo", "ddd", "tetris"],
+        "concurrency": [1, 2, 4, 8, 12, 16, 24, 32, 48, 64], "seeds": [0, 1], "requests_per_slot": 2,
+        "input_len": 100, "output_len": 200}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=None)
+    ap.add_argument("--ray", action="store_true")
+    args = ap.parse_args()
+    spec = parse_spec(GRID)
+    jobs = args.jobs or default_jobs()
+    backends = ["serial", "pool"] + (["ray"] if args.ray else [])
+    tables, walls = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in backends:
+            t0 = time.perf_counter()
+            res = run_sweep(spec, Path(tmp) / b, backend=b, jobs=jobs, progress=False, plots=False)
+            walls[b] = time.perf_counter() - t0
+            tables[b] = res.table
+            print(f"{b}: {res.cells} cells in {walls[b]:.1f} s", flush=True)
+    for b in backends[1:]:
+        pd.testing.assert_frame_equal(tables["serial"], tables[b])
+        print(f"{b} / serial wall time: {walls[b] / walls['serial']:.2f} (speed-up {walls['serial'] / walls[b]:.2f}x"
+              f", {jobs} workers); tables identical")
+    print(f"load average at the end: {os.getloadavg()}, CPUs: {os.cpu_count()}")
+
+
+if __name__ == "__main__":
+    main()
