@@ -276,3 +276,43 @@ def test_advisor_picks_the_best_goodput_per_load():
     assert list(adv["best_policy"]) == ["spec", "ar"]
     assert adv["gain_vs_ar"][0] == pytest.approx(2.0)
     assert adv["gain_vs_runner_up"][1] == pytest.approx(400 / 300, rel=1e-3)
+
+
+# --- properties ----------------------------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as hs  # noqa: E402
+
+_values = hs.one_of(hs.none(), hs.integers(-3, 70), hs.floats(-1, 100), hs.just(float("nan")), hs.text(max_size=6),
+                    hs.lists(hs.one_of(hs.integers(-1, 40), hs.floats(0, 40), hs.text(max_size=4)), max_size=3),
+                    hs.dictionaries(hs.text(max_size=5), hs.integers(), max_size=2))
+_keys = hs.sampled_from(["policies", "rates", "concurrency", "loads", "models", "hardware", "tp", "replicas",
+                         "traces", "seeds", "requests", "cluster", "capacity", "slo_ttft_ms", "colour"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(hs.dictionaries(_keys, _values, max_size=6))
+def test_any_sweep_mapping_expands_or_fails_with_one_line(data):
+    """Whatever a sweep file holds: a grid of distinct cells, or one SimError line (never another exception)."""
+    try:
+        spec = parse_spec(data, path="s.yaml")
+        cells = expand(spec)
+    except SimError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("s.yaml") or "policy" in str(exc)
+        return
+    kind = "rates" if spec.rates else "concurrency" if spec.concurrency else "loads"
+    loads = getattr(spec, kind) or [1.0]
+    n = len(spec.seeds) * len(spec.traces) * len(spec.models) * len(spec.hardware) * len(spec.tp) * \
+        len(spec.replicas) * len(loads)
+    assert len(cells) % n == 0 and len(cells) >= n
+    for c in cells:
+        assert c.key == type(c).from_json(c.to_json()).key   # a cell survives shipping to a worker
+
+
+@settings(max_examples=200, deadline=None)
+@given(hs.floats(0.25, 255.0), hs.floats(0.001, 0.5))
+def test_rate_search_brackets_any_threshold(threshold, tol):
+    res = search_rate(lambda r: 1.0 if r <= threshold else 0.0, 0.99, 0.25, 256.0, tol)
+    assert res.status == "ok"
+    assert res.capacity <= threshold < res.first_failing
+    assert res.first_failing / res.capacity - 1 <= tol
