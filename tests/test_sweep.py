@@ -227,10 +227,10 @@ def test_capacity_search_on_the_simulator_finds_the_service_rate():
 
 def test_capacity_cli_writes_a_table(tmp_path, capsys):
     out = tmp_path / "cap"
-    assert main(["sweep", "--policies", "ar", "--capacity", "rate", "--target", "0.9", "--tol", "0.25",
-                 "--rate-min", "1", "--rate-max", "64", "--requests", "24", "--input-len", "32", "--output-len",
-                 "32", "--slo-ttft-ms", "40", "--slo-tpot-ms", "40", "--serial", "--no-progress",
-                 "--out", str(out)]) == 0
+    cmd = ["sweep", "--policies", "ar", "--capacity", "rate", "--target", "0.9", "--tol", "0.25", "--rate-min", "1",
+           "--rate-max", "64", "--duration-s", "0.5", "--requests", "24", "--input-len", "32", "--output-len", "32",
+           "--slo-ttft-ms", "40", "--slo-tpot-ms", "40", "--serial", "--no-progress", "--out", str(out)]
+    assert main(cmd) == 0
     df = pd.read_csv(out / "capacity.csv")
     assert len(df) == 1 and df["status"][0] in ("ok", "above_max")
     probes = [tuple(map(float, p.split(":"))) for p in df["probe_points"][0].split(";")]
@@ -239,14 +239,13 @@ def test_capacity_cli_writes_a_table(tmp_path, capsys):
     if df["status"][0] == "ok":
         assert df["first_failing"][0] / df["capacity"][0] - 1 <= 0.25
     assert (out / "capacity.png").is_file()
-    # probes are cells: a rerun reuses every one
-    n_cells = len(list((out / "cells").glob("*/cell.json")))
-    assert n_cells == len(probes)
-    assert main(["sweep", "--policies", "ar", "--capacity", "rate", "--target", "0.9", "--tol", "0.25",
-                 "--rate-min", "1", "--rate-max", "64", "--requests", "24", "--input-len", "32", "--output-len",
-                 "32", "--slo-ttft-ms", "40", "--slo-tpot-ms", "40", "--serial", "--no-progress",
-                 "--out", str(out)]) == 0
-    assert len(list((out / "cells").glob("*/cell.json"))) == n_cells
+    # probes are cells (at least rate x duration_s requests each): a rerun reuses every one
+    cells = [json.loads(p.read_text())["cell"] for p in (out / "cells").glob("*/cell.json")]
+    assert len(cells) == len(probes)
+    for c in cells:
+        assert c["workload"]["requests"] == max(24, int(np.ceil(c["workload"]["rate_rps"] * 0.5)))
+    assert main(cmd) == 0
+    assert len(list((out / "cells").glob("*/cell.json"))) == len(cells)
 
 
 # --- tables --------------------------------------------------------------------------------------------------

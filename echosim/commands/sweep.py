@@ -79,6 +79,8 @@ def add_parser(subparsers) -> None:
     c.add_argument("--rate-min", type=float, default=None, help="lowest rate probed (default 0.25 req/s)")
     c.add_argument("--rate-max", type=float, default=None, help="highest rate probed (default 256 req/s)")
     c.add_argument("--replicas-max", type=int, default=None, help="most replicas probed (default 64)")
+    c.add_argument("--duration-s", type=float, default=None,
+                   help="each probe sends at least rate x this many requests (default 60 s of arrivals)")
     r = p.add_argument_group("running")
     r.add_argument("--out", default=None, help="output folder (default runs/sweep-<file stem> or runs/sweep)")
     r.add_argument("--jobs", type=int, default=None, help="parallel cells (default: the CPUs this process may use)")
@@ -116,7 +118,7 @@ def build_spec(args):
     cap = dict(data.get("capacity") or {})
     if args.capacity is not None:
         cap["search"] = args.capacity
-    for flag in ("target", "tol", "rate_min", "rate_max", "replicas_max"):
+    for flag in ("target", "tol", "rate_min", "rate_max", "replicas_max", "duration_s"):
         if getattr(args, flag) is not None:
             cap[flag] = getattr(args, flag)
     if cap:

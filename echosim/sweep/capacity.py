@@ -4,7 +4,9 @@ carry a given rate, by bracketing then bisection.
 Attainment is the share of requests that meet both SLOs (TTFT <= slo_ttft_ms and TPOT <= slo_tpot_ms, as in the
 summary's slo_attainment); a target of 0.99 means at least 99% of requests meet both, so P99 TTFT and P99 TPOT
 are within their SLOs. Every probe reuses the configuration's seed: open-loop arrivals at rate r are the same
-draws scaled by 1 / r (common random numbers), which keeps attainment close to monotone in the rate.
+draws scaled by 1 / r (common random numbers), which keeps attainment close to monotone in the rate. A probe at
+rate r sends max(requests, r x duration_s) requests: a fixed count would, at high rates, be one burst that a large
+batch absorbs before any queue builds.
 
 Rate: probe rate_min (it must pass, else the capacity is below it); double until a rate fails (or rate_max
 passes); then bisect the bracket [passing, failing] until failing / passing - 1 <= tol. The capacity reported is
@@ -101,14 +103,21 @@ def search_cell(cell_json: dict, root: str, capacity: dict) -> dict:
     from echosim.sweep.store import run_cell
 
     cell = Cell.from_json(cell_json)
+    base_requests = cell.workload.requests or 0
+
+    def at_rate(c: Cell, rate: float) -> Cell:
+        return c.with_requests(max(base_requests, math.ceil(rate * capacity["duration_s"])))
+
     if capacity["search"] == "rate":
         def attain(rate: float) -> float:
-            return run_cell(cell.with_load("rate", rate).to_json(), root)["slo_attainment"]
+            return run_cell(at_rate(cell.with_load("rate", rate), rate).to_json(), root)["slo_attainment"]
 
         res = search_rate(attain, capacity["target"], capacity["rate_min"], capacity["rate_max"], capacity["tol"])
     else:
+        rate = cell.workload.rate_rps if cell.workload.kind in ("poisson", "gamma") else 0.0
+
         def attain(n: int) -> float:
-            return run_cell(cell.with_replicas(n).to_json(), root)["slo_attainment"]
+            return run_cell(at_rate(cell.with_replicas(n), rate).to_json(), root)["slo_attainment"]
 
         res = search_replicas(attain, capacity["target"], capacity["replicas_max"])
     labels = {k: v for k, v in cell.labels.items() if k not in ("load", "load_kind", "replicas", "gpus")

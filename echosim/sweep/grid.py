@@ -51,6 +51,8 @@ class CapacitySpec(BaseModel):
     rate_max: float = 256.0          # req/s, where the upward doubling stops
     tol: float = 0.05                # stop when the bracket's high end / low end - 1 <= tol
     replicas_max: int = 64
+    duration_s: float = 60.0         # each probe sends at least rate x duration_s requests, so that a queue that
+                                     # grows at that rate shows (a fixed count would be one burst at high rates)
 
     @field_validator("search")
     @classmethod
@@ -66,7 +68,7 @@ class CapacitySpec(BaseModel):
             raise ValueError("must be in (0, 1]")
         return v
 
-    @field_validator("tol", "rate_min", "rate_max")
+    @field_validator("tol", "rate_min", "rate_max", "duration_s")
     @classmethod
     def _positive(cls, v: float) -> float:
         if not v > 0:
@@ -152,6 +154,9 @@ class Cell:
         """The same cell at another load (capacity search probes)."""
         labels = {**self.labels, "load_kind": kind, "load": value}
         return Cell(labels, self.sim, _set_load(self.workload, kind, value))
+
+    def with_requests(self, n: int) -> Cell:
+        return Cell(dict(self.labels), self.sim, dataclasses.replace(self.workload, requests=int(n)))
 
     def with_replicas(self, n: int) -> Cell:
         sim = dataclasses.replace(self.sim, cluster=dataclasses.replace(self.sim.cluster, replicas=int(n)))
