@@ -106,7 +106,11 @@ def _run_ray(fn, args, jobs: int, address: str | None, finished) -> None:
         kwargs = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                       configure_logging=False)
         if address:
-            ray.init(address=address, **kwargs)
+            try:
+                ray.init(address=address, **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise SimError(f"cannot join the Ray cluster at {address!r}: {msg}", field="ray_address") from None
         else:  # a local Ray for this sweep; its workers inherit this environment (PYTHONPATH included)
             ray.init(num_cpus=jobs, runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
                      **kwargs)
