@@ -47,7 +47,7 @@ def sweep_table(spec_json: dict, out: str, backend: str = "serial") -> pd.DataFr
         bar.progress(done / total, text=f"simulating: {done} / {total} cells")
 
     try:
-        res = run_sweep(spec, out, backend=backend, progress=False, plots=False, on_cell=on_cell)
+        res = run_sweep(spec, out, backend=backend, progress=False, plots=False, on_cell=on_cell, write=False)
     finally:
         bar.empty()
     return res.table

@@ -25,28 +25,32 @@ def advise(df: pd.DataFrame, metric: str = "goodput_tok_s") -> pd.DataFrame:
         return pd.DataFrame(columns=ADVICE_COLUMNS)
     conf_cols = [c for c in CONFIG_COLUMNS if c != "seed"]
     order = {p: i for i, p in enumerate(dict.fromkeys(df["policy"]))}
+    keys = [*conf_cols, "load"]
+    # one pass: mean over seeds per (configuration, load, policy); then the best per (configuration, load)
+    per = df.groupby([*keys, "policy"], sort=False, dropna=False)[
+        [metric, "throughput_tok_s", "slo_attainment", "mat"]].mean().reset_index()
+    configs = df.groupby([*keys, "policy"], sort=False, dropna=False)["policy_config"].first().reset_index()
+    per["policy_config"] = configs["policy_config"].to_numpy()
+    per["order"] = per["policy"].map(order)
+    per = per.sort_values([metric, "order"], ascending=[False, True], kind="stable")
     out = []
-    for conf, g in df.groupby([*conf_cols, "load"], sort=False, dropna=False):
-        per = (g.groupby("policy", sort=False)
-               .agg(policy_config=("policy_config", "first"), goodput=(metric, "mean"),
-                    throughput=("throughput_tok_s", "mean"), attainment=("slo_attainment", "mean"),
-                    mat=("mat", "mean"))
-               .reset_index())
-        per["order"] = per["policy"].map(order)
-        per = per.sort_values(["goodput", "order"], ascending=[False, True], kind="stable")
-        best = per.iloc[0]
-        second = per.iloc[1] if len(per) > 1 else None
-        ar = per[per["policy"] == "ar"]
-        ar_good = float(ar["goodput"].iloc[0]) if len(ar) else float("nan")
-        row = dict(zip([*conf_cols, "load"], conf, strict=True))
+    for conf, g in per.groupby(keys, sort=False, dropna=False):
+        best = g.iloc[0]
+        second = g.iloc[1] if len(g) > 1 else None
+        ar = g[g["policy"] == "ar"]
+        ar_good = float(ar[metric].iloc[0]) if len(ar) else float("nan")
+        row = dict(zip(keys, conf, strict=True))
         row.update({"seed": "mean", "best_policy": best["policy"], "best_config": best["policy_config"],
-                    "goodput_tok_s": float(best["goodput"]), "throughput_tok_s": float(best["throughput"]),
-                    "slo_attainment": float(best["attainment"]), "mat": float(best["mat"]),
+                    "goodput_tok_s": float(best[metric]), "throughput_tok_s": float(best["throughput_tok_s"]),
+                    "slo_attainment": float(best["slo_attainment"]), "mat": float(best["mat"]),
                     "runner_up": second["policy"] if second is not None else "",
-                    "runner_up_goodput_tok_s": float(second["goodput"]) if second is not None else float("nan"),
-                    "gain_vs_runner_up": _ratio(best["goodput"], second["goodput"] if second is not None else None),
-                    "ar_goodput_tok_s": ar_good, "gain_vs_ar": _ratio(best["goodput"], ar_good)})
+                    "runner_up_goodput_tok_s": float(second[metric]) if second is not None else float("nan"),
+                    "gain_vs_runner_up": _ratio(best[metric], second[metric] if second is not None else None),
+                    "ar_goodput_tok_s": ar_good, "gain_vs_ar": _ratio(best[metric], ar_good)})
         out.append(row)
+    # in the order the sweep lists its configurations and loads
+    first = {k: i for i, k in enumerate(dict.fromkeys(map(tuple, df[keys].astype(str).to_numpy())))}
+    out.sort(key=lambda r: first[tuple(str(r[k]) for k in keys)])
     return pd.DataFrame(out, columns=ADVICE_COLUMNS)
 
 

@@ -60,9 +60,10 @@ def write_outputs(df: pd.DataFrame, out: Path, plots: bool = True) -> dict:
 
 def run_sweep(spec: SweepSpec, out: str | Path, backend: str = "pool", jobs: int | None = None,
               ray_address: str | None = None, progress: bool = True, plots: bool = True,
-              cell_plots: bool = False, on_cell=None, path: str | None = None) -> SweepResult:
-    """Every cell of the grid that is not already in `out`, then the table and its plots. Interrupted
-    (Ctrl-C), it still writes the table of the cells finished so far, then re-raises."""
+              cell_plots: bool = False, on_cell=None, path: str | None = None, write: bool = True) -> SweepResult:
+    """Every cell of the grid that is not already in `out`, then the table and its plots (write=False: the
+    table only, no files beside the cells). Interrupted (Ctrl-C), it still writes the table of the cells
+    finished so far, then re-raises."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,10 +88,11 @@ def run_sweep(spec: SweepSpec, out: str | Path, backend: str = "pool", jobs: int
         interrupted = True
     # a row per cell in grid order (two cells with one key share a row: the same resolved config)
     table = to_frame([{**rows[c.key], **c.labels} for c in cells if c.key in rows])
-    paths = write_outputs(table, out, plots=plots and not interrupted)
+    paths = write_outputs(table, out, plots=plots and not interrupted) if write else {}
     wall = time.perf_counter() - t0
-    _write_meta(out, spec, {"cells": len(cells), "ran": len(rows) - skipped, "skipped": skipped,
-                            "backend": backend, "interrupted": interrupted, "wall_s": round(wall, 3)})
+    if write:
+        _write_meta(out, spec, {"cells": len(cells), "ran": len(rows) - skipped, "skipped": skipped,
+                                "backend": backend, "interrupted": interrupted, "wall_s": round(wall, 3)})
     if interrupted:
         raise KeyboardInterrupt
     return SweepResult(table, len(cells), len(todo), skipped, wall, out, paths)
