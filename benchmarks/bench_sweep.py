@@ -27,22 +27,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--ray", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="alternate the backends this many times (noisy machines)")
     args = ap.parse_args()
     spec = parse_spec(GRID)
     jobs = args.jobs or default_jobs()
     backends = ["serial", "pool"] + (["ray"] if args.ray else [])
-    tables, walls = {}, {}
+    tables, walls = {}, {b: [] for b in backends}
     with tempfile.TemporaryDirectory() as tmp:
-        for b in backends:
-            t0 = time.perf_counter()
-            res = run_sweep(spec, Path(tmp) / b, backend=b, jobs=jobs, progress=False, plots=False)
-            walls[b] = time.perf_counter() - t0
-            tables[b] = res.table
-            print(f"{b}: {res.cells} cells in {walls[b]:.1f} s", flush=True)
+        for r in range(args.repeats):
+            for b in backends:
+                t0 = time.perf_counter()
+                res = run_sweep(spec, Path(tmp) / f"{b}{r}", backend=b, jobs=jobs, progress=False, plots=False)
+                walls[b].append(time.perf_counter() - t0)
+                tables[b] = res.table
+                print(f"{b}: {res.cells} cells in {walls[b][-1]:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
     for b in backends[1:]:
         pd.testing.assert_frame_equal(tables["serial"], tables[b])
-        print(f"{b} / serial wall time: {walls[b] / walls['serial']:.2f} (speed-up {walls['serial'] / walls[b]:.2f}x"
-              f", {jobs} workers); tables identical")
+        ratios = [w / s for w, s in zip(walls[b], walls["serial"], strict=True)]
+        print(f"{b} / serial wall time per round: {', '.join(f'{x:.2f}' for x in ratios)} (median "
+              f"{sorted(ratios)[len(ratios) // 2]:.2f}, {jobs} workers); tables identical")
     print(f"load average at the end: {os.getloadavg()}, CPUs: {os.cpu_count()}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,8 @@ def add_parser(subparsers) -> None:
 
 
 def command(port: int, address: str = "127.0.0.1", runs: str = "runs") -> list[str]:
-    return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", address,
+    # dashboards.serve: Streamlit with the pages' libraries imported before the server starts
+    return [sys.executable, "-m", "dashboards.serve", "--server.address", address,
             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
             "--client.toolbarMode", "minimal",
             "--", "--runs", runs]
@@ -38,4 +40,6 @@ def run(args) -> int:
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     print(f"dashboard: http://{args.address}:{args.port}", file=sys.stderr)
-    return subprocess.call(command(args.port, args.address, args.runs))
+    root = str(APP.parents[1])  # dashboards.serve must import from this checkout wherever we are run from
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    return subprocess.call(command(args.port, args.address, args.runs), env=env)
