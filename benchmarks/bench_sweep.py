@@ -23,6 +23,13 @@ GRID = {"policies": ["ar", "eagle3", "echo", "ddd", "tetris"],
         "input_len": 100, "output_len": 200}
 
 
+def _cpu_s() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=None)
@@ -36,11 +43,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for b in backends:
+                cpu0 = _cpu_s()
                 t0 = time.perf_counter()
                 res = run_sweep(spec, Path(tmp) / f"{b}{r}", backend=b, jobs=jobs, progress=False, plots=False)
                 walls[b].append(time.perf_counter() - t0)
+                cpu = _cpu_s() - cpu0
                 tables[b] = res.table
-                print(f"{b}: {res.cells} cells in {walls[b][-1]:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+                # serial: the CPU share this process got (pool and Ray workers are not our children)
+                share = f", {cpu / walls[b][-1]:.2f} of a core on average" if b == "serial" else ""
+                print(f"{b}: {res.cells} cells in {walls[b][-1]:.1f} s wall{share} (load {os.getloadavg()[0]:.1f})",
+                      flush=True)
     for b in backends[1:]:
         pd.testing.assert_frame_equal(tables["serial"], tables[b])
         ratios = [w / s for w, s in zip(walls[b], walls["serial"], strict=True)]
