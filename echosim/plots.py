@@ -267,7 +267,9 @@ def validate_figure(rows: list[dict], title: str = ""):
 def validate_cdf_figure(folder: str | Path):
     folder = Path(folder)
     fig, ax = _figure(13, 3.8, 1, 3)
-    for side, name, style in (("engine", "measured", "-"), ("sim", "simulated", "--")):
+    # the measured side: engine/ (validate) or replay/ (validate --replay of a bench_serving file)
+    measured = "engine" if (folder / "engine" / "requests.csv").is_file() else "replay"
+    for side, name, style in ((measured, "measured", "-"), ("sim", "simulated", "--")):
         req = _read(folder / side / "requests.csv", [c for c, _ in LATENCIES])
         if req is None:
             continue
@@ -288,7 +290,7 @@ def plot_validate(folder: str | Path) -> list[Path]:
     paths = [_save(validate_figure(result["metrics"], f"{folder.name}: measured against simulated"),
                    folder / "validation.png"),
              _save(validate_cdf_figure(folder), folder / "validation_cdf.png")]
-    for side in ("engine", "sim"):
+    for side in ("engine", "replay", "sim"):
         if (folder / side / "requests.csv").is_file():
             paths += plot_run(folder / side, f"{folder.name} / {side}")
     return paths
