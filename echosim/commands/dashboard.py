@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from echosim.commands.help_format import DefaultsHelpFormatter
 from echosim.errors import UserError
 
 APP = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"
@@ -15,11 +16,12 @@ APP = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "dashboard", help="the what-if dashboard (Streamlit) on 127.0.0.1",
+        formatter_class=DefaultsHelpFormatter,
         description="Start the Streamlit what-if dashboard: policies against load, capacity, the budget split of "
                     "one step, cost per million tokens, validate folders and sweep tables from disk. Needs the "
                     "dashboard extra: pip install 'echo-spec[dashboard]'.")
-    p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
-    p.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8501, help="port")
+    p.add_argument("--address", default="127.0.0.1", help="address to listen on")
     p.add_argument("--runs", default="runs", help="folder the page lists validate folders and sweeps from")
     p.set_defaults(func=run)
 

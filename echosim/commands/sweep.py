@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from echosim.commands.help_format import DefaultsHelpFormatter
 from echosim.errors import UserError
 
 
@@ -43,6 +44,7 @@ GRID_FLAGS = {
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "sweep", help="a grid of simulations in parallel: tidy table, advisor, plots; or a capacity search",
+        formatter_class=DefaultsHelpFormatter,
         description="Simulate every cell of a grid (policies and their settings x request rates or concurrencies "
                     "x models x hardware x TP x replicas x traces x seeds) on a process pool (default) or Ray. "
                     "Cells are keyed by a hash of their resolved config: a rerun skips finished cells. Writes "
