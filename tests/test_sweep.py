@@ -141,12 +141,14 @@ def test_local_ray_gives_the_pool_table(tmp_path):
     assert (tmp_path / "pool" / "sweep.csv").read_bytes() == (tmp_path / "ray" / "sweep.csv").read_bytes()
 
 
-def test_rerun_after_an_interrupt_runs_only_the_missing_cells(tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])   # in this process, and on the pool
+def test_rerun_after_an_interrupt_runs_only_the_missing_cells(tmp_path, jobs):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) mid-sweep: the finished cells stay, the
     table lists them, and the same command again runs only the rest."""
     out = tmp_path / "sw"
+    JOBS = jobs  # noqa: N806
     cmd = [sys.executable, "-m", "echosim.cli", "sweep", "--policies", "ar,eagle3", "--concurrency", "1,2,3,4",
-           "--requests", "6", "--input-len", "32", "--output-len", "24", "--jobs", "1", "--no-plots",
+           "--requests", "6", "--input-len", "32", "--output-len", "24", "--jobs", JOBS, "--no-plots",
            "--no-progress", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,

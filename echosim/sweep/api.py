@@ -86,6 +86,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, backend: str = "pool", jobs: int
                   ray_address=ray_address, progress=progress, skipped=skipped, on_result=collect)
     except KeyboardInterrupt:
         interrupted = True
+        # whatever finished, reported to us or not (a worker may have completed a cell as we stopped)
+        rows.update({k: store.row(k) for k in keys if k not in rows and store.done(k)})
     # a row per cell in grid order (two cells with one key share a row: the same resolved config)
     table = to_frame([{**rows[c.key], **c.labels} for c in cells if c.key in rows])
     paths = write_outputs(table, out, plots=plots and not interrupted) if write else {}

@@ -83,7 +83,15 @@ def _run_pool(fn, args, jobs: int, finished) -> None:
             for fut in done:
                 finished(pending.pop(fut), fut.result())
     except BaseException:
+        # interrupted (or a cell failed): stop the running cells now rather than let them finish unseen; a
+        # killed cell leaves only its temporary folder, which the next run removes
+        procs = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:  # gone before the caller lists what finished
+            proc.join(timeout=10)
         raise
     pool.shutdown(wait=True)
 
