@@ -37,7 +37,7 @@ def start(runs: Path) -> tuple[subprocess.Popen, str, float]:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "echosim.cli", "dashboard", "--port", str(port), "--runs",
                              str(runs)], env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     while True:
         try:

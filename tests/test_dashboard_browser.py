@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -48,7 +49,8 @@ def server(tmp_path_factory):
     env.pop("ECHO_DASHBOARD_RUNS", None)
     log = open(runs / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "echosim.cli", "dashboard", "--port", str(port), "--runs",
-                             str(runs)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=runs)
+                             str(runs)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=runs,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -62,11 +64,12 @@ def server(tmp_path_factory):
             pytest.fail("the dashboard did not start: " + (runs / "server.log").read_text()[-2000:])
         time.sleep(0.2)
     yield url, runs
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)  # `echosim dashboard` became the server: nothing else to stop
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     log.close()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -44,4 +43,9 @@ def run(args) -> int:
     print(f"dashboard: http://{args.address}:{args.port}", file=sys.stderr)
     root = str(APP.parents[1])  # dashboards.serve must import from this checkout wherever we are run from
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    return subprocess.call(command(args.port, args.address, args.runs), env=env)
+    cmd = command(args.port, args.address, args.runs)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # become the server (no child left behind): Ctrl-C and SIGTERM reach Streamlit itself
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
