@@ -16,8 +16,8 @@ import numpy as np
 
 from cost_models.errors import CostModelError
 from cost_models.profiles import AllReduceProfile, OpTable
-from cost_models.roofline import FITTED_DIR, RooflineCostModel, RooflineParams, attention_ms, gemm_ms
-from cost_models.specs import HardwareSpec, ModelSpec
+from cost_models.roofline import FITTED_DIR, RooflineCostModel, RooflineParams, attention_ms, gemm_ms, min_key_ns
+from cost_models.specs import HardwareSpec, ModelSpec, load_hardware
 
 DEFAULT_FIT = FITTED_DIR / "h100.json"
 # FlashAttention walks the KV cache in tiles: with keys per sequence rounded up to 64, the Llama-3.1-70B attention
@@ -39,13 +39,57 @@ PARAM_SPACE = {
     "attn_launch_us": (False, 0.0, 5e3),
     "attn_per_seq_us": (False, 0.0, 1e3),
     "attn_key_ns": (False, 0.0, 1e3),
-    "attn_units": (True, 8.0, 4096.0),
     "step_overhead_ms": (False, 0.0, 1e3),
 }
 
 
+def physical_bounds(base: RooflineParams, table: OpTable) -> dict[str, tuple[float, float]]:
+    """Bounds a datasheet puts on the fitted rates: no rate above the hardware's peak FLOP/s or HBM bandwidth, no
+    attention critical path faster than the SMs can stream K and V (cost_models.roofline.min_key_ns); empty for a
+    machine outside the catalog."""
+    try:
+        hw = load_hardware(base.hardware)
+    except CostModelError:
+        return {}
+    gbps = hw.hbm_tbps * 1000.0
+    a = table.op_kind == "attn"
+    hd = float(table.head_dim[a].min()) if a.any() else 128.0
+    return {"gemm_tflops": (1e-3, hw.peak_bf16_tflops), "attn_tflops": (1e-3, hw.peak_bf16_tflops),
+            "gemm_gbps": (1e-1, gbps), "elem_gbps": (1e-1, gbps), "attn_gbps": (1e-1, gbps),
+            "attn_key_ns": (min_key_ns(hd, hw.sm_count, hw.hbm_tbps), 1e3)}
+
+
+def tied_attention_rate(base: RooflineParams, table: OpTable):
+    """The attention memory bound's rate as the critical path implies it: every SM streaming K and V at the rate
+    one block does (2 head_dim values per key_ns), capped by the datasheet. A decode profile identifies key_ns (a
+    batch of one at long context) but rarely the aggregate rate (the critical path explains the rest), which left
+    free drifts to any value below it; tied, it stays the physical consequence of the measured per-SM rate.
+    None for a machine outside the catalog (the rate stays a free parameter)."""
+    try:
+        hw = load_hardware(base.hardware)
+    except CostModelError:
+        return None
+    a = table.op_kind == "attn"
+    hd = float(table.head_dim[a].min()) if a.any() else 128.0
+    cap = hw.hbm_tbps * 1000.0
+
+    def rate(key_ns: float) -> float:
+        return min(cap, 2.0 * hd * 2.0 * hw.sm_count / max(key_ns, 1e-9))  # bytes per ns = GB/s
+
+    return rate
+
+
+def coverage(table: OpTable) -> tuple[float, float]:
+    """The largest attention call the table times: (total keys, sequences); (0, 0) without attention rows."""
+    a = (table.op_kind == "attn") & (table.kv_tokens > 0)
+    if not a.any():
+        return 0.0, 0.0
+    return float(table.kv_tokens[a].max()), float(table.seqs[a].max())
+
+
 def params_for(kinds: set[str]) -> list[str]:
-    """The parameters a table of these operator kinds can identify."""
+    """The parameters a table of these operator kinds can identify (attn_gbps: tied to attn_key_ns on catalog
+    hardware, see tied_attention_rate)."""
     names = []
     if "gemm" in kinds:
         names += ["gemm_tflops", "gemm_gbps", "gemm_ramp_tokens", "smooth_p", "gemm_launch_us"]
@@ -53,10 +97,18 @@ def params_for(kinds: set[str]) -> list[str]:
         names += ["elem_gbps", "elem_launch_us"]
     if "attn" in kinds:
         names += ["attn_tflops", "attn_gbps", "attn_smooth_p", "attn_launch_us", "attn_per_seq_us",
-                  "attn_key_ns", "attn_units"]
+                  "attn_key_ns"]
     if "step" in kinds:
         names += ["step_overhead_ms"]
     return names
+
+
+def peak_gbps(prm: RooflineParams) -> float:
+    """The datasheet bandwidth of the parameters' hardware, 0 off the catalog (no coverage blend)."""
+    try:
+        return load_hardware(prm.hardware).hbm_tbps * 1000.0
+    except CostModelError:
+        return 0.0
 
 
 def predict_ops(t: OpTable, prm: RooflineParams) -> np.ndarray:
@@ -74,7 +126,9 @@ def predict_ops(t: OpTable, prm: RooflineParams) -> np.ndarray:
     if a.any():
         out[a] = (attention_ms(t.tokens[a], t.kv_tokens[a], t.qk_pairs[a], t.seqs[a], t.q_heads[a], t.kv_heads[a],
                               t.head_dim[a], prm.attn_tflops * 1e9, prm.attn_gbps * 1e6, prm.attn_smooth_p,
-                              prm.attn_per_seq_us / 1000.0, prm.attn_key_ns / 1e6, prm.attn_units, prm.attn_kv_block)
+                              prm.attn_per_seq_us / 1000.0, prm.attn_key_ns / 1e6, prm.attn_units, prm.attn_kv_block,
+                              gqa_packed=t.gqa_packed[a], split_kv=t.split_kv[a], cover_keys=prm.attn_cover_keys,
+                              cover_seqs=prm.attn_cover_seqs, peak_byte_per_ms=peak_gbps(prm) * 1e6)
                   + prm.attn_launch_us / 1000.0)
     s = t.op_kind == "step"
     out[s] = prm.step_overhead_ms
@@ -107,14 +161,23 @@ def fit_params(table: OpTable, base: RooflineParams, names: list[str] | None = N
     from scipy.optimize import least_squares
 
     names = names or params_for(table.kinds())
+    tie = tied_attention_rate(base, table) if "attn_key_ns" in names else None
+    if tie is not None:
+        names = [n for n in names if n != "attn_gbps"]
+    cover_keys, cover_seqs = coverage(table)
     base = replace(base, gemm_kernels_per_layer=table.gemm_kernels_per_layer,
-                   elem_kernels_per_layer=table.elem_kernels_per_layer, attn_kv_block=float(kv_block))
+                   elem_kernels_per_layer=table.elem_kernels_per_layer, attn_kv_block=float(kv_block),
+                   attn_cover_keys=max(cover_keys, base.attn_cover_keys),
+                   attn_cover_seqs=max(cover_seqs, base.attn_cover_seqs))
+    phys = physical_bounds(base, table)
     logs = np.array([PARAM_SPACE[n][0] for n in names])
-    lo = np.array([PARAM_SPACE[n][1] for n in names], dtype=np.float64)
-    hi = np.array([PARAM_SPACE[n][2] for n in names], dtype=np.float64)
+    lo = np.array([max(PARAM_SPACE[n][1], phys.get(n, (-np.inf,))[0]) for n in names], dtype=np.float64)
+    hi = np.array([min(PARAM_SPACE[n][2], phys.get(n, (0, np.inf))[1]) for n in names], dtype=np.float64)
     lo = np.where(logs, np.log(np.maximum(lo, 1e-12)), lo)
     hi = np.where(logs, np.log(hi), hi)
     start = np.array([float(getattr(base, n)) for n in names])
+    start = np.clip(start, np.where(logs, np.exp(np.minimum(lo, 700)), lo),
+                    np.where(logs, np.exp(np.minimum(hi, 700)), hi))
     # launch-type parameters start from a small positive guess so the gradient is informative
     start = np.where((start == 0) & ~logs, np.minimum(1.0, hi), start)
     x0 = np.clip(np.where(logs, np.log(np.maximum(start, 1e-12)), start), lo + 1e-9, hi - 1e-9)
@@ -125,7 +188,10 @@ def fit_params(table: OpTable, base: RooflineParams, names: list[str] | None = N
     def unpack(x):
         vals = x.copy()
         vals[logs] = np.exp(x[logs])  # only the log-scaled ones: exp of a linear one (2000 tokens) overflows
-        return replace(base, **{n: float(v) for n, v in zip(names, vals, strict=True)})
+        prm = replace(base, **{n: float(v) for n, v in zip(names, vals, strict=True)})
+        if tie is not None:
+            prm.attn_gbps = tie(prm.attn_key_ns)
+        return prm
 
     def resid(x):
         prm = unpack(x)
@@ -138,7 +204,8 @@ def fit_params(table: OpTable, base: RooflineParams, names: list[str] | None = N
 
     sol = least_squares(resid, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, max_nfev=400)
     prm = unpack(sol.x)
-    return FitResult(prm, names, ape_stats(predict_obs(table, prm), meas_obs), float(sol.cost))
+    fitted = names + (["attn_gbps (tied)"] if tie is not None else [])
+    return FitResult(prm, fitted, ape_stats(predict_obs(table, prm), meas_obs), float(sol.cost))
 
 
 def split_half(table: OpTable) -> tuple[np.ndarray, np.ndarray]:
@@ -156,10 +223,21 @@ def heldout_stats(table: OpTable, base: RooflineParams, kv_block: float = FIT_KV
     return {"train": res.train, "test": ape_stats(predict_obs(sub, res.params), sub.obs_measured_ms)}
 
 
-def fit_allreduce(prof: AllReduceProfile) -> dict:
-    """Per world size: time = latency + bytes / bandwidth, least squares on the relative error."""
+SMALL_MESSAGE_BYTES = 65536.0  # all-reduces of decode steps: batch x hidden x 2 bytes, 16 KiB at batch 1 (d 8192)
+
+
+def fit_allreduce(prof: AllReduceProfile, graph: bool = False) -> dict:
+    """Per world size: time = latency + bytes / bandwidth, least squares on the relative error of the median
+    times. graph=True: what a CUDA-graph replay pays instead. Vidur launches each call eagerly, so its small
+    messages cost ~30 us at the median but 6-20 us at the fastest repeat (H100 DGX): the host's launch and
+    scheduling jitter. The graph latency is the median of the fastest repeats of messages <= 64 KiB (no host
+    in the loop), at most the eager latency; the bandwidth stays the eager fit's (large messages are
+    bandwidth-bound either way)."""
     from scipy.optimize import least_squares
 
+    if graph and prof.min_ms is None:
+        raise CostModelError("the all-reduce profile has no time_stats.all_reduce.min column", path=prof.path,
+                             field="time_stats.all_reduce.min")
     out = {}
     for w in sorted(set(prof.world_size.tolist())):
         m = prof.world_size == w
@@ -171,6 +249,11 @@ def fit_allreduce(prof: AllReduceProfile) -> dict:
 
         sol = least_squares(resid, np.log([0.02, 200.0]), loss="soft_l1", f_scale=0.1)
         lat_ms, gbps = np.exp(sol.x)
+        if graph:
+            small = size <= SMALL_MESSAGE_BYTES
+            if small.any():  # never above the eager latency (TP4's fastest repeats are slower than its fit)
+                lat_ms = min(lat_ms, float(np.median(prof.min_ms[m][small])))
+            ms = prof.min_ms[m]
         pred = lat_ms + size / (gbps * 1e6)
         out[int(w)] = {"latency_us": round(float(lat_ms * 1000), 3), "gbps": round(float(gbps), 2),
                        **ape_stats(pred, ms)}

@@ -16,6 +16,8 @@ the error statistics compare against: the per-layer time for per-operator profil
 from __future__ import annotations
 
 import csv
+import gzip
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,8 @@ class OpTable:
     q_heads: np.ndarray
     kv_heads: np.ndarray
     head_dim: np.ndarray
+    gqa_packed: np.ndarray  # attention kernel: 1 = a block holds a GQA group's query heads, 0 = one query head
+    split_kv: np.ndarray  # attention kernel: 1 = keys split across the SMs (FlashDecoding / FlashInfer), 0 = not
     measured_ms: np.ndarray  # NaN when the op is not timed on its own
     obs_measured_ms: np.ndarray  # per observation: the time the fit matches (layer sum, or forward)
     obs_tokens: np.ndarray
@@ -128,7 +132,7 @@ class _Rows:
 
     DEFAULTS = dict(count=1.0, tokens=0.0, k=0.0, n=0.0, weight_copies=1.0, flop_mult=1.0, elem_bytes=0.0,
                     kv_tokens=0.0, qk_pairs=0.0, seqs=1.0, q_heads=0.0, kv_heads=0.0, head_dim=0.0,
-                    measured_ms=np.nan)
+                    gqa_packed=0.0, split_kv=0.0, measured_ms=np.nan)
 
     def __init__(self):
         self.cols: dict[str, list] = {k: [] for k in ["op_obs", "op_name", "op_kind", *self.DEFAULTS]}
@@ -172,9 +176,16 @@ def _read_csv(path: str | Path, required: list[str]):
     return df
 
 
+def _open_text(path: str | Path):
+    """A profile as text: plain, or gzip-compressed (.gz; the shipped profiles are)."""
+    if str(path).endswith(".gz"):
+        return gzip.open(path, "rt")
+    return open(path)
+
+
 def detect_format(path: str | Path) -> str:
     try:
-        with open(path) as fh:
+        with _open_text(path) as fh:
             header = fh.readline()
     except OSError as exc:
         raise CostModelError(f"cannot read profile: {exc}", path=str(path)) from None
@@ -189,6 +200,8 @@ def detect_format(path: str | Path) -> str:
         return "vidur_mlp"
     if "time_ms" in cols and "num_tokens" in cols:
         return "echo"
+    if {"prefill_chunk", "kv_prefill", "n_decode", "kv_decode", "time_us"} <= cols:
+        return "lss_attn"
     raise CostModelError("unrecognized profile format (expected a Vidur, LLMServingSim or echosim profile CSV; "
                     f"header starts {header[:80]!r})", path=str(path))
 
@@ -203,6 +216,8 @@ def read_profile(path: str | Path, model: str | ModelSpec | None = None) -> OpTa
         return read_llmservingsim(path, model)
     if fmt == "echo":
         return read_echo_profile(path)
+    if fmt == "lss_attn":
+        return read_lss_attention(path, model)
     raise CostModelError("an all-reduce profile, not an operator profile (use read_allreduce)", path=str(path))
 
 
@@ -258,17 +273,22 @@ def read_vidur_attention(path: str | Path) -> OpTable:
     kv_read = kv
     qk = np.where(pre, chunk * past + chunk * (chunk + 1) / 2, kv)
     sel = np.flatnonzero(ok)
+    # FlashInfer packs GQA groups and splits KV; FLASH_ATTENTION (FlashAttention-2 paged) does neither
+    backend = (df["attention_backend"].astype(str).str.upper() if "attention_backend" in df.columns
+               else None)
+    flashinfer = backend.str.contains("FLASHINFER").to_numpy(np.float64) if backend is not None else 0.0
+    flashinfer = np.broadcast_to(flashinfer, kv.shape)
     r = _Rows()
     r.add(np.arange(len(sel)), "attention", "attn", tokens=tokens[sel], kv_tokens=kv_read[sel], qk_pairs=qk[sel],
           seqs=seqs[sel], q_heads=hq_all[sel] / tp[sel], kv_heads=np.maximum(hkv_all[sel] / tp[sel], 1.0),
-          head_dim=hd[sel], measured_ms=ms[sel])
+          head_dim=hd[sel], gqa_packed=flashinfer[sel], split_kv=flashinfer[sel], measured_ms=ms[sel])
     name = Path(path).stem
     return r.table(path, "vidur_attn", name, ms[sel], tokens[sel], tp[sel], kv[sel])
 
 
 def _model_from_filename(path: Path) -> str:
-    stem = path.stem
-    for sep in ("_tp", "_layers"):
+    stem = path.name.removesuffix(".gz").removesuffix(".csv")
+    for sep in ("_tp", "_layers", "_attention"):
         if sep in stem:
             stem = stem.split(sep)[0]
     return stem
@@ -326,6 +346,46 @@ def read_llmservingsim(path: str | Path, model: str | ModelSpec | None = None) -
                    elem_kernels_per_layer=n_elem)
 
 
+def _tp_from_filename(path: Path) -> float:
+    m = re.search(r"(?:^|[_/])tp(\d+)", str(path))
+    if m is None:
+        raise CostModelError("cannot tell the TP degree: name the file <Model>_tp<N>_attention.csv",
+                             path=str(path))
+    return float(m.group(1))
+
+
+def read_lss_attention(path: str | Path, model: str | ModelSpec | None = None) -> OpTable:
+    """LLMServingSim's current attention profile (profiler/perf/<GPU>/<model>/<dtype>/tp<N>/attention.csv):
+    one attention call over a prefill chunk (prefill_chunk new tokens after kv_prefill cached ones) batched with
+    n_decode decode sequences of kv_decode keys each; time_us. vLLM v1's FlashAttention kernel: GQA packed (its
+    decode time follows the KV heads, not the query heads), KV split in decode-only calls (a batch with a prefill
+    chunk walks each sequence's keys in one block: a 32-token chunk over 4096 keys takes 97 us on the RTX PRO
+    6000). Model and TP from the file name
+    (<Model>_tp<N>_attention.csv) unless given."""
+    path = Path(path)
+    df = _read_csv(path, ["prefill_chunk", "kv_prefill", "n_decode", "kv_decode", "time_us"])
+    spec = load_model(model if model is not None else _model_from_filename(path))
+    tp = _tp_from_filename(path)
+    chunk = df["prefill_chunk"].to_numpy(np.float64)
+    past = df["kv_prefill"].to_numpy(np.float64)
+    nd = df["n_decode"].to_numpy(np.float64)
+    kvd = df["kv_decode"].to_numpy(np.float64)
+    ms = df["time_us"].to_numpy(np.float64) / 1000.0
+    ok = np.isfinite(ms) & (ms > 0) & ((chunk > 0) | (nd > 0))
+    tokens = chunk + nd
+    seqs = (chunk > 0) + nd
+    kv = past + chunk + nd * kvd
+    qk = chunk * past + chunk * (chunk + 1) / 2 + nd * kvd
+    sel = np.flatnonzero(ok)
+    hq, hkv = spec.num_heads / tp, max(spec.num_kv_heads / tp, 1.0)
+    r = _Rows()
+    r.add(np.arange(len(sel)), "attention", "attn", tokens=tokens[sel], kv_tokens=kv[sel], qk_pairs=qk[sel],
+          seqs=seqs[sel], q_heads=hq, kv_heads=hkv, head_dim=float(spec.head_dim), gqa_packed=1.0,
+          split_kv=(chunk[sel] == 0).astype(np.float64), measured_ms=ms[sel])
+    split_key = np.where(nd[sel] > 0, kvd[sel], past[sel] + chunk[sel])
+    return r.table(path, "lss_attn", spec.name, ms[sel], tokens[sel], np.full(len(sel), tp), split_key)
+
+
 def model_ops(r: _Rows, obs, spec: ModelSpec, tp: float, tokens, kv_tokens, qk_pairs, seqs, lm_rows) -> None:
     """The operator rows of a full forward of `spec` (each layer op counted num_layers times, LM head, step)."""
     d, hd, L = float(spec.hidden_size), float(spec.head_dim), float(spec.num_layers)
@@ -368,7 +428,8 @@ class AllReduceProfile:
     path: str
     world_size: np.ndarray
     size_bytes: np.ndarray
-    time_ms: np.ndarray
+    time_ms: np.ndarray  # median of the repeats
+    min_ms: np.ndarray | None = None  # fastest repeat (no host-side launch jitter); None when not in the file
 
 
 def read_allreduce(path: str | Path) -> AllReduceProfile:
@@ -376,8 +437,10 @@ def read_allreduce(path: str | Path) -> AllReduceProfile:
     df = _read_csv(path, ALLREDUCE_COLS)
     if "rank" in df.columns:
         df = df[df["rank"] == 0]
+    mins = (df["time_stats.all_reduce.min"].to_numpy(np.float64) if "time_stats.all_reduce.min" in df.columns
+            else None)
     return AllReduceProfile(str(path), df["num_workers"].to_numpy(np.int64), df["size"].to_numpy(np.float64),
-                            df["time_stats.all_reduce.median"].to_numpy(np.float64))
+                            df["time_stats.all_reduce.median"].to_numpy(np.float64), mins)
 
 
 def write_profile(rows: list[dict], path: str | Path) -> None:

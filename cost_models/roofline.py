@@ -12,6 +12,7 @@ microseconds) and on NumPy arrays (thousands of candidate configurations in one 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -45,22 +46,64 @@ def hmax(a: Num, b: Num) -> Num:
     return 0.5 * (a + b + abs(a - b))
 
 
+LOG_BLEND = math.log(16.0)  # outside a profile's coverage the rates reach the datasheet's 16x past its edge
+
+
+def coverage_weight(kv_tokens: Num, seqs: Num, cover_keys: float, cover_seqs: float) -> Num:
+    """How far an attention call lies outside the profiles' range, 0..1: 0 inside (total keys <= cover_keys and
+    sequences <= cover_seqs), rising with log distance beyond it, 1 from 16x past the edge on. No profile
+    (cover_keys <= 0): 1 everywhere."""
+    if cover_keys <= 0 or cover_seqs <= 0:
+        return 1.0 + 0.0 * kv_tokens
+    x = hmax(kv_tokens / cover_keys, seqs / cover_seqs)
+    if isinstance(x, np.ndarray):
+        return np.clip(np.log(np.maximum(x, 1.0)) / LOG_BLEND, 0.0, 1.0)
+    return 0.0 if x <= 1.0 else min(1.0, math.log(x) / LOG_BLEND)
+
+
+def hmin(a: Num, b: Num) -> Num:
+    return 0.5 * (a + b - abs(a - b))
+
+
 def attention_ms(tokens: Num, kv_tokens: Num, qk_pairs: Num, seqs: Num, q_heads: float, kv_heads: float,
                  head_dim: float, flop_per_ms: float, byte_per_ms: float, p: float, per_seq_ms: float,
-                 key_ms: float = 0.0, units: float = 1.0, kv_block: float = 1.0, dtype_bytes: float = 2.0) -> Num:
-    """Attention of one layer (one TP shard), smooth max of three bounds plus a per-sequence cost:
-    - compute: QK^T and PV FLOPs over the query-key pairs;
-    - memory: the K and V of every key read once per sequence (GQA: kv_heads), plus Q in and O out;
-    - critical path: a thread block walks one sequence's keys at key_ms per key; blocks are (sequence, head,
-      128-query tile), and beyond `units` of them they run in waves. This is what dominates decode of few, long
-      sequences (a batch of 1 at 64k KV runs far below the HBM bandwidth). A block walks whole KV tiles: the keys
-      per sequence round up to a multiple of kv_block."""
+                 key_ms: float = 0.0, units: float = 132.0, kv_block: float = 1.0, dtype_bytes: float = 2.0,
+                 gqa_packed: Num = 1.0, split_kv: Num = 1.0, cover_keys: float = 0.0, cover_seqs: float = 0.0,
+                 peak_byte_per_ms: float = 0.0) -> Num:
+    """Attention of one layer (one TP shard): the smooth max of three bounds plus a per-sequence cost.
+    - compute: QK^T and PV FLOPs over the query-key pairs (flop_per_ms: at most the datasheet peak);
+    - memory: K and V of every key read once per sequence and KV head (GQA), plus Q in and O out (byte_per_ms: at
+      most the datasheet bandwidth);
+    - critical path: a thread block walks its keys at key_ms per key (one SM's streaming rate); blocks beyond
+      `units` (the SM count) run in waves. A block is (sequence, head, 128-row query tile); head = KV head when the
+      kernel packs a GQA group into one block (FlashInfer, FlashAttention-3: gqa_packed=1), else query head
+      (FlashAttention-2 paged decode). A split-KV kernel (split_kv=1, FlashInfer / FlashDecoding) cuts each
+      sequence's keys into enough chunks to fill the SMs. Keys per block round up to whole kv_block tiles.
+    Coverage rule: outside the profiles' range (coverage_weight w > 0) the fitted rates blend geometrically into
+    the datasheet's (peak_byte_per_ms, and the per-key time it implies, min_key_ns): rate^(1-w) * datasheet^w.
+    gqa_packed and split_kv are 0/1 (floats or arrays) so one call can mix kernels."""
     comp = 4.0 * qk_pairs * q_heads * head_dim / flop_per_ms
     mem = dtype_bytes * head_dim * (2.0 * kv_tokens * kv_heads + 2.0 * tokens * q_heads) / byte_per_ms
-    blocks = q_heads * hmax(seqs, tokens / 128.0)
-    keys = -(-(kv_tokens / hmax(seqs, 1.0)) // kv_block) * kv_block  # ceil to whole tiles (floats and arrays)
-    serial = keys * key_ms * hmax(1.0, blocks / units)
+    if key_ms <= 0:  # pure roofline: no critical path
+        return (comp**p + mem**p) ** (1.0 / p) + per_seq_ms * seqs
+    heads = gqa_packed * kv_heads + (1.0 - gqa_packed) * q_heads
+    rows = tokens * (gqa_packed * q_heads / kv_heads + 1.0 - gqa_packed)  # a packed block holds the group's rows
+    blocks = heads * hmax(hmax(seqs, rows / 128.0), 1.0)
+    splits = 1.0 + split_kv * (hmax(1.0, units / blocks) - 1.0)
+    keys = -(-(kv_tokens / hmax(seqs, 1.0) / splits) // kv_block) * kv_block  # ceil to whole tiles
+    serial = keys * key_ms * hmax(1.0, blocks * splits / units)
+    if peak_byte_per_ms > 0:
+        w = coverage_weight(kv_tokens, seqs, cover_keys, cover_seqs)
+        floor_ms = 2.0 * head_dim * dtype_bytes * units / peak_byte_per_ms
+        serial = serial * hmin(1.0, floor_ms / key_ms) ** w
+        mem = mem * hmin(1.0, byte_per_ms / peak_byte_per_ms) ** w
     return (comp**p + mem**p + serial**p) ** (1.0 / p) + per_seq_ms * seqs
+
+
+def min_key_ns(head_dim: float, units: float, hbm_tbps: float, dtype_bytes: float = 2.0) -> float:
+    """Physical floor of the critical path's time per key: one block reads a key's K and V (2 head_dim values);
+    `units` blocks at once cannot stream faster than the datasheet bandwidth."""
+    return 2.0 * head_dim * dtype_bytes * units / (hbm_tbps * 1e12) * 1e9
 
 
 @dataclass
@@ -81,12 +124,23 @@ class RooflineParams:
     attn_launch_us: float = 0.0
     attn_per_seq_us: float = 0.0
     attn_key_ns: float = 0.0  # critical path per key of one attention thread block (0 = ignore)
-    attn_units: float = 132.0  # thread blocks that run at once (one wave); H100 SXM has 132 SMs
+    attn_units: float = 132.0  # thread blocks that run at once (one wave): the SM count (H100 SXM: 132)
     attn_kv_block: float = 1.0  # keys per KV tile the critical path walks whole (the fits use 64)
+    # the attention kernel the model prices (the fit reads each profile's own kernel from the file):
+    # FlashInfer as SGLang serves by default: GQA groups packed in one block, KV split across the SMs
+    attn_gqa_packed: bool = True
+    attn_split_kv: bool = True
+    # the profiles' range: total keys and sequences of the largest profiled attention call (0 = no profile)
+    attn_cover_keys: float = 0.0
+    attn_cover_seqs: float = 0.0
     gemm_kernels_per_layer: int = 4  # fused qkv, o, gate+up, down
     elem_kernels_per_layer: int = 5  # 2 norms, rope, activation, residual add
     # world size -> [latency_us, algorithm bandwidth GB/s]: all-reduce time = latency + bytes / bandwidth
     allreduce: dict = field(default_factory=dict)
+    # the same, fitted on the profile's fastest repeat per size (no host launch jitter): what a CUDA-graph
+    # replay pays; used when cuda_graph is set
+    allreduce_graph: dict = field(default_factory=dict)
+    cuda_graph: bool = True  # serving engines capture decode steps in CUDA graphs (SGLang does up to batch 256)
     step_overhead_ms: float = 0.0  # per iteration: scheduling, sampling, syncs (profiles do not measure it)
     draft_depth_overhead_ms: float = 0.0  # per drafted depth: launch of the draft forward, top-k
 
@@ -100,6 +154,8 @@ class RooflineParams:
         out = cls(hardware=hw.name, gemm_tflops=hw.peak_bf16_tflops, gemm_gbps=gbps, elem_gbps=gbps,
                   attn_tflops=hw.peak_bf16_tflops, attn_gbps=gbps)
         out.allreduce = default_allreduce(hw)
+        out.allreduce_graph = default_allreduce(hw, graph=True)
+        out.attn_units = float(hw.sm_count)
         return out
 
     def scaled_to(self, hardware: str | HardwareSpec) -> RooflineParams:
@@ -113,13 +169,19 @@ class RooflineParams:
         c, m, n = (dst.peak_bf16_tflops / src.peak_bf16_tflops, dst.hbm_tbps / src.hbm_tbps,
                    dst.nvlink_gbps / src.nvlink_gbps)
         ar = {w: [lat, bw * n] for w, (lat, bw) in self.allreduce.items()}
-        return replace(self, hardware=dst.name, gemm_tflops=self.gemm_tflops * c, attn_tflops=self.attn_tflops * c,
+        arg = {w: [lat, bw * n] for w, (lat, bw) in self.allreduce_graph.items()}
+        # the per-SM streaming rate scales with the bandwidth per SM
+        key_ns = self.attn_key_ns * (src.hbm_tbps / src.sm_count) / (dst.hbm_tbps / dst.sm_count)
+        return replace(self, hardware=dst.name, allreduce_graph=arg, attn_key_ns=key_ns,
+                       attn_units=float(dst.sm_count), gemm_tflops=self.gemm_tflops * c,
+                       attn_tflops=self.attn_tflops * c,
                        gemm_gbps=self.gemm_gbps * m, elem_gbps=self.elem_gbps * m, attn_gbps=self.attn_gbps * m,
                        allreduce=ar)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["allreduce"] = {str(k): v for k, v in self.allreduce.items()}
+        d["allreduce_graph"] = {str(k): v for k, v in self.allreduce_graph.items()}
         return d
 
     @classmethod
@@ -133,6 +195,8 @@ class RooflineParams:
         except TypeError as exc:
             raise CostModelError(f"bad parameters: {exc}", path=path) from None
         out.allreduce = {int(k): [float(v[0]), float(v[1])] for k, v in (d.get("allreduce") or {}).items()}
+        out.allreduce_graph = {int(k): [float(v[0]), float(v[1])]
+                               for k, v in (d.get("allreduce_graph") or {}).items()}
         return out
 
 
@@ -146,11 +210,12 @@ def hardware_or_label(name: str) -> HardwareSpec:
                             source="not in the catalog: fitted parameters only")
 
 
-def default_allreduce(hw: HardwareSpec) -> dict:
+def default_allreduce(hw: HardwareSpec, graph: bool = False) -> dict:
     if ALLREDUCE_FIT.is_file():
         fit = json.loads(ALLREDUCE_FIT.read_text())
         ratio = hw.nvlink_gbps / float(fit["nvlink_gbps"])
-        return {int(w): [v["latency_us"], v["gbps"] * ratio] for w, v in fit["world_sizes"].items()}
+        sizes = fit.get("world_sizes_graph", fit["world_sizes"]) if graph else fit["world_sizes"]
+        return {int(w): [v["latency_us"], v["gbps"] * ratio] for w, v in sizes.items()}
     # ring all-reduce moves 2 (w-1)/w of the data over each GPU's one-way NVLink bandwidth
     return {w: [0.0, hw.nvlink_gbps / 2 * w / (2 * (w - 1))] for w in (2, 4, 8)}
 
@@ -186,6 +251,7 @@ class _Forward:
         self.set_params(prm)
 
     def set_params(self, prm: RooflineParams) -> None:
+        b = self.b
         self.pc, self.bm = prm.gemm_tflops * 1e9, prm.gemm_gbps * 1e6  # per ms
         self.be = prm.elem_gbps * 1e6
         self.pa, self.ba = prm.attn_tflops * 1e9, prm.attn_gbps * 1e6
@@ -194,12 +260,21 @@ class _Forward:
                          * prm.elem_launch_us + prm.attn_launch_us) / 1000.0
         self.seq_ms = prm.attn_per_seq_us / 1000.0
         self.key_ms, self.units, self.kv_block = prm.attn_key_ns / 1e6, prm.attn_units, prm.attn_kv_block
+        self.packed, self.split = float(prm.attn_gqa_packed), float(prm.attn_split_kv)
+        self.cover_keys, self.cover_seqs = prm.attn_cover_keys, prm.attn_cover_seqs
+        peak_gbps = hardware_or_label(prm.hardware).hbm_tbps * 1000.0  # NaN off the catalog: no blend
+        self.blend = self.key_ms > 0 and peak_gbps == peak_gbps
+        if self.blend:
+            floor_ms = min_key_ns(self.hd, self.units, peak_gbps / 1000.0, b) / 1e6
+            self.key_ratio = min(1.0, floor_ms / self.key_ms)
+            self.bw_ratio = min(1.0, prm.attn_gbps / peak_gbps)
         self.lm_fixed_ms = (prm.gemm_launch_us + prm.elem_launch_us) / 1000.0
         if self.tp > 1:
-            if self.tp not in prm.allreduce:
+            table = prm.allreduce_graph if (prm.cuda_graph and prm.allreduce_graph) else prm.allreduce
+            if self.tp not in table:
                 raise CostModelError(f"no all-reduce parameters for TP {self.tp} (have: "
-                                f"{', '.join(map(str, sorted(prm.allreduce))) or 'none'})")
-            lat_us, gbps = prm.allreduce[self.tp]
+                                f"{', '.join(map(str, sorted(table))) or 'none'})")
+            lat_us, gbps = table[self.tp]
             self.ar_lat_ms, self.ar_byte_per_ms = lat_us / 1000.0, gbps * 1e6
         else:
             self.ar_lat_ms, self.ar_byte_per_ms = 0.0, 1.0
@@ -216,6 +291,9 @@ class _Forward:
         self.attn_comp_c = 4.0 * self.hq * self.hd / self.pa
         self.attn_kv_c = b * self.hd * 2.0 * self.hkv / self.ba
         self.attn_q_c = b * self.hd * 2.0 * self.hq / self.ba
+        # critical-path blocks: per sequence, KV heads (packed GQA) or query heads, times 128-row query tiles
+        self.heads_blk = self.packed * self.hkv + (1.0 - self.packed) * self.hq
+        self.rows_c = (self.packed * self.hq / self.hkv + 1.0 - self.packed) / 128.0
         self.ar_c = self.d * b / self.ar_byte_per_ms
 
     def layers_ms(self, t: Num, kv: Num, qk: Num, seqs: Num) -> Num:
@@ -231,11 +309,22 @@ class _Forward:
                 layer = layer + ((c * k * tr) ** p + (m0 * touched + m1 * k * t) ** p) ** inv_p
         # attention: same formula as attention_ms, on the folded constants
         pa = self.pa_p
-        blocks = self.hq * hmax(seqs, t / 128.0)
-        blk = self.kv_block
-        serial = -(-(kv / hmax(seqs, 1.0)) // blk) * blk * self.key_ms * hmax(1.0, blocks / self.units)
-        layer = layer + ((qk * self.attn_comp_c) ** pa + (kv * self.attn_kv_c + t * self.attn_q_c) ** pa
-                         + serial**pa) ** (1.0 / pa) + self.seq_ms * seqs
+        comp = qk * self.attn_comp_c
+        mem = kv * self.attn_kv_c + t * self.attn_q_c
+        if self.key_ms > 0:
+            blocks = self.heads_blk * hmax(hmax(seqs, t * self.rows_c), 1.0)
+            splits = 1.0 + self.split * (hmax(1.0, self.units / blocks) - 1.0)
+            blk = self.kv_block
+            serial = -(-(kv / hmax(seqs, 1.0) / splits) // blk) * blk * self.key_ms * hmax(1.0, blocks * splits
+                                                                                           / self.units)
+            if self.blend:  # outside the profiles' range the rates blend into the datasheet's
+                w = coverage_weight(kv, seqs, self.cover_keys, self.cover_seqs)
+                serial = serial * self.key_ratio**w
+                mem = mem * self.bw_ratio**w
+            attn = (comp**pa + mem**pa + serial**pa) ** (1.0 / pa)
+        else:
+            attn = (comp**pa + mem**pa) ** (1.0 / pa)
+        layer = layer + attn + self.seq_ms * seqs
         if self.tp > 1:  # after attention and after the MLP
             layer = layer + 2.0 * (self.ar_lat_ms + t * self.ar_c)
         return self.layers * layer * (t > 0)

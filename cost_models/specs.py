@@ -25,6 +25,7 @@ class HardwareSpec:
     memory_gb: float
     nvlink_gbps: float  # datasheet NVLink bandwidth (bidirectional, per GPU), GB/s
     source: str = ""
+    sm_count: int = 132  # streaming multiprocessors: thread blocks of one wave (attention's critical path)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def load_hardware(name_or_path: str | HardwareSpec) -> HardwareSpec:
     try:
         return HardwareSpec(name=data["name"], peak_bf16_tflops=float(data["peak_bf16_tflops"]),
                             hbm_tbps=float(data["hbm_tbps"]), memory_gb=float(data["memory_gb"]),
-                            nvlink_gbps=float(data["nvlink_gbps"]), source=data.get("source", ""))
+                            nvlink_gbps=float(data["nvlink_gbps"]), source=data.get("source", ""),
+                            sm_count=int(data.get("sm_count", 132)))
     except KeyError as exc:
         raise CostModelError("missing field", path=data.get("_path"), field=exc.args[0]) from None
 

@@ -16,36 +16,35 @@ from echosim.cli import main
 from echosim.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "profiles" / "h100"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data/profiles not present")
+DATA = ROOT / "cost_models" / "profiles" / "h100"  # shipped (gzip) copies of the public H100 profiles
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="cost_models/profiles/h100 not present")
 BASE = RooflineParams.from_hardware("h100-sxm")
 
 
 @needs_data
 def test_readers_on_real_files():
-    t = read_profile(DATA / "vidur/Llama-2-7b-hf_mlp.csv")
+    t = read_profile(DATA / "vidur/Llama-2-7b-hf_mlp.csv.gz")
     assert t.fmt == "vidur_mlp" and t.n_obs == 1044
     assert set(np.unique(t.obs_tp)) == {1, 2, 4, 8}
     assert t.obs_tokens.min() == 1 and t.obs_tokens.max() == 4096
     # per-layer time is the sum of the nine per-layer operators (embedding excluded)
     assert len(t.op_kind) == 9 * t.n_obs
-    lss = read_profile(DATA / "llmservingsim_v0/Llama-3.1-8B_tp1_layers.csv")
+    lss = read_profile(DATA / "llmservingsim_v0/Llama-3.1-8B_tp1_layers.csv.gz")
     assert lss.fmt == "llmservingsim" and lss.model_name == "llama-3.1-8b" and lss.n_obs == 2048
     assert lss.gemm_kernels_per_layer == 7  # q, k, v, o, gate, up, down: unfused HF eager
     assert 0.2 < lss.obs_measured_ms[0] < 0.3  # ns converted to ms: one layer at 1 token ~ 0.24 ms
-    attn = read_profile(DATA / "llmservingsim_v0/Llama-3.1-70B_tp4_attention.csv")
+    attn = read_profile(DATA / "llmservingsim_v0/Llama-3.1-70B_tp4_attention.csv.gz")
     assert attn.fmt == "vidur_attn" and attn.kinds() == {"attn"} and attn.n_obs > 20000
-    ar = read_allreduce(DATA / "vidur/h100_dgx_all_reduce.csv")
+    ar = read_allreduce(DATA / "vidur/h100_dgx_all_reduce.csv.gz")
     assert set(ar.world_size.tolist()) == {2, 4, 8}
-    assert detect_format(DATA / "vidur/h100_dgx_all_reduce.csv") == "allreduce"
+    assert detect_format(DATA / "vidur/h100_dgx_all_reduce.csv.gz") == "allreduce"
 
 
 @needs_data
-@pytest.mark.parametrize("rel", ["vidur/Llama-2-7b-hf_mlp.csv", "vidur/CodeLlama-34b-Instruct-hf_mlp.csv",
-                                 "llmservingsim_v0/Mixtral-8x7B_tp1_layers.csv",
-                                 "llmservingsim_v0/Llama-3.1-8B_tp1_layers.csv",
-                                 "llmservingsim_v0/Llama-3.1-70B_tp4_layers.csv",
-                                 "llmservingsim_v0/Llama-3.1-70B_tp4_attention.csv"])
+@pytest.mark.parametrize("rel", ["vidur/Llama-2-7b-hf_mlp.csv.gz", "vidur/CodeLlama-34b-Instruct-hf_mlp.csv.gz",
+                                 "llmservingsim_v0/Llama-3.1-8B_tp1_layers.csv.gz",
+                                 "llmservingsim_v0/Llama-3.1-70B_tp4_layers.csv.gz",
+                                 "llmservingsim_v0/Llama-3.1-70B_tp4_attention.csv.gz"])
 def test_heldout_fit_quality(rel):
     """Fit on every other token count, test on the rest: goals <= 5% median and <= 15% P90 per-layer error."""
     h = heldout_stats(read_profile(DATA / rel), BASE)
@@ -55,8 +54,8 @@ def test_heldout_fit_quality(rel):
 
 @needs_data
 def test_transfer_llama2_7b_to_codellama_34b():
-    prm = fit_params(read_profile(DATA / "vidur/Llama-2-7b-hf_mlp.csv"), BASE).params
-    dst = read_profile(DATA / "vidur/CodeLlama-34b-Instruct-hf_mlp.csv")
+    prm = fit_params(read_profile(DATA / "vidur/Llama-2-7b-hf_mlp.csv.gz"), BASE).params
+    dst = read_profile(DATA / "vidur/CodeLlama-34b-Instruct-hf_mlp.csv.gz")
     for tp in (1, 2, 4):
         sub = dst.subset(dst.obs_tp == tp)
         assert ape_stats(predict_obs(sub, prm), sub.obs_measured_ms)["median_ape_pct"] <= 10.0
@@ -64,7 +63,7 @@ def test_transfer_llama2_7b_to_codellama_34b():
 
 @needs_data
 def test_allreduce_fit_is_sane():
-    fit = fit_allreduce(read_allreduce(DATA / "vidur/h100_dgx_all_reduce.csv"))
+    fit = fit_allreduce(read_allreduce(DATA / "vidur/h100_dgx_all_reduce.csv.gz"))
     for w in (2, 4, 8):
         assert 1 < fit[w]["latency_us"] < 100 and 50 < fit[w]["gbps"] < 900
         assert fit[w]["median_ape_pct"] < 10
@@ -151,8 +150,8 @@ def test_fit_cli_bad_input(tmp_path, capsys):
 @needs_data
 def test_fit_cli_on_real_profiles(tmp_path):
     out = tmp_path / "fit.json"
-    rc = main(["fit", "--profiles", str(DATA / "vidur/Llama-2-7b-hf_mlp.csv"),
-               str(DATA / "vidur/h100_dgx_all_reduce.csv"), "--out", str(out), "--no-heldout"])
+    rc = main(["fit", "--profiles", str(DATA / "vidur/Llama-2-7b-hf_mlp.csv.gz"),
+               str(DATA / "vidur/h100_dgx_all_reduce.csv.gz"), "--out", str(out), "--no-heldout"])
     assert rc == 0
     data = json.loads(out.read_text())
     assert set(data["params"]["allreduce"]) == {"2", "4", "8"}

@@ -50,14 +50,19 @@ def run(args: argparse.Namespace) -> int:
     else:  # a machine outside the catalog (e.g. this CPU): neutral starting rates, everything is fitted
         base = RooflineParams(hardware=args.hardware, gemm_tflops=1.0, gemm_gbps=100.0, elem_gbps=100.0,
                               attn_tflops=1.0, attn_gbps=100.0)
-    tables, stats, allreduce = [], {}, {}
+    tables, stats, allreduce, allreduce_graph = [], {}, {}, {}
     for path in args.profiles:
         if not Path(path).is_file():
             raise UserError("no such profile file", path=path)
         if detect_format(path) == "allreduce":
-            fit = fit_allreduce(read_allreduce(path))
+            prof = read_allreduce(path)
+            fit = fit_allreduce(prof)
             allreduce.update(fit)
             stats[path] = {"format": "allreduce", "world_sizes": fit}
+            if prof.min_ms is not None:
+                graph = fit_allreduce(prof, graph=True)
+                allreduce_graph.update(graph)
+                stats[path]["world_sizes_graph"] = graph
         else:
             tables.append(read_profile(path, model=args.model))
     params = base
@@ -74,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
                 entry["heldout"] = heldout_stats(t, base, kv_block=kv_block)
             stats[t.path] = entry
     if allreduce:
-        params = replace(params, allreduce={w: [v["latency_us"], v["gbps"]] for w, v in allreduce.items()})
+        params = replace(params, allreduce={w: [v["latency_us"], v["gbps"]] for w, v in allreduce.items()},
+                         allreduce_graph={w: [v["latency_us"], v["gbps"]] for w, v in allreduce_graph.items()})
     if args.step_overhead_ms is not None:
         params = replace(params, step_overhead_ms=args.step_overhead_ms)
     out = {
@@ -97,16 +103,22 @@ def run(args: argparse.Namespace) -> int:
             "gemm_flops": round(params.gemm_tflops / hw.peak_bf16_tflops, 3),
             "gemm_bandwidth": round(params.gemm_gbps / (hw.hbm_tbps * 1000), 3),
             "elementwise_bandwidth": round(params.elem_gbps / (hw.hbm_tbps * 1000), 3),
+            "attention_bandwidth": round(params.attn_gbps / (hw.hbm_tbps * 1000), 3),
+            "attention_flops": round(params.attn_tflops / hw.peak_bf16_tflops, 3),
         }
     if allreduce:
         out["world_sizes"] = {str(w): v for w, v in allreduce.items()}
+        if allreduce_graph:
+            out["world_sizes_graph"] = {str(w): v for w, v in allreduce_graph.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     for path, s in stats.items():
         if s["format"] == "allreduce":
             for w, v in s["world_sizes"].items():
+                g = s.get("world_sizes_graph", {}).get(w)
+                graph = f" (CUDA graph: latency {g['latency_us']} us)" if g else ""
                 print(f"{path}: all-reduce TP{w}: latency {v['latency_us']} us, {v['gbps']} GB/s, "
-                      f"median APE {v['median_ape_pct']}%")
+                      f"median APE {v['median_ape_pct']}%{graph}")
         else:
             h = s.get("heldout", {}).get("test")
             held = f"; held-out median {h['median_ape_pct']}% P90 {h['p90_ape_pct']}%" if h else ""
