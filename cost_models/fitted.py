@@ -111,6 +111,13 @@ def peak_gbps(prm: RooflineParams) -> float:
         return 0.0
 
 
+def peak_tflops(prm: RooflineParams) -> float:
+    try:
+        return load_hardware(prm.hardware).peak_bf16_tflops
+    except CostModelError:
+        return 0.0
+
+
 def predict_ops(t: OpTable, prm: RooflineParams) -> np.ndarray:
     """Predicted ms of every operator row (its count included)."""
     out = np.zeros(len(t.op_kind))
@@ -128,7 +135,8 @@ def predict_ops(t: OpTable, prm: RooflineParams) -> np.ndarray:
                               t.head_dim[a], prm.attn_tflops * 1e9, prm.attn_gbps * 1e6, prm.attn_smooth_p,
                               prm.attn_per_seq_us / 1000.0, prm.attn_key_ns / 1e6, prm.attn_units, prm.attn_kv_block,
                               gqa_packed=t.gqa_packed[a], split_kv=t.split_kv[a], cover_keys=prm.attn_cover_keys,
-                              cover_seqs=prm.attn_cover_seqs, peak_byte_per_ms=peak_gbps(prm) * 1e6)
+                              cover_seqs=prm.attn_cover_seqs, peak_byte_per_ms=peak_gbps(prm) * 1e6,
+                              peak_flop_per_ms=peak_tflops(prm) * 1e9)
                   + prm.attn_launch_us / 1000.0)
     s = t.op_kind == "step"
     out[s] = prm.step_overhead_ms
@@ -257,6 +265,45 @@ def fit_allreduce(prof: AllReduceProfile, graph: bool = False) -> dict:
         pred = lat_ms + size / (gbps * 1e6)
         out[int(w)] = {"latency_us": round(float(lat_ms * 1000), 3), "gbps": round(float(gbps), 2),
                        **ape_stats(pred, ms)}
+    return out
+
+
+def evaluate_table(table: OpTable, prm: RooflineParams) -> dict:
+    """How well parameters predict a profile they may not have seen: APE of each observation's total (the
+    whole layer, or the kernel for an attention file) and of each timed operator."""
+    ops = predict_ops(table, prm)
+    obs = np.bincount(table.op_obs, weights=ops, minlength=table.n_obs)
+    out = {"path": table.path, "format": table.fmt, "model": table.model_name,
+           **ape_stats(obs, table.obs_measured_ms), "operators": {}}
+    timed = np.isfinite(table.measured_ms) & (table.measured_ms > 0)
+    for name in dict.fromkeys(table.op_name[timed].tolist()):
+        m = timed & (table.op_name == name)
+        out["operators"][name] = ape_stats(ops[m] / table.count[m], table.measured_ms[m] / table.count[m])
+    return out
+
+
+def evaluate_allreduce(prof: AllReduceProfile, prm: RooflineParams) -> dict:
+    """APE of the all-reduce model (latency + bytes / bandwidth per world size) on an all-reduce profile; the
+    eager parameters against the median times, the CUDA-graph ones against the fastest repeats."""
+    pred = np.full(len(prof.time_ms), np.nan)
+    out = {"path": prof.path, "format": "allreduce", "operators": {}}
+    for graph, table in ((False, prm.allreduce), (True, prm.allreduce_graph)):
+        if graph and prof.min_ms is None:
+            continue
+        meas = prof.min_ms if graph else prof.time_ms
+        for w in sorted(set(prof.world_size.tolist())):
+            if int(w) not in table:
+                continue
+            m = prof.world_size == w
+            lat_us, gbps = table[int(w)]
+            p = lat_us / 1000.0 + prof.size_bytes[m] / (gbps * 1e6)
+            if not graph:
+                pred[m] = p
+            out["operators"][f"all_reduce_tp{w}" + ("_graph" if graph else "")] = ape_stats(p, meas[m])
+    ok = np.isfinite(pred)
+    if not ok.any():
+        raise CostModelError("the fit has no all-reduce parameters for the profile's world sizes", path=prof.path)
+    out.update(ape_stats(pred[ok], prof.time_ms[ok]))
     return out
 
 

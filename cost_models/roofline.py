@@ -46,6 +46,7 @@ def hmax(a: Num, b: Num) -> Num:
     return 0.5 * (a + b + abs(a - b))
 
 
+HARD_P = 32.0  # the pure roofline's corner (RooflineParams' default smooth_p)
 LOG_BLEND = math.log(16.0)  # outside a profile's coverage the rates reach the datasheet's 16x past its edge
 
 
@@ -69,7 +70,7 @@ def attention_ms(tokens: Num, kv_tokens: Num, qk_pairs: Num, seqs: Num, q_heads:
                  head_dim: float, flop_per_ms: float, byte_per_ms: float, p: float, per_seq_ms: float,
                  key_ms: float = 0.0, units: float = 132.0, kv_block: float = 1.0, dtype_bytes: float = 2.0,
                  gqa_packed: Num = 1.0, split_kv: Num = 1.0, cover_keys: float = 0.0, cover_seqs: float = 0.0,
-                 peak_byte_per_ms: float = 0.0) -> Num:
+                 peak_byte_per_ms: float = 0.0, peak_flop_per_ms: float = 0.0) -> Num:
     """Attention of one layer (one TP shard): the smooth max of three bounds plus a per-sequence cost.
     - compute: QK^T and PV FLOPs over the query-key pairs (flop_per_ms: at most the datasheet peak);
     - memory: K and V of every key read once per sequence and KV head (GQA), plus Q in and O out (byte_per_ms: at
@@ -80,7 +81,8 @@ def attention_ms(tokens: Num, kv_tokens: Num, qk_pairs: Num, seqs: Num, q_heads:
       (FlashAttention-2 paged decode). A split-KV kernel (split_kv=1, FlashInfer / FlashDecoding) cuts each
       sequence's keys into enough chunks to fill the SMs. Keys per block round up to whole kv_block tiles.
     Coverage rule: outside the profiles' range (coverage_weight w > 0) the fitted rates blend geometrically into
-    the datasheet's (peak_byte_per_ms, and the per-key time it implies, min_key_ns): rate^(1-w) * datasheet^w.
+    the datasheet's (peak_byte_per_ms, the per-key time it implies (min_key_ns), peak_flop_per_ms):
+    rate^(1-w) * datasheet^w, and the smooth maximum's p into the roofline's hard corner (HARD_P).
     gqa_packed and split_kv are 0/1 (floats or arrays) so one call can mix kernels."""
     comp = 4.0 * qk_pairs * q_heads * head_dim / flop_per_ms
     mem = dtype_bytes * head_dim * (2.0 * kv_tokens * kv_heads + 2.0 * tokens * q_heads) / byte_per_ms
@@ -97,6 +99,9 @@ def attention_ms(tokens: Num, kv_tokens: Num, qk_pairs: Num, seqs: Num, q_heads:
         floor_ms = 2.0 * head_dim * dtype_bytes * units / peak_byte_per_ms
         serial = serial * hmin(1.0, floor_ms / key_ms) ** w
         mem = mem * hmin(1.0, byte_per_ms / peak_byte_per_ms) ** w
+        if peak_flop_per_ms > 0:
+            comp = comp * hmin(1.0, flop_per_ms / peak_flop_per_ms) ** w
+        p = p + w * (HARD_P - p)  # and the rounded corner into the roofline's hard one
     return (comp**p + mem**p + serial**p) ** (1.0 / p) + per_seq_ms * seqs
 
 
@@ -262,12 +267,14 @@ class _Forward:
         self.key_ms, self.units, self.kv_block = prm.attn_key_ns / 1e6, prm.attn_units, prm.attn_kv_block
         self.packed, self.split = float(prm.attn_gqa_packed), float(prm.attn_split_kv)
         self.cover_keys, self.cover_seqs = prm.attn_cover_keys, prm.attn_cover_seqs
-        peak_gbps = hardware_or_label(prm.hardware).hbm_tbps * 1000.0  # NaN off the catalog: no blend
+        hw = hardware_or_label(prm.hardware)
+        peak_gbps = hw.hbm_tbps * 1000.0  # NaN off the catalog: no blend
         self.blend = self.key_ms > 0 and peak_gbps == peak_gbps
         if self.blend:
             floor_ms = min_key_ns(self.hd, self.units, peak_gbps / 1000.0, b) / 1e6
             self.key_ratio = min(1.0, floor_ms / self.key_ms)
             self.bw_ratio = min(1.0, prm.attn_gbps / peak_gbps)
+            self.flop_ratio = min(1.0, prm.attn_tflops / hw.peak_bf16_tflops)
         self.lm_fixed_ms = (prm.gemm_launch_us + prm.elem_launch_us) / 1000.0
         if self.tp > 1:
             table = prm.allreduce_graph if (prm.cuda_graph and prm.allreduce_graph) else prm.allreduce
@@ -321,6 +328,8 @@ class _Forward:
                 w = coverage_weight(kv, seqs, self.cover_keys, self.cover_seqs)
                 serial = serial * self.key_ratio**w
                 mem = mem * self.bw_ratio**w
+                comp = comp * self.flop_ratio**w
+                pa = pa + w * (HARD_P - pa)
             attn = (comp**pa + mem**pa + serial**pa) ** (1.0 / pa)
         else:
             attn = (comp**pa + mem**pa) ** (1.0 / pa)

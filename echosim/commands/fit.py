@@ -16,9 +16,17 @@ def add_parser(subparsers) -> None:
                                           "or `echosim profile` output) and write the parameters with fit "
                                           "statistics (held-out: fit on every other token count, test on the rest).")
     p.add_argument("--profiles", nargs="+", required=True, metavar="CSV", help="profile CSV files")
-    p.add_argument("--out", required=True, help="output JSON (e.g. cost_models/fitted/<name>.json)")
-    p.add_argument("--hardware", default="h100-sxm",
-                   help="hardware the profiles ran on (catalog name, or any label for a machine not in the catalog)")
+    p.add_argument("--out", help="output JSON (e.g. cost_models/fitted/<name>.json); required unless --evaluate")
+    p.add_argument("--evaluate", metavar="FIT.json", default=None,
+                   help="score an existing fit on the profiles instead of fitting: per file and per operator, the "
+                        "median and P90 absolute percentage error (a shipped name such as h100 works too)")
+    p.add_argument("--json", dest="json_out", metavar="OUT", default=None,
+                   help="with --evaluate: write {\"files\": [{\"path\", \"median_ape_pct\", \"p90_ape_pct\", \"n\", "
+                        "\"operators\"}, ...]}")
+    p.add_argument("--hardware", default=None,
+                   help="hardware the profiles ran on (catalog name, or any label for a machine not in the catalog; "
+                        "default h100-sxm). With --evaluate: carry the fit to this hardware first (datasheet "
+                        "ratios)")
     p.add_argument("--model", default=None,
                    help="model of LLMServingSim profiles (default: from the file name, e.g. Llama-3.1-8B_tp1_...)")
     p.add_argument("--step-overhead-ms", type=float, default=None,
@@ -28,6 +36,36 @@ def add_parser(subparsers) -> None:
                         "(FlashAttention), 1 elsewhere")
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out statistics (faster)")
     p.set_defaults(func=run)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from cost_models.fitted import evaluate_allreduce, evaluate_table, load_fit
+    from cost_models.profiles import detect_format, read_allreduce, read_profile
+    from echosim.errors import UserError
+
+    prm, _ = load_fit(args.evaluate)
+    if args.hardware:
+        prm = prm.scaled_to(args.hardware)
+    files = []
+    for path in args.profiles:
+        if not Path(path).is_file():
+            raise UserError("no such profile file", path=path)
+        if detect_format(path) == "allreduce":
+            files.append(evaluate_allreduce(read_allreduce(path), prm))
+        else:
+            files.append(evaluate_table(read_profile(path, model=args.model), prm))
+    for f in files:
+        print(f"{f['path']}: {f['n']} points, median APE {f['median_ape_pct']}%, P90 {f['p90_ape_pct']}%")
+        for name, o in f["operators"].items():
+            print(f"  {name}: median {o['median_ape_pct']}%, P90 {o['p90_ape_pct']}% (n {o['n']})")
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps({"fit": str(args.evaluate), "files": files}, indent=2) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
     from cost_models.specs import known_hardware, load_hardware
     from echosim.errors import UserError
 
+    if args.evaluate:
+        return evaluate(args)
+    if not args.out:
+        raise UserError("--out is required (or --evaluate FIT.json to score a fit)", field="--out")
+    args.hardware = args.hardware or "h100-sxm"
     gpu = args.hardware.lower() in {h.lower() for h in known_hardware()}
     kv_block = args.attn_kv_block if args.attn_kv_block is not None else (64.0 if gpu else 1.0)
     if kv_block < 1:
