@@ -82,7 +82,7 @@ def attention_ms(tokens: Num, kv_tokens: Num, qk_pairs: Num, seqs: Num, q_heads:
       sequence's keys into enough chunks to fill the SMs. Keys per block round up to whole kv_block tiles.
     Coverage rule: outside the profiles' range (coverage_weight w > 0) the fitted rates blend geometrically into
     the datasheet's (peak_byte_per_ms, the per-key time it implies (min_key_ns), peak_flop_per_ms):
-    rate^(1-w) * datasheet^w, and the smooth maximum's p into the roofline's hard corner (HARD_P).
+    rate^(1-w) * datasheet^w, and the smooth maximum into the roofline's hard corner (HARD_P), geometrically.
     gqa_packed and split_kv are 0/1 (floats or arrays) so one call can mix kernels."""
     comp = 4.0 * qk_pairs * q_heads * head_dim / flop_per_ms
     mem = dtype_bytes * head_dim * (2.0 * kv_tokens * kv_heads + 2.0 * tokens * q_heads) / byte_per_ms
@@ -101,7 +101,10 @@ def attention_ms(tokens: Num, kv_tokens: Num, qk_pairs: Num, seqs: Num, q_heads:
         mem = mem * hmin(1.0, byte_per_ms / peak_byte_per_ms) ** w
         if peak_flop_per_ms > 0:
             comp = comp * hmin(1.0, flop_per_ms / peak_flop_per_ms) ** w
-        p = p + w * (HARD_P - p)  # and the rounded corner into the roofline's hard one
+        # and the rounded corner into the roofline's hard one (geometric, so time still grows with the keys)
+        soft = (comp**p + mem**p + serial**p) ** (1.0 / p)
+        hard = (comp**HARD_P + mem**HARD_P + serial**HARD_P) ** (1.0 / HARD_P)
+        return soft ** (1.0 - w) * hard**w + per_seq_ms * seqs
     return (comp**p + mem**p + serial**p) ** (1.0 / p) + per_seq_ms * seqs
 
 
@@ -329,8 +332,12 @@ class _Forward:
                 serial = serial * self.key_ratio**w
                 mem = mem * self.bw_ratio**w
                 comp = comp * self.flop_ratio**w
-                pa = pa + w * (HARD_P - pa)
-            attn = (comp**pa + mem**pa + serial**pa) ** (1.0 / pa)
+                attn = (comp**pa + mem**pa + serial**pa) ** (1.0 / pa)
+                if isinstance(w, np.ndarray) or w > 0:
+                    hard = (comp**HARD_P + mem**HARD_P + serial**HARD_P) ** (1.0 / HARD_P)
+                    attn = attn ** (1.0 - w) * hard**w
+            else:
+                attn = (comp**pa + mem**pa + serial**pa) ** (1.0 / pa)
         else:
             attn = (comp**pa + mem**pa) ** (1.0 / pa)
         layer = layer + attn + self.seq_ms * seqs
