@@ -15,12 +15,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-gates", type=int, default=2, help="number of sweet-spot depths (default 2)")
     p.add_argument("--token-cost", type=float, default=0.02,
                    help="cost of one verified draft relative to a step's fixed cost (default 0.02)")
+    p.add_argument("--fixed", action="store_true",
+                   help="the fixed-threshold ablation: one tau for every depth, calibrated on all depths pooled "
+                        "(writes an echo_fixed config)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from echosim.errors import UserError
-    from echosim.spec.calibrate import calibrate
+    from echosim.spec.calibrate import calibrate, calibrate_fixed
     from echosim.spec.policies import ConfigError, load_policy, make_policy, save_policy
     from echosim.spec.records import read_records
 
@@ -33,6 +36,16 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read config: {exc}", path=args.base) from None
     records = read_records(args.records)
+    if args.fixed:
+        cal = calibrate_fixed(records, base=base, token_cost=args.token_cost)
+        policy = make_policy("echo_fixed", {"gates": cal.config.gates})
+        policy.config = cal.config
+        save_policy(policy, args.out, extra={"calibration": cal.to_json()})
+        print(f"{len(records)} records, {cal.notes['request_steps']} request-steps")
+        print(f"one threshold for every depth: {cal.config.fixed_threshold}; predicted throughput gain "
+              f"{cal.predicted_gain:.3f}x")
+        print(f"wrote {args.out}")
+        return 0
     cal = calibrate(records, base=base, max_gates=args.max_gates, token_cost=args.token_cost)
     policy = make_policy("echo", {"gates": cal.config.gates})
     policy.config = cal.config

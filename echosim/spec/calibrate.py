@@ -113,3 +113,31 @@ def calibrate(rec: NodeRecords, base: EchoConfig | None = None, max_gates: int =
     config = replace(base, gates=gates)
     return Calibration(config=config, depths=stats, predicted_gain=float(proxy(accepted, tokens)) / baseline,
                        notes={"token_cost": token_cost, "request_steps": n_groups})
+
+
+def calibrate_fixed(rec: NodeRecords, base: EchoConfig | None = None, token_cost: float = 0.02) -> Calibration:
+    """The fixed-threshold ablation's calibration: ONE tau for every depth, chosen on all depths pooled with the
+    same throughput proxy as calibrate(): a request-step stops at the first depth d whose confidence c_{i,d} is
+    below tau (keeping its accepted length up to d and verifying remaining_num_draft_tokens). Candidate taus are
+    quantiles of all depths' confidences together. Returns a config with gate_mode 'fixed' and fixed_threshold."""
+    base = base or EchoConfig()
+    g, d, c, reached, L = _group_depth_table(rec)
+    n_groups, D = len(L), int(d.max(initial=0))
+    conf = np.full((n_groups, D + 1), np.inf)  # depths never drafted never gate
+    conf[g, d] = c
+    conf = conf[:, 1:max(base.steps, 1)]  # gates at depths 1 .. steps - 1
+    full, trunc = base.num_draft_tokens - 1, base.remaining_num_draft_tokens - 1
+    taus = np.unique(np.r_[0.0, np.quantile(c[np.isfinite(c)], np.linspace(0.02, 0.98, 49))]) \
+        if np.isfinite(c).any() else np.array([0.0])
+    acc, tok = np.empty((len(taus), n_groups)), np.empty((len(taus), n_groups))
+    for i, tau in enumerate(taus):
+        below = conf < tau
+        first = np.where(below.any(axis=1), below.argmax(axis=1) + 1, 0)  # first gated depth, 0 = never
+        cut = first > 0
+        acc[i] = np.where(cut, np.minimum(L, first), L)
+        tok[i] = np.where(cut, float(trunc), float(full))
+    proxy = (acc + 1).sum(axis=1) / (1.0 + token_cost * tok).sum(axis=1)
+    best = int(np.argmax(proxy))
+    config = replace(base, gate_mode="fixed", fixed_threshold=round(float(taus[best]), 4))
+    return Calibration(config=config, depths=[], predicted_gain=float(proxy[best] / proxy[0]),
+                       notes={"token_cost": token_cost, "request_steps": n_groups, "mode": "fixed"})

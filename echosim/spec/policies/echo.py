@@ -6,7 +6,14 @@ made of shallow candidates, i.e. it is spent on width. Selection fills the step'
 order over the whole batch: a floor for every request, then Priority 1 (confident requests, deepest/most likely
 first), then Priority 2 (truncated requests widen with what is left). Within a tier, nodes go by path score, so
 each added node is the one with the largest expected acceptance (marginal gains are concave along a path).
-Ablations: `echo_dense` gates at every depth, `echo_fixed` uses one threshold for all sweet-spot depths.
+Ablations (the paper's two): `echo_dense` gates at every depth with per-depth thresholds (each depth takes the
+nearest sweet spot's tau); `echo_fixed` gates at every depth with ONE threshold calibrated for all depths pooled
+(calibrate.calibrate_fixed; uncalibrated: `fixed_threshold`, else the mean of the sweet spots' taus). A request's
+best path probability falls with depth, so one tau over-prunes deep drafts and under-prunes shallow ones: what the
+per-depth calibration of ECHO avoids. echo_fixed therefore differs from echo whenever steps > 2, also with a single
+sweet spot.
+Defaults are the paper's Qwen3-8B SGLang settings at batch 4..16 (EchoConfig.from_sglang(5, 8, 32, 3, 0.3, 20)):
+one gate at depth 4 with tau 0.3.
 """
 
 from __future__ import annotations
@@ -28,13 +35,13 @@ class EchoConfig:
     topk: int = 8                         # children per node and beam width
     num_draft_tokens: int = 32            # per confident request, the root included (SGLang's convention)
     remaining_num_draft_tokens: int = 20  # per truncated request, the root included
-    gates: list[tuple[int, float]] = field(default_factory=lambda: [(3, 0.3)])  # sweet spots: (depth, tau)
+    gates: list[tuple[int, float]] = field(default_factory=lambda: [(4, 0.3)])  # sweet spots: (depth, tau)
     root_threshold: float = 0.0           # best depth-1 probability below this: do not deepen at all (0 = off)
     root_width: int = 0                   # children drafted at the root (0 = topk); width for root-gated requests
     floor_tokens: int = 1                 # drafts every drafting request gets before any priority
     budget: Budget = field(default_factory=lambda: Budget("per_request", 31))
     gate_mode: str = "sparse"             # sparse | dense (ablation) | fixed (ablation)
-    fixed_threshold: float | None = None  # the single tau of gate_mode 'fixed' (default: mean of the gates' taus)
+    fixed_threshold: float | None = None  # gate_mode 'fixed': the one tau at every depth (None: mean of the gates')
 
     @classmethod
     def from_sglang(cls, steps: int, topk: int, num_draft_tokens: int, judge_depth: int, threshold: float,
@@ -75,10 +82,12 @@ class Echo(Policy):
                 raise ConfigError(f"echo gate threshold {tau} at depth {depth} is not a probability")
         # log-thresholds per gated depth, for the mode in force
         taus = dict(c.gates)
-        if mode == "fixed":
+        if c.fixed_threshold is not None and not 0.0 <= c.fixed_threshold <= 1.0:
+            raise ConfigError(f"echo fixed_threshold {c.fixed_threshold} is not a probability")
+        if mode == "fixed":  # one tau at every depth (the last one drafts nothing deeper to gate)
             tau = c.fixed_threshold if c.fixed_threshold is not None else \
                 (float(np.mean(list(taus.values()))) if taus else 0.0)
-            taus = {d: tau for d in taus}
+            taus = {d: tau for d in range(1, c.steps)}
         elif mode == "dense":
             known = sorted(taus) or [1]
             taus = {d: taus.get(min(known, key=lambda g: (abs(g - d), g)), 0.0) for d in range(1, c.steps)}
@@ -166,7 +175,7 @@ class EchoDense(Echo):
 
 @register
 class EchoFixed(Echo):
-    """Ablation: one threshold for every sweet-spot depth."""
+    """Ablation: gate at every depth with one threshold calibrated for all depths (module docstring)."""
 
     name = "echo_fixed"
     gate_mode = "fixed"
