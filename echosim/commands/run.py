@@ -52,6 +52,9 @@ def add_parser(subparsers) -> None:
     w.add_argument("--requests", "--num-prompts", dest="requests", type=int, default=None,
                    help="number of requests (open loop: required; closed loop: default 4 x concurrency; "
                         "trace: the first N)")
+    w.add_argument("--dataset", default=None,
+                   help="with --rate/--concurrency: label every request with this dataset (per-dataset acceptance), "
+                        "or with --trace draw only the trace's rows of this dataset")
     w.add_argument("--input-len", type=int, default=100, help="fixed prompt length without a trace")
     w.add_argument("--output-len", type=int, default=500, help="fixed output length without a trace")
 
@@ -60,7 +63,11 @@ def add_parser(subparsers) -> None:
     c.add_argument("--hardware", default="h100", help="GPU (h100, h200, a100-80gb, or a spec .json)")
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per replica")
     c.add_argument("--replicas", type=int, default=1)
-    c.add_argument("--router", default="round_robin", help="round_robin | least_outstanding | least_kv")
+    c.add_argument("--router", default="round_robin",
+                   help="round_robin | least_outstanding | least_kv | prefix (longest cached prefix first)")
+    c.add_argument("--no-prefix-cache", action="store_true",
+                   help="turn off the per-replica prefix (radix) cache; it is on by default as in SGLang and acts "
+                        "only on traces with Mooncake hash_ids or prompt text")
     c.add_argument("--draft", default=None, help="draft model (default: the catalog's eagle3-<model> head)")
     c.add_argument("--cost-model", default="auto",
                    help="auto (the H100 fit on H100 and H200, roofline elsewhere) | fitted | roofline | a fitted .json")
@@ -206,7 +213,7 @@ def _workload(args):
         args.cv = 1.0 / args.burstiness ** 0.5
     common = dict(trace=args.trace, requests=args.requests, prompt_tokens=args.input_len,
                   output_tokens=args.output_len, skip_bad_lines=args.skip_bad_lines, trace_format=args.format,
-                  time_scale=args.time_scale, sort=args.sort)
+                  time_scale=args.time_scale, sort=args.sort, dataset=args.dataset)
     if args.concurrency is not None and args.rate is not None:
         raise UserError("give --rate (open loop) or --concurrency (closed loop), not both")
     if args.concurrency is not None:
@@ -219,6 +226,8 @@ def _workload(args):
         raise UserError("give a workload: --trace FILE, --rate RPS or --concurrency C")
     if args.requests is not None and args.requests < 1:
         raise UserError(f"--requests must be >= 1, got {args.requests}")
+    if args.dataset is not None:
+        raise UserError("--dataset draws requests for --rate or --concurrency; a trace replay keeps its own labels")
     return WorkloadSpec(kind="trace", **common)
 
 
@@ -240,7 +249,8 @@ def run(args) -> int:
                             max_batched_tokens=args.max_batched_tokens, max_prefill_tokens=args.max_prefill_tokens,
                             prefill_forward=args.prefill_forward,
                             block_tokens=args.block_tokens,
-                            gpu_memory_utilization=args.gpu_memory_utilization, kv_blocks=args.kv_blocks)
+                            gpu_memory_utilization=args.gpu_memory_utilization, kv_blocks=args.kv_blocks,
+                            prefix_cache=not args.no_prefix_cache)
     if isinstance(args.policy, dict):  # from --config: the policy's settings themselves
         if "policy" not in args.policy:
             raise UserError("the config's policy is an object with 'policy'", path=args.config, field="policy")

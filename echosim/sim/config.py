@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from echosim.sim.errors import SimError
 
-ROUTERS = ("round_robin", "least_outstanding", "least_kv")
+ROUTERS = ("round_robin", "least_outstanding", "least_kv", "prefix")
 PREFILL_FORWARDS = ("mixed", "separate")
 CORE_MODES = ("auto", "exact", "table")
 # hardware where cost_model "auto" uses the H100 fit (carried by datasheet ratios off the H100): where it was checked
@@ -41,6 +41,8 @@ class ClusterConfig:
     block_tokens: int = 16                 # KV-cache block size
     gpu_memory_utilization: float = 0.9    # share of GPU memory for weights + KV cache
     kv_blocks: int | None = None           # override the KV capacity per replica (blocks); None = from memory
+    prefix_cache: bool = True              # radix prefix cache per replica (SGLang's default); acts only on
+                                           # traces with Mooncake hash_ids or prompt text
 
 
 @dataclass

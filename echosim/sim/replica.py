@@ -20,6 +20,7 @@ from collections import deque
 import numpy as np
 
 from echosim.sim.errors import SimError
+from echosim.sim.prefix_cache import PrefixCache
 from echosim.sim.speculation import EMIT, ONE, TOKENS, TOKENS_SQ
 from echosim.sim.workload import Request
 
@@ -50,6 +51,8 @@ class Replica:
         self.preemptions = 0
         self.iterations = 0
         self._wake = None
+        # prefix cache (SGLang's radix cache): only requests with prefix keys (hash_ids or text) look it up
+        self.cache = PrefixCache(kv_blocks * self.block) if getattr(cluster, "prefix_cache", False) else None
         self.process = env.process(self.run())
 
     # --- the router's view ----------------------------------------------------------------------------------
@@ -83,9 +86,11 @@ class Replica:
         rows = []
         for r in new:
             prefix = r.prompt_tokens + max(r.generated - 1, 0)  # a preempted request recomputes its tokens
-            rows.append((0, prefix, r.output_tokens - r.generated, r.difficulty, r.dataset, r.offset, r.index,
-                         self.admit_counter))
+            hit = r.cached_tokens  # prompt tokens found in the prefix cache: in the KV cache already
+            rows.append((hit, prefix - hit, r.output_tokens - r.generated, r.difficulty, r.dataset, r.offset,
+                         r.index, self.admit_counter))
             self.admit_counter += 1
+            self.kv_tokens += hit
         for name, values in zip(_COLUMNS, zip(*rows, strict=True), strict=True):
             old = getattr(self, name)
             setattr(self, name, np.concatenate([old, np.asarray(values, old.dtype)]))
@@ -188,8 +193,10 @@ class Replica:
                     if -(-prefix // block) > free:  # the whole prefix must fit: no admit-then-preempt churn
                         break
                     self.waiting.popleft()
-                    c = min(prefix, budget)
-                    chunks.append((c, 0))
+                    hit = r.cached_tokens = self.cache.match(r.prefix_keys, r.prefix_sizes, r.prompt_tokens) \
+                        if self.cache is not None and r.prefix_keys else 0
+                    c = min(prefix - hit, budget)
+                    chunks.append((c, hit))
                     chunk_rows.append(n_before + len(admit))
                     admit.append(r)
                     budget -= c
@@ -256,6 +263,8 @@ class Replica:
                 if self.prefill_left[i] == 0:
                     self.n_prefilling -= 1
                     r = self.reqs[i]
+                    if self.cache is not None and r.prefix_keys:  # its prompt's KV now serves later requests
+                        self.cache.insert(r.prefix_keys, r.prefix_sizes)
                     if r.first_token_s < 0:  # the prompt's forward emits the first token
                         self.left[i] -= 1
                         r.first_token_s = now

@@ -166,6 +166,12 @@ def simulate(config: SimConfig, workload: WorkloadSpec, out_dir: Path | None = N
     summary["speculation"] = speculators[0].describe()
     summary["kv_blocks_per_replica"] = kv_blocks
     summary["routed"] = router.routed
+    caches = [r.cache.stats() for r in replicas if r.cache is not None and r.cache.lookups]
+    if caches:  # only traces with prefix keys (hash_ids, text) look the cache up
+        hit, prompt = sum(s["hit_tokens"] for s in caches), sum(s["prompt_tokens"] for s in caches)
+        summary["prefix_cache"] = {"lookups": sum(s["lookups"] for s in caches), "prompt_tokens": prompt,
+                                   "hit_tokens": hit, "hit_rate": round(hit / prompt, 6) if prompt else 0.0,
+                                   "evicted_tokens": sum(s["evicted_tokens"] for s in caches)}
     if reader is not None and reader.stats.bad_lines:
         summary["bad_lines_skipped"] = reader.stats.bad_lines
     summary["sim"] = {"simulated_s": round(sim_s, 6), "wall_s": round(wall, 3),

@@ -19,7 +19,8 @@ class Request:
     """One request in flight. Plain attributes (slots): created per request, read on admission and at finish."""
 
     __slots__ = ("index", "id", "arrival_s", "prompt_tokens", "output_tokens", "difficulty", "dataset",
-                 "offset", "generated", "first_token_s", "steps", "accepted", "verified", "preemptions")
+                 "offset", "generated", "first_token_s", "steps", "accepted", "verified", "preemptions",
+                 "prefix_keys", "prefix_sizes", "cached_tokens")
 
     def __init__(self, index: int, id, arrival_s: float, prompt_tokens: int, output_tokens: int,
                  difficulty: float, dataset: int, offset: int):
@@ -32,6 +33,9 @@ class Request:
         self.accepted = 0             # drafts accepted, summed over its steps
         self.verified = 0             # draft tokens verified (roots excluded), summed
         self.preemptions = 0
+        self.prefix_keys = ()         # prefix-cache block keys and their tokens (echosim.sim.prefix_cache)
+        self.prefix_sizes = ()
+        self.cached_tokens = 0        # prompt tokens its last admission found in the prefix cache
 
 
 @dataclass
@@ -50,6 +54,8 @@ class WorkloadSpec:
     skip_bad_lines: bool = False
     trace_format: str | None = None
     sort: bool = False                 # sort an unsorted trace by arrival (stable) instead of refusing it
+    dataset: str | None = None         # synthetic / closed: label every request (no trace) or draw only the
+                                       # trace's rows of this dataset (with one)
 
     def to_json(self) -> dict:
         from dataclasses import asdict
@@ -93,10 +99,19 @@ def request_chunks(spec: WorkloadSpec, seed: int, reader=None) -> Iterator[Trace
     if n is None or n < 1:
         raise SimError("a synthetic workload needs --requests N >= 1", field="requests")
     lengths = None
-    if reader is not None:  # lengths resampled from a trace (held in memory: its lengths only)
+    if reader is not None:  # rows resampled from a trace: lengths, dataset labels, prompt text, hash_ids
         lengths = reader.arrays()
         if len(lengths) == 0:
             raise SimError("the trace has no requests to take lengths from", path=str(reader.path))
+        if spec.dataset is not None:
+            labels = lengths.dataset or []
+            keep = np.array([d == spec.dataset for d in labels], dtype=bool)
+            if not keep.any():
+                known = sorted({str(d) for d in labels if d is not None})
+                raise SimError(f"no trace rows with dataset {spec.dataset!r} (the trace has: "
+                               f"{', '.join(known) or 'no dataset labels'})", path=str(reader.path),
+                               field="dataset")
+            lengths = lengths.select(keep)
     from traces.generators import _positive
 
     if spec.kind in ("poisson", "gamma"):
@@ -117,15 +132,33 @@ def request_chunks(spec: WorkloadSpec, seed: int, reader=None) -> Iterator[Trace
                 gaps = rng.gamma(shape, 1.0 / (spec.rate_rps * shape), size=m)
             arrival = t0 + np.cumsum(gaps)
             t0 = float(arrival[-1])
+        extra = {}
         if lengths is not None:
             idx = rng.integers(0, len(lengths), size=m)
-            prompt, output = lengths.prompt_tokens[idx], lengths.output_tokens[idx]
+            rows = lengths.select(idx)  # with their dataset labels, so per-dataset acceptance applies
+            prompt, output = rows.prompt_tokens, rows.output_tokens
+            extra = dict(dataset=rows.dataset, prompt=rows.prompt, hash_ids=rows.hash_ids)
         else:
             prompt = np.full(m, spec.prompt_tokens, np.int64)
             output = np.full(m, spec.output_tokens, np.int64)
+            if spec.dataset is not None:
+                extra = dict(dataset=[spec.dataset] * m)
         if (prompt < 1).any() or (output < 1).any():
             raise SimError("prompt and output lengths must be >= 1")
-        yield TraceArrays(arrival, prompt, output, format=spec.kind)
+        yield TraceArrays(arrival, prompt, output, format=spec.kind, **extra)
+
+
+def set_prefix_keys(reqs: list[Request], chunk: TraceArrays) -> None:
+    """Prefix-cache keys per request: Mooncake hash_ids where a row has them, else its prompt text."""
+    from echosim.sim.prefix_cache import keys_from_hash_ids, keys_from_text
+
+    hs = chunk.hash_ids or [None] * len(reqs)
+    texts = chunk.prompt or [None] * len(reqs)
+    for r, h, text in zip(reqs, hs, texts, strict=True):
+        if h:
+            r.prefix_keys, r.prefix_sizes = keys_from_hash_ids(h, r.prompt_tokens)
+        elif text:
+            r.prefix_keys, r.prefix_sizes = keys_from_text(text, r.prompt_tokens)
 
 
 class Arrivals:
@@ -146,9 +179,12 @@ class Arrivals:
         ids = chunk.id or [None] * n
         base = self.issued
         self.issued += n
-        return [Request(base + i, ids[i], a, p, o, d, s, g) for i, (a, p, o, d, s, g) in enumerate(zip(
+        reqs = [Request(base + i, ids[i], a, p, o, d, s, g) for i, (a, p, o, d, s, g) in enumerate(zip(
             chunk.arrival_s.tolist(), chunk.prompt_tokens.tolist(), chunk.output_tokens.tolist(), diff.tolist(),
             ds.tolist(), offset.tolist(), strict=True))]
+        if chunk.hash_ids is not None or chunk.prompt is not None:
+            set_prefix_keys(reqs, chunk)
+        return reqs
 
     def open_loop(self):
         env = self.env
