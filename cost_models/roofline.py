@@ -327,15 +327,14 @@ class _Forward:
             blk = self.kv_block
             serial = -(-(kv / hmax(seqs, 1.0) / splits) // blk) * blk * self.key_ms * hmax(1.0, blocks * splits
                                                                                            / self.units)
-            if self.blend:  # outside the profiles' range the rates blend into the datasheet's
-                w = coverage_weight(kv, seqs, self.cover_keys, self.cover_seqs)
+            w = coverage_weight(kv, seqs, self.cover_keys, self.cover_seqs) if self.blend else 0.0
+            if isinstance(w, np.ndarray) or w > 0:  # outside the profiles' range: into the datasheet's rates
                 serial = serial * self.key_ratio**w
                 mem = mem * self.bw_ratio**w
                 comp = comp * self.flop_ratio**w
                 attn = (comp**pa + mem**pa + serial**pa) ** (1.0 / pa)
-                if isinstance(w, np.ndarray) or w > 0:
-                    hard = (comp**HARD_P + mem**HARD_P + serial**HARD_P) ** (1.0 / HARD_P)
-                    attn = attn ** (1.0 - w) * hard**w
+                hard = (comp**HARD_P + mem**HARD_P + serial**HARD_P) ** (1.0 / HARD_P)
+                attn = attn ** (1.0 - w) * hard**w
             else:
                 attn = (comp**pa + mem**pa + serial**pa) ** (1.0 / pa)
         else:

@@ -24,6 +24,7 @@ COMMANDS = [
     "validate",   # strict replay: the same trace through the engine and the simulator, their errors
     "sweep",      # a grid of simulations, capacity search, policy advisor (echosim/commands/sweep.py)
     "dashboard",  # the Streamlit what-if dashboard (dashboards/app.py)
+    "reproduce",  # echosim reproduce paper: the ECHO paper's tables in the simulator
 ]
 
 
