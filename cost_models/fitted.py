@@ -79,12 +79,14 @@ def tied_attention_rate(base: RooflineParams, table: OpTable):
     return rate
 
 
-def coverage(table: OpTable) -> tuple[float, float]:
-    """The largest attention call the table times: (total keys, sequences); (0, 0) without attention rows."""
+def coverage(table: OpTable) -> tuple[float, float, float]:
+    """The largest attention call the table times (total keys, sequences) and the log span of its keys,
+    ln(largest / smallest); (0, 0, ln 16) without attention rows."""
     a = (table.op_kind == "attn") & (table.kv_tokens > 0)
     if not a.any():
-        return 0.0, 0.0
-    return float(table.kv_tokens[a].max()), float(table.seqs[a].max())
+        return 0.0, 0.0, float(np.log(16.0))
+    kv = table.kv_tokens[a]
+    return float(kv.max()), float(table.seqs[a].max()), float(np.log(kv.max() / max(kv.min(), 1.0)))
 
 
 def params_for(kinds: set[str]) -> list[str]:
@@ -136,7 +138,7 @@ def predict_ops(t: OpTable, prm: RooflineParams) -> np.ndarray:
                               prm.attn_per_seq_us / 1000.0, prm.attn_key_ns / 1e6, prm.attn_units, prm.attn_kv_block,
                               gqa_packed=t.gqa_packed[a], split_kv=t.split_kv[a], cover_keys=prm.attn_cover_keys,
                               cover_seqs=prm.attn_cover_seqs, peak_byte_per_ms=peak_gbps(prm) * 1e6,
-                              peak_flop_per_ms=peak_tflops(prm) * 1e9)
+                              peak_flop_per_ms=peak_tflops(prm) * 1e9, cover_log_span=prm.attn_cover_log_span)
                   + prm.attn_launch_us / 1000.0)
     s = t.op_kind == "step"
     out[s] = prm.step_overhead_ms
@@ -172,11 +174,11 @@ def fit_params(table: OpTable, base: RooflineParams, names: list[str] | None = N
     tie = tied_attention_rate(base, table) if "attn_key_ns" in names else None
     if tie is not None:
         names = [n for n in names if n != "attn_gbps"]
-    cover_keys, cover_seqs = coverage(table)
+    cover_keys, cover_seqs, span = coverage(table)
     base = replace(base, gemm_kernels_per_layer=table.gemm_kernels_per_layer,
                    elem_kernels_per_layer=table.elem_kernels_per_layer, attn_kv_block=float(kv_block),
                    attn_cover_keys=max(cover_keys, base.attn_cover_keys),
-                   attn_cover_seqs=max(cover_seqs, base.attn_cover_seqs))
+                   attn_cover_seqs=max(cover_seqs, base.attn_cover_seqs), attn_cover_log_span=span)
     phys = physical_bounds(base, table)
     logs = np.array([PARAM_SPACE[n][0] for n in names])
     lo = np.array([max(PARAM_SPACE[n][1], phys.get(n, (-np.inf,))[0]) for n in names], dtype=np.float64)

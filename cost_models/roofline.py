@@ -47,19 +47,17 @@ def hmax(a: Num, b: Num) -> Num:
 
 
 HARD_P = 32.0  # the pure roofline's corner (RooflineParams' default smooth_p)
-LOG_BLEND = math.log(16.0)  # outside a profile's coverage the rates reach the datasheet's 16x past its edge
-
-
-def coverage_weight(kv_tokens: Num, seqs: Num, cover_keys: float, cover_seqs: float) -> Num:
+def coverage_weight(kv_tokens: Num, seqs: Num, cover_keys: float, cover_seqs: float, log_span: float) -> Num:
     """How far an attention call lies outside the profiles' range, 0..1: 0 inside (total keys <= cover_keys and
-    sequences <= cover_seqs), rising with log distance beyond it, 1 from 16x past the edge on. No profile
-    (cover_keys <= 0): 1 everywhere."""
+    sequences <= cover_seqs), rising linearly in log distance beyond the edge, 1 once the call is as many
+    octaves past the edge as the profiles span inside it (log_span = ln(largest / smallest profiled keys)): the
+    fit is trusted as far out again as its data reaches, no further. No profile (cover_keys <= 0): 1."""
     if cover_keys <= 0 or cover_seqs <= 0:
         return 1.0 + 0.0 * kv_tokens
     x = hmax(kv_tokens / cover_keys, seqs / cover_seqs)
     if isinstance(x, np.ndarray):
-        return np.clip(np.log(np.maximum(x, 1.0)) / LOG_BLEND, 0.0, 1.0)
-    return 0.0 if x <= 1.0 else min(1.0, math.log(x) / LOG_BLEND)
+        return np.clip(np.log(np.maximum(x, 1.0)) / log_span, 0.0, 1.0)
+    return 0.0 if x <= 1.0 else min(1.0, math.log(x) / log_span)
 
 
 def hmin(a: Num, b: Num) -> Num:
@@ -70,7 +68,7 @@ def attention_ms(tokens: Num, kv_tokens: Num, qk_pairs: Num, seqs: Num, q_heads:
                  head_dim: float, flop_per_ms: float, byte_per_ms: float, p: float, per_seq_ms: float,
                  key_ms: float = 0.0, units: float = 132.0, kv_block: float = 1.0, dtype_bytes: float = 2.0,
                  gqa_packed: Num = 1.0, split_kv: Num = 1.0, cover_keys: float = 0.0, cover_seqs: float = 0.0,
-                 peak_byte_per_ms: float = 0.0, peak_flop_per_ms: float = 0.0) -> Num:
+                 peak_byte_per_ms: float = 0.0, peak_flop_per_ms: float = 0.0, cover_log_span: float = 1.0) -> Num:
     """Attention of one layer (one TP shard): the smooth max of three bounds plus a per-sequence cost.
     - compute: QK^T and PV FLOPs over the query-key pairs (flop_per_ms: at most the datasheet peak);
     - memory: K and V of every key read once per sequence and KV head (GQA), plus Q in and O out (byte_per_ms: at
@@ -80,7 +78,8 @@ def attention_ms(tokens: Num, kv_tokens: Num, qk_pairs: Num, seqs: Num, q_heads:
       kernel packs a GQA group into one block (FlashInfer, FlashAttention-3: gqa_packed=1), else query head
       (FlashAttention-2 paged decode). A split-KV kernel (split_kv=1, FlashInfer / FlashDecoding) cuts each
       sequence's keys into enough chunks to fill the SMs. Keys per block round up to whole kv_block tiles.
-    Coverage rule: outside the profiles' range (coverage_weight w > 0) the fitted rates blend geometrically into
+    Coverage rule: outside the profiles' range (coverage_weight w > 0, over cover_log_span) the fitted rates blend
+    geometrically into
     the datasheet's (peak_byte_per_ms, the per-key time it implies (min_key_ns), peak_flop_per_ms):
     rate^(1-w) * datasheet^w, and the smooth maximum into the roofline's hard corner (HARD_P), geometrically.
     gqa_packed and split_kv are 0/1 (floats or arrays) so one call can mix kernels."""
@@ -95,7 +94,7 @@ def attention_ms(tokens: Num, kv_tokens: Num, qk_pairs: Num, seqs: Num, q_heads:
     keys = -(-(kv_tokens / hmax(seqs, 1.0) / splits) // kv_block) * kv_block  # ceil to whole tiles
     serial = keys * key_ms * hmax(1.0, blocks * splits / units)
     if peak_byte_per_ms > 0:
-        w = coverage_weight(kv_tokens, seqs, cover_keys, cover_seqs)
+        w = coverage_weight(kv_tokens, seqs, cover_keys, cover_seqs, cover_log_span)
         floor_ms = 2.0 * head_dim * dtype_bytes * units / peak_byte_per_ms
         serial = serial * hmin(1.0, floor_ms / key_ms) ** w
         mem = mem * hmin(1.0, byte_per_ms / peak_byte_per_ms) ** w
@@ -141,6 +140,7 @@ class RooflineParams:
     # the profiles' range: total keys and sequences of the largest profiled attention call (0 = no profile)
     attn_cover_keys: float = 0.0
     attn_cover_seqs: float = 0.0
+    attn_cover_log_span: float = 2.772588722239781  # ln(largest / smallest profiled keys); default ln 16
     gemm_kernels_per_layer: int = 4  # fused qkv, o, gate+up, down
     elem_kernels_per_layer: int = 5  # 2 norms, rope, activation, residual add
     # world size -> [latency_us, algorithm bandwidth GB/s]: all-reduce time = latency + bytes / bandwidth
@@ -270,6 +270,7 @@ class _Forward:
         self.key_ms, self.units, self.kv_block = prm.attn_key_ns / 1e6, prm.attn_units, prm.attn_kv_block
         self.packed, self.split = float(prm.attn_gqa_packed), float(prm.attn_split_kv)
         self.cover_keys, self.cover_seqs = prm.attn_cover_keys, prm.attn_cover_seqs
+        self.cover_span = max(prm.attn_cover_log_span, 1e-9)
         hw = hardware_or_label(prm.hardware)
         peak_gbps = hw.hbm_tbps * 1000.0  # NaN off the catalog: no blend
         self.blend = self.key_ms > 0 and peak_gbps == peak_gbps
@@ -327,7 +328,7 @@ class _Forward:
             blk = self.kv_block
             serial = -(-(kv / hmax(seqs, 1.0) / splits) // blk) * blk * self.key_ms * hmax(1.0, blocks * splits
                                                                                            / self.units)
-            w = coverage_weight(kv, seqs, self.cover_keys, self.cover_seqs) if self.blend else 0.0
+            w = coverage_weight(kv, seqs, self.cover_keys, self.cover_seqs, self.cover_span) if self.blend else 0.0
             if isinstance(w, np.ndarray) or w > 0:  # outside the profiles' range: into the datasheet's rates
                 serial = serial * self.key_ratio**w
                 mem = mem * self.bw_ratio**w

@@ -63,26 +63,27 @@ def test_issue_cases_priced_near_physics():
 
 
 def test_coverage_weight_rule():
-    assert coverage_weight(1000.0, 4.0, 65536, 256) == 0.0
-    assert coverage_weight(65536.0, 256.0, 65536, 256) == 0.0
-    assert coverage_weight(4 * 65536.0, 1.0, 65536, 256) == pytest.approx(0.5)
-    assert coverage_weight(16 * 65536.0, 1.0, 65536, 256) == pytest.approx(1.0)
-    assert coverage_weight(1e9, 1.0, 65536, 256) == 1.0
-    assert coverage_weight(10.0, 1.0, 0.0, 0.0) == 1.0  # no profile: the datasheet everywhere
+    span = np.log(16.0)  # a profile spanning 16x in keys: trusted 16x past its edge
+    assert coverage_weight(1000.0, 4.0, 65536, 256, span) == 0.0
+    assert coverage_weight(65536.0, 256.0, 65536, 256, span) == 0.0
+    assert coverage_weight(4 * 65536.0, 1.0, 65536, 256, span) == pytest.approx(0.5)
+    assert coverage_weight(16 * 65536.0, 1.0, 65536, 256, span) == pytest.approx(1.0)
+    assert coverage_weight(1e9, 1.0, 65536, 256, span) == 1.0
+    assert coverage_weight(10.0, 1.0, 0.0, 0.0, span) == 1.0  # no profile: the datasheet everywhere
     kv = np.array([1e3, 65536 * 2.0, 65536 * 8.0, 1e8])
-    w = coverage_weight(kv, np.ones(4), 65536, 256)
+    w = coverage_weight(kv, np.ones(4), 65536, 256, span)
     assert w[0] == 0 and np.all(np.diff(w) > 0) and w[-1] == 1.0
 
 
 def test_blend_reaches_the_datasheet_far_outside_coverage():
-    """16x past the coverage the per-key rate is the datasheet's: a split-KV decode then costs the KV bytes at
-    the datasheet bandwidth (plus the per-sequence cost), within tile rounding."""
+    """As far past the coverage as the profile spans inside it, the per-key rate is the datasheet's: a split-KV
+    decode then costs the KV bytes at the datasheet bandwidth (plus the per-sequence cost), within tile rounding."""
     prm, _ = load_fit("h100")
     kw = dict(q_heads=8.0, kv_heads=2.0, head_dim=128.0, flop_per_ms=prm.attn_tflops * 1e9,
               byte_per_ms=prm.attn_gbps * 1e6, p=prm.attn_smooth_p, per_seq_ms=0.0, key_ms=prm.attn_key_ns / 1e6,
               units=132.0, kv_block=64.0, gqa_packed=1.0, split_kv=1.0, cover_keys=65536.0, cover_seqs=256.0,
-              peak_byte_per_ms=3350e6, peak_flop_per_ms=989.4e9)
-    seqs, keys = 1024.0, 1024.0 * 8192
+              peak_byte_per_ms=3350e6, peak_flop_per_ms=989.4e9, cover_log_span=prm.attn_cover_log_span)
+    seqs, keys = 1024.0, 65536.0 * np.exp(prm.attn_cover_log_span)
     far = attention_ms(seqs, keys, keys, seqs, **kw)
     bytes_ms = 2 * 128 * 2 * keys * 2 / 3350e6
     assert bytes_ms <= far <= 1.3 * bytes_ms
@@ -105,7 +106,8 @@ def test_simulator_path_matches_fit_path():
         ref = attention_ms(t, kv, qk, seqs, 32.0, 8.0, 128.0, prm.attn_tflops * 1e9, prm.attn_gbps * 1e6,
                            prm.attn_smooth_p, prm.attn_per_seq_us / 1000.0, prm.attn_key_ns / 1e6, prm.attn_units,
                            prm.attn_kv_block, gqa_packed=1.0, split_kv=1.0, cover_keys=prm.attn_cover_keys,
-                           cover_seqs=prm.attn_cover_seqs, peak_byte_per_ms=hw_bw, peak_flop_per_ms=hw_fl)
+                           cover_seqs=prm.attn_cover_seqs, peak_byte_per_ms=hw_bw, peak_flop_per_ms=hw_fl,
+                           cover_log_span=prm.attn_cover_log_span)
         got = fw.layers_ms(t, kv, qk, seqs) / spec.num_layers
         assert got == pytest.approx(ref, rel=1e-3, abs=1e-6)
 
