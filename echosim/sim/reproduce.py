@@ -365,7 +365,11 @@ class Reproduction:
 
 
 def plots(rep: Reproduction, out: Path) -> list[str]:
-    import matplotlib
+    """gains.png (simulated vs paper gains) and crossover.png; none without matplotlib (extra `reproduce`)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
