@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from echosim.cli import main
 from echosim.sim.reproduce import BATCH1, CONCURRENCY, MODELS, Reproduction, Scale, write_report
 
@@ -38,3 +40,16 @@ def test_concurrency_rows_and_report(tmp_path):
 def test_cli_bad_only(tmp_path, capsys):
     assert main(["reproduce", "paper", "--only", "tables", "--out", str(tmp_path)]) == 2
     assert "--only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_reproduction_runs_every_table(tmp_path, capsys):
+    """The CI run: every table at the quick scale (about 3 minutes on 2 cores)."""
+    assert main(["reproduce", "paper", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "rows.json").read_text())
+    tables = {r["table"] for r in data["rows"]}
+    assert tables == {"batch1", "concurrency", "crossover", "highload", "verify_cost", "ablation"}
+    s = data["summary"]
+    assert s["echo_vs_eagle3_rows"] == 37 and s["gain_rows"] == 35
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "crossover.png").is_file()
+    assert "progress.log" in {p.name for p in tmp_path.iterdir()}
