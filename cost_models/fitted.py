@@ -39,6 +39,7 @@ PARAM_SPACE = {
     "attn_launch_us": (False, 0.0, 5e3),
     "attn_per_seq_us": (False, 0.0, 1e3),
     "attn_key_ns": (False, 0.0, 1e3),
+    "attn_units": (True, 8.0, 4096.0),  # fitted only off the catalog (a CPU has no SM count)
     "step_overhead_ms": (False, 0.0, 1e3),
 }
 
@@ -174,6 +175,8 @@ def fit_params(table: OpTable, base: RooflineParams, names: list[str] | None = N
     tie = tied_attention_rate(base, table) if "attn_key_ns" in names else None
     if tie is not None:
         names = [n for n in names if n != "attn_gbps"]
+    elif "attn_key_ns" in names:  # a machine outside the catalog: its parallel width is unknown, fit it
+        names = names + ["attn_units"]
     cover_keys, cover_seqs, span = coverage(table)
     base = replace(base, gemm_kernels_per_layer=table.gemm_kernels_per_layer,
                    elem_kernels_per_layer=table.elem_kernels_per_layer, attn_kv_block=float(kv_block),
@@ -215,6 +218,11 @@ def fit_params(table: OpTable, base: RooflineParams, names: list[str] | None = N
     sol = least_squares(resid, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, max_nfev=400)
     prm = unpack(sol.x)
     fitted = names + (["attn_gbps (tied)"] if tie is not None else [])
+    a = table.op_kind == "attn"
+    if a.any() and set(table.fmt.split("+")) == {"echo"}:
+        # our engine's own forward: the fit simulates that engine, so it keeps the profiled attention kernel
+        # (echo_exec's attention packs no GQA group and splits no KV) instead of the serving default (FlashInfer)
+        prm = replace(prm, attn_gqa_packed=bool(table.gqa_packed[a].max()), attn_split_kv=bool(table.split_kv[a].max()))
     return FitResult(prm, fitted, ape_stats(predict_obs(table, prm), meas_obs), float(sol.cost))
 
 
