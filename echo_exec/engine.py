@@ -161,7 +161,7 @@ class Engine:
             if self.draft_model.cfg.vocab_size != cfg.vocab_size:
                 raise ExecError(f"the draft's vocabulary ({self.draft_model.cfg.vocab_size}) differs from the "
                                 f"target's ({cfg.vocab_size})", path=str(draft_dir))
-        if self.draft_model is None and self.policy.plan(1).depth > 0:
+        if self.draft_model is None and self.policy.max_plan(1).depth > 0:
             raise ExecError(f"policy {self.policy.name!r} needs a draft model (draft_dir)")
         self.max_running, self.max_prefill_tokens = int(max_running), int(max_prefill_tokens)
         self.max_len = cfg.max_position_embeddings
@@ -199,6 +199,14 @@ class Engine:
         self.iterations: list[IterationRecord] | None = [] if log_iterations else None
         self._it: IterationRecord | None = None
         self._just_prefilled: set[str] = set()
+        self._prefill_ran, self._prefilled = False, False
+        self._step_obs: dict | None = None  # the last decode's times, handed to policy.observe_step
+        if self.policy.needs_step_time and self.policy.step_time is None and self.drafter is not None:
+            # the adaptive budget's cost prior: this target's own forward, profiled here, now
+            try:
+                self.policy.bind(self.measure_step_time(context=128, repeats=2))
+            except RuntimeError:  # a KV pool too small to profile in: the budget starts from its generic prior
+                pass
         self._stats = dict(steps=0, decode_steps=0, prefill_tokens=0, verify_tokens=0, generated_tokens=0,
                            accepted_drafts=0, verified_accepted=0, request_verifies=0, preemptions=0, finished=0,
                            draft_ms=0.0, target_ms=0.0, step_ms=0.0)
@@ -247,11 +255,16 @@ class Engine:
             self._admit()
             self._just_prefilled = set()
             done = self._prefill()
+            self._prefilled = bool(self._just_prefilled) or self._prefill_ran
             done += self._decode()
         done = [r.snapshot() for r in self._aborted] + done
         self._aborted = []
         self._stats["steps"] += 1
         ms = (time.perf_counter() - t0) * 1e3
+        if self._step_obs is not None:  # the decode step's measured times, for policies that fit their cost
+            obs, self._step_obs = self._step_obs, None
+            other = ms - obs["draft_ms"] - obs["verify_ms"] if not self._prefilled else None
+            self.policy.observe_step(**obs, other_ms=other)
         self._stats["step_ms"] += ms
         it = self._it
         if it is not None and (it.prefill_chunks or it.verify_tokens is not None):
@@ -276,6 +289,8 @@ class Engine:
         s["running"], s["waiting"] = len(self.running), len(self.waiting)
         s["free_kv_blocks"], s["num_kv_blocks"] = self.blocks.num_free, self.blocks.num_blocks
         s["policy"] = self.policy.name
+        s["policy_settings"] = self.policy.describe()
+        s["policy_state"] = self.policy.state()
         return s
 
     def measure_step_time(self, token_counts=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), context: int = 128,
@@ -327,7 +342,7 @@ class Engine:
 
     def _lookahead(self, batch_size: int) -> int:
         """Cache positions a request needs past its committed length during one step (draft scratch, tree)."""
-        plan = self.policy.plan(batch_size)
+        plan = self.policy.max_plan(batch_size)
         if plan.depth == 0:
             return 1
         tree = self.policy.max_tree_tokens() or 1 + plan.k1 + (plan.depth - 1) * plan.k * plan.k
@@ -398,6 +413,7 @@ class Engine:
                 budget -= n
             if budget <= 0:
                 break
+        self._prefill_ran = bool(chunks)
         if not chunks:
             return []
         rows = np.array([r.row for r, _, _ in chunks])
@@ -442,6 +458,8 @@ class Engine:
         bm = self.blocks
         reserve = self._lookahead(len(ready))
         scratch = 1
+        keys = np.array([r.seq for r in ready], np.int64)
+        self.policy.set_batch(keys)  # before the plan: an adaptive plan depends on who is in the batch
         plan = self.policy.plan(len(ready))
         if plan.depth > 0:
             scratch = ModelDrafter.scratch_tokens(plan.depth, plan.k)
@@ -458,6 +476,8 @@ class Engine:
                 return []
         bm.grow(rows, kv + scratch)
         B = len(ready)
+        if B < len(keys):  # preemption took some: the plan can only get shallower than the scratch reserved
+            self.policy.set_batch(np.array([r.seq for r in ready], np.int64))
         roots = np.array([r.tokens[-1] for r in ready], np.int64)
 
         t0 = time.perf_counter()
@@ -487,7 +507,14 @@ class Engine:
         if self.records_path is not None and len(selection):  # bookkeeping: outside the target's time
             self._records.append(step_records(forest, batch, result, self._stats["decode_steps"],
                                               np.array([r.seq for r in ready])))
-        self.policy.observe(forest, selection, result.accept_len)
+        accepted = batch.node[result.accepted_nodes()] if len(selection) else np.zeros(0, np.int64)
+        self.policy.observe(forest, selection, result.accept_len, accepted)
+        drafted = forest.stop_depth if forest.stop_depth is not None and forest.num_slots else np.zeros(B, np.int32)
+        depths = int(drafted.max(initial=0))
+        self._step_obs = dict(batch_size=B, verify_tokens=int(tree_tokens), verify_ms=(t2 - t1) * 1e3,
+                              draft_depths=depths, draft_ms=(t1 - t0) * 1e3,
+                              draft_rows=float(sum(draft_rows(drafted, depth_widths(forest.max_depth, forest.k1,
+                                                                                     forest.k)))) if depths else 0.0)
         st = self._stats
         st["decode_steps"] += 1
         st["draft_ms"] += (t1 - t0) * 1e3

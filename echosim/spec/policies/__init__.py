@@ -28,7 +28,29 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
 
 
 def make_policy(name: str, config: dict | None = None, step_time: StepTimeFn | None = None) -> Policy:
-    """Build a policy by CLI name; `config` overrides the defaults of its config dataclass."""
+    """Build a policy by CLI name; `config` overrides the defaults of its config dataclass. A setting
+    `"adaptive": {...}` (or true) wraps the policy in the online-adaptive budget (echosim/spec/adaptive.py)."""
+    config = dict(config or {})
+    adaptive = config.pop("adaptive", None)
+    if adaptive is not None and adaptive is not False:
+        from echosim.spec.adaptive import Adaptive, AdaptiveConfig  # it builds on policies.base
+
+        inner = make_policy(name, config, step_time)
+        if adaptive is True:
+            adaptive = {}
+        if not isinstance(adaptive, dict):
+            raise ConfigError(f"policy {name!r} setting 'adaptive': must be an object of settings or true")
+        fields = {f.name for f in dataclasses.fields(AdaptiveConfig)}
+        bad = sorted(set(adaptive) - fields)
+        if bad:
+            raise ConfigError(f"policy {name!r} setting 'adaptive' has no setting {bad[0]!r}; settings: "
+                              f"{', '.join(sorted(fields))}")
+        try:
+            return Adaptive(inner, AdaptiveConfig(**adaptive), step_time)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"policy {name!r} setting 'adaptive': {exc}") from None
     if name not in POLICIES:
         raise ConfigError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}")
     cls = POLICIES[name]

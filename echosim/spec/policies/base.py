@@ -34,6 +34,8 @@ class Policy(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type]
 
+    needs_step_time: ClassVar[bool] = False  # an online step-cost fit that wants the backend's profile as prior
+
     def __init__(self, config: Any = None, step_time: StepTimeFn | None = None):
         self.config = config if config is not None else self.config_cls()
         self.step_time = step_time
@@ -53,6 +55,15 @@ class Policy(ABC):
     def start(self, batch_size: int) -> np.ndarray:
         return np.ones(batch_size, dtype=bool)
 
+    def max_plan(self, batch_size: int) -> DraftPlan:
+        """The deepest, widest plan this policy may ever make at this batch size (for reserving KV room); an
+        adaptive policy's plan() may be shallower from step to step."""
+        return self.plan(batch_size)
+
+    def set_batch(self, keys: np.ndarray) -> None:
+        """Stable ids (int) of the requests about to step, in batch row order: for policies that keep
+        per-request estimates across steps."""
+
     def max_tree_tokens(self) -> int | None:
         """The most tokens one request verifies in a step, the root included (a bound for reserving KV room);
         None when any drafted candidate may be picked."""
@@ -71,8 +82,19 @@ class Policy(ABC):
     def select(self, forest: DraftForest) -> np.ndarray:
         """Sorted flat node indices (req * S + slot) to verify."""
 
-    def observe(self, forest: DraftForest, selection: np.ndarray, accept_len: np.ndarray) -> None:
-        """accept_len [B]: drafts accepted per request this step (the bonus token not counted)."""
+    def observe(self, forest: DraftForest, selection: np.ndarray, accept_len: np.ndarray,
+                accepted: np.ndarray | None = None) -> None:
+        """accept_len [B]: drafts accepted per request this step (the bonus token not counted); accepted: the
+        flat node indices of the accepted drafts, when the backend has them."""
+
+    def observe_step(self, batch_size: int, verify_tokens: int, verify_ms: float, draft_depths: int = 0,
+                     draft_rows: float = 0.0, draft_ms: float = 0.0, other_ms: float | None = None) -> None:
+        """A finished step's measured (engine) or priced (simulator) times, for policies that fit a step-time
+        model online (see echosim/spec/adaptive.py for the arguments)."""
+
+    def state(self) -> dict:
+        """Live settings and estimates, for /server_info (adaptive policies report their budget's state)."""
+        return {}
 
     def describe(self) -> dict:
         return {"policy": self.name, **config_to_json(self.config)}

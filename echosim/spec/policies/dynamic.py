@@ -176,9 +176,12 @@ class SmartSpec(Policy):
     def select(self, forest: DraftForest) -> np.ndarray:
         return np.flatnonzero(forest.valid.ravel())
 
-    def observe(self, forest, selection, accept_len):
+    def observe(self, forest, selection, accept_len, accepted=None):
         drafted = forest.valid.sum(axis=1)
         tries = accept_len + (accept_len < drafted)  # tokens checked until the first rejection
         if tries.sum() > 0:
             rate = accept_len.sum() / tries.sum()
             self.accept_rate = self.config.ema * self.accept_rate + (1 - self.config.ema) * rate
+
+    def state(self) -> dict:
+        return {"accept_rate": round(float(self.accept_rate), 4)}
