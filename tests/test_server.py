@@ -26,8 +26,11 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(models):
     target, draft = models
+    # echo's static defaults (no adaptive budget): the draft here is a copy of the target, as costly as it, so the
+    # adaptive budget would rightly decode plainly; these tests need speculation to run (tests/test_serve_adaptive.py
+    # covers the default, adaptive, settings)
     proc = ServerProcess(["--model", str(target), "--draft", str(draft), "--policy", "echo", "--max-running", "32",
-                          "--threads", "1"])
+                          "--threads", "1", "--policy-config", '{"policy": "echo"}'])
     yield proc
     proc.stop()
 
@@ -286,10 +289,17 @@ def test_the_shipped_pair_ships_a_valid_echo_config():
     draft = ROOT / "echo_exec" / "models" / "tiny-draft"
     shipped = draft / "policy-echo.json"
     policy, config = _policy_config(str(shipped), None)
-    assert policy == "echo" and make_policy(policy, config).config.num_draft_tokens == config["num_draft_tokens"]
-    # serve and validate resolve the same settings: the shipped file for echo, defaults for eagle3
+    built = make_policy(policy, config)
+    assert policy == "echo" and built.inner.config.num_draft_tokens == config["num_draft_tokens"]
+    assert "adaptive" in built.describe()  # echo serves with the online-adaptive budget
+    # serve and validate resolve the same settings: the shipped files, for echo and for eagle3 (a tuned tree)
     assert policy_settings(None, None, str(draft)) == ("echo", config, str(shipped))
-    assert policy_settings(None, "eagle3", str(draft)) == ("eagle3", None, "defaults")
+    name, e3, where = policy_settings(None, "eagle3", str(draft))
+    assert (name, where) == ("eagle3", str(draft / "policy-eagle3.json"))
+    assert make_policy("eagle3", e3).config.num_draft_tokens == e3["num_draft_tokens"]
+    # without a shipped file, echo still gets the adaptive budget; other policies their own defaults
+    assert policy_settings(None, None, None) == ("echo", {"adaptive": {}}, "defaults (adaptive budget)")
+    assert policy_settings(None, "eagle3", None) == ("eagle3", None, "defaults")
 
 
 def test_openai_python_client(server):

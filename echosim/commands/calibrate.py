@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_gates < 0 or args.token_cost < 0:
         raise UserError("--max-gates and --token-cost must be >= 0")
     try:
-        base = load_policy(args.base).config if args.base else None
+        base_policy = load_policy(args.base) if args.base else None
+        # an adaptive config (e.g. the shipped policy-echo.json) calibrates the gates of the ECHO inside it
+        base = getattr(base_policy, "inner", base_policy).config if base_policy is not None else None
     except ConfigError as exc:
         raise UserError(str(exc), path=args.base) from None
     except (OSError, ValueError) as exc:

@@ -28,7 +28,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--policy", default=None, help="speculation policy (echo, eagle3, ar, ...); none given = echo")
     p.add_argument("--policy-config", default=None,
                    help="policy settings: a JSON object inline, or a JSON file (e.g. from echosim calibrate); "
-                        "default: the draft directory's policy-<policy>.json if it has one, else the policy's own")
+                        "default: the draft directory's policy-<policy>.json if it has one (the shipped pair has "
+                        "policy-echo.json and policy-eagle3.json), else the policy's own, echo's with the "
+                        "online-adaptive budget ('adaptive': {}; docs/ADAPTIVE.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=30000, help="port (30000 as SGLang; 0 = any free port)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
@@ -86,6 +88,8 @@ def policy_settings(arg: str | None, policy: str | None, draft: str | None) -> t
     if tuned is not None and tuned.is_file():
         policy, config = _policy_config(str(tuned), policy)
         return policy, config, str(tuned)
+    if policy == "echo":  # ECHO serves with the online-adaptive budget unless told otherwise
+        return policy, {"adaptive": {}}, "defaults (adaptive budget)"
     return policy, None, "defaults"
 
 

@@ -234,6 +234,8 @@ class Replica:
                 st = pricer.price(tokens + pre[0], kv + pre[1], qk + pre[2], seqs + pre[3], lm_rows + pre[4],
                                   draft_rows, mean_ctx, n_dec)
             step_ms = st.draft_ms + st.verify_ms + st.lm_head_ms + st.overhead_ms
+            if tok is not None and not chunks:  # a decode-only iteration: its priced times teach adaptive budgets
+                spec.observe_time(n_dec, T, st.verify_ms + st.lm_head_ms, draft_rows, st.draft_ms, st.overhead_ms)
             yield env.timeout(step_ms / 1000.0)
             self.iterations += 1
 

@@ -36,15 +36,23 @@ from echosim.spec.verify import verify_greedy
 CORE_CHUNK_ROWS = 2048  # rows per core call while building tables (bounds the forest's memory)
 
 
+def adaptive(policy: Policy) -> bool:
+    """The online-adaptive budget (echosim/spec/adaptive.py) learns across steps and couples the batch: exact only."""
+    return getattr(policy, "inner", None) is not None
+
+
 def prefix_tabled(policy: Policy) -> bool:
     """ECHO (and its ablations) with a goodput budget: tabled as per-request priority orders (module docstring)."""
-    return policy.name in ("echo", "echo_dense", "echo_fixed") and policy.config.budget.kind == "goodput"
+    return not adaptive(policy) and policy.name in ("echo", "echo_dense", "echo_fixed") \
+        and policy.config.budget.kind == "goodput"
 
 
 def row_independent(policy: Policy) -> bool:
     """True when a request's outcome in a step does not depend on the other requests of the batch, nor on
     earlier steps: then outcomes can be tabled per difficulty stratum (see the module docstring)."""
     name = policy.name
+    if adaptive(policy):
+        return False
     if name in ("ar", "eagle3", "eagle2", "ddd", "opt_tree"):
         return True
     if name in ("echo", "echo_dense", "echo_fixed"):
@@ -104,7 +112,7 @@ class Speculator:
         self.rng_latent = np.random.default_rng([seed, 1])
         self.rng_table = np.random.default_rng([seed, 2])
         self.drafter = acceptance.drafter(seed)
-        plan = policy.plan(1)
+        plan = policy.max_plan(1)
         self.depth, self.k1, self.k = plan.depth, plan.k1, plan.k
         self.plain = plan.depth == 0 and policy.name == "ar"
         self.records_path = records_path
@@ -180,6 +188,13 @@ class Speculator:
             rows = outcome_rows(*self._run_core(difficulty, dataset, kv_len, request_ids))
         return StepOutcome(rows, self.draft_rows(rows[:, STOP]))
 
+    def observe_time(self, batch_size: int, verify_tokens: int, verify_ms: float, draft_rows: tuple,
+                     draft_ms: float, other_ms: float) -> None:
+        """The priced times of a decode-only iteration, for policies that fit their step cost online (the engine
+        feeds its measured ones the same way)."""
+        self.policy.observe_step(batch_size, verify_tokens, verify_ms, draft_depths=len(draft_rows),
+                                 draft_rows=float(sum(draft_rows)), draft_ms=draft_ms, other_ms=other_ms)
+
     def draft_rows(self, stop_depth: np.ndarray) -> tuple:
         return draft_rows(stop_depth, self.width)
 
@@ -189,11 +204,12 @@ class Speculator:
         B = len(difficulty)
         policy = policy or self.policy
         self.drafter.set_batch(difficulty, dataset)
+        policy.set_batch(request_ids)
         forest = draft(self.drafter, policy, np.zeros(B, np.int64), kv_len)
         selection = policy.select(forest)
         batch = pack(forest, selection, check=False)
         result = verify_greedy(batch, self.drafter.target_argmax(batch))
-        policy.observe(forest, selection, result.accept_len)
+        policy.observe(forest, selection, result.accept_len, batch.node[result.accepted_nodes()])
         if prefix_out is not None:
             prefix_out.append(self._prefix_rows(forest, selection, batch, result))
         if self.records_path is not None:

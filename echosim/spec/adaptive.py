@@ -166,6 +166,7 @@ class Adaptive(Policy):
         self._req: dict[int, np.ndarray] = {}  # key -> [observed hits, predicted hits, best depth-1 gain]
         self._keys: np.ndarray | None = None
         self._has_new = False
+        self._planned = False
         self._factor = np.ones(0)
         self._gain: np.ndarray | None = None
         self._gain_depth = 0
@@ -248,8 +249,9 @@ class Adaptive(Policy):
         if keys is None or len(keys) != batch_size:
             return np.ones(batch_size)
         n0 = self.config.request_trials
-        st = np.array([self._req.get(int(k), (0.0, 0.0, np.nan)) for k in keys.tolist()]).reshape(batch_size, 3)
-        self._best1 = st[:, 2]
+        st = np.array([self._req.get(int(k), (0.0, 0.0, np.nan, -1.0)) for k in keys.tolist()]).reshape(batch_size, 4)
+        # a request left out of drafting gets a new chance once a probe interval has passed
+        self._best1 = np.where(self.steps - st[:, 3] < self.probe_interval, st[:, 2], np.nan)
         return (st[:, 0] + n0) / (st[:, 1] + n0)
 
     def start(self, batch_size: int) -> np.ndarray:
@@ -259,6 +261,7 @@ class Adaptive(Policy):
         # inner policy may verify, a lenient price under a convex step cost) at the step's predicted rate
         cap = self.inner.max_tree_tokens() or 1 + self.full.k1 + (self.full.depth - 1) * self.full.k
         self._price = self.rate_per_ms * self._token_ms(batch_size, float(batch_size * (cap - 1)))
+        self._planned = True  # this step's plan drafts (observe reads it: a plan that drafted nobody counts)
         want = self.inner.start(batch_size)
         if not self.probing and self.steps > 0 and len(getattr(self, "_best1", ())) == batch_size:
             best1 = self._best1
@@ -370,7 +373,7 @@ class Adaptive(Policy):
                 continue
             old = self._req.pop(k, None)
             o, p = (fg * old[0], fg * old[1]) if old is not None else (0.0, 0.0)
-            self._req[k] = np.array([o + obs[i], p + pred[i], best1[i]])
+            self._req[k] = np.array([o + obs[i], p + pred[i], best1[i], self.steps])
         while len(self._req) > self.config.max_requests:
             self._req.pop(next(iter(self._req)))
 
@@ -382,6 +385,9 @@ class Adaptive(Policy):
             rows = float(np.sum(self._rows_per_request()[drafted[drafted > 0] - 1]))
             now = np.array([gains.sum() / B, len(gains) / B, depth, rows / B])
             self.drafting = now if self.drafting is None else 0.8 * self.drafting + 0.2 * now
+        elif self._planned and self.drafting is not None:  # the plan drafted, but no request was worth it
+            self.drafting = 0.8 * self.drafting
+        self._planned = False
         plain, spec = self._plan_goodput(max(B, 1))
         drafts = bool(spec > plain)
         self.rate_per_ms = max(plain, spec if np.isfinite(spec) else plain)

@@ -1,0 +1,192 @@
+"""The online-adaptive budget (echosim/spec/adaptive.py): its invariants on random forests (hypothesis), how it
+follows acceptance and step cost, its settings' errors, the simulator running it, and the engine staying lossless
+with it at several settings (greedy output == plain decoding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from echosim.spec.adaptive import Adaptive, AdaptiveConfig
+from echosim.spec.drafters import RandomDrafter
+from echosim.spec.drafting import draft
+from echosim.spec.pack import pack
+from echosim.spec.policies import ConfigError, make_policy
+from tests.spec_helpers import ConstDrafter, ancestors_closed
+
+
+def flat_step(ms_per_token: float, base_ms: float = 10.0):
+    def step_ms(tokens, batch_size):
+        return base_ms + ms_per_token * np.asarray(tokens, np.float64)
+    return step_ms
+
+
+def run_step(policy, drafter, B, rng, keys=None, accept_p=None):
+    """One step through the contract; the target accepts each tried node with probability accept_p (default:
+    its draft probability), at most one child per node."""
+    policy.set_batch(np.arange(B) if keys is None else keys)
+    forest = draft(drafter, policy, np.zeros(B, np.int64), np.full(B, 32, np.int64))
+    sel = policy.select(forest)
+    S = forest.num_slots
+    accepted = []
+    accept_len = np.zeros(B, np.int64)
+    if len(sel):
+        chosen = set(sel.tolist())
+        for b in range(B):
+            cur = -1
+            while True:
+                kids = [s for s in range(S) if forest.parent[b, s] == cur and b * S + s in chosen]
+                kids.sort(key=lambda s: forest.slot_rank[s])
+                nxt = None
+                for s in kids:
+                    p = np.exp(forest.logp[b, s]) if accept_p is None else accept_p
+                    if rng.random() < p:
+                        nxt = s
+                        break
+                if nxt is None:
+                    break
+                accepted.append(b * S + nxt)
+                accept_len[b] += 1
+                cur = nxt
+    policy.observe(forest, sel, accept_len, np.array(sorted(accepted), np.int64))
+    return forest, sel, accept_len
+
+
+INNER = [
+    ("eagle3", dict(steps=4, topk=3, num_draft_tokens=12)),
+    ("echo", dict(steps=4, topk=3, num_draft_tokens=12, remaining_num_draft_tokens=5, gates=[(2, 0.3)])),
+    ("tetris", dict(steps=3, topk=3)),
+    ("ddd", dict(steps=4, topk=3, num_draft_tokens=10, theta=-1.0, check_depths=(2,))),
+]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(which=st.integers(0, len(INNER) - 1), B=st.integers(1, 12), seed=st.integers(0, 10_000),
+       ms_per_token=st.floats(0.0, 20.0), steps=st.integers(1, 6), conc=st.floats(0.05, 2.0))
+def test_selection_is_an_ancestor_closed_subset_of_the_inner_policys(which, B, seed, ms_per_token, steps, conc):
+    name, cfg = INNER[which]
+    policy = make_policy(name, dict(cfg, adaptive={"probe_every": 2}), flat_step(ms_per_token))
+    inner = make_policy(name, cfg)
+    drafter = RandomDrafter(vocab_size=50, concentration=conc, seed=seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        forest, sel, _ = run_step(policy, drafter, B, rng)
+        assert (np.diff(sel) > 0).all()
+        assert ancestors_closed(forest, sel)
+        assert set(sel.tolist()) <= set(inner.select(forest).tolist())  # never more than the inner policy
+        if len(sel):
+            pack(forest, sel)  # the pack's own checks: drafted, increasing, ancestor-closed
+        g = policy._gains_upto(forest, forest.max_depth)
+        S = forest.num_slots
+        par = forest.parent
+        has = forest.valid & (par >= 0)
+        if has.any():  # gains strictly decrease along every path: each prefix of the gain order is closed
+            b, s = np.nonzero(has)
+            assert (g[b, s] < g[b, par[b, s]]).all()
+        assert ((g >= 0) & (g < 1)).all()
+        assert S == 0 or (g[~forest.valid] == 0).all()
+
+
+def test_cheap_tokens_verify_everything_and_costly_ones_nothing():
+    drafter = ConstDrafter(0.9)
+    cheap = make_policy("eagle3", dict(steps=3, topk=2, num_draft_tokens=7, adaptive={}), flat_step(0.0))
+    forest, sel, _ = run_step(cheap, drafter, 4, np.random.default_rng(0))
+    assert len(sel) == 4 * 6  # every node of every request: free tokens always pay
+    costly = make_policy("eagle3", dict(steps=3, topk=2, num_draft_tokens=7, adaptive={}), flat_step(1e4))
+    _, sel, al = run_step(costly, drafter, 4, np.random.default_rng(0))
+    assert len(sel) == 0 and (al == 0).all()  # plain decoding: no token is worth its time
+
+
+def test_low_acceptance_turns_drafting_off_then_probes():
+    """A draft the target never agrees with: the budget stops verifying, then stops drafting; it probes again
+    after probe_every plain steps, and doubles the wait while probes find nothing."""
+    policy = make_policy("eagle3", dict(steps=3, topk=2, num_draft_tokens=7,
+                                        adaptive={"probe_every": 4, "probe_max": 16}), flat_step(0.5, 5.0))
+    drafter = ConstDrafter(0.55)
+    rng = np.random.default_rng(1)
+    depths = []
+    for _ in range(80):
+        policy.observe_step(2, 2, 6.0, draft_depths=3, draft_rows=10, draft_ms=3.0, other_ms=0.5)
+        forest, sel, _ = run_step(policy, drafter, 2, rng, keys=np.array([7, 8]), accept_p=0.0)
+        depths.append(int(forest.stop_depth.max(initial=0)))
+    assert depths[0] == 3  # no evidence yet: the full plan
+    tail = np.array(depths[40:])
+    assert (tail == 0).mean() > 0.8  # mostly plain decoding
+    assert tail.max() > 0            # but it still probes
+    assert policy.probe_interval == 16
+    d, b = policy.table.cell(np.array([1]), np.log([0.55]))
+    assert policy.table.rates()[d, b][0] < 0.3  # what it learned: the target rejects these drafts (prior 0.55)
+    state = policy.state()
+    assert state["drafting"] is False and state["steps"] == 80
+
+
+def test_high_acceptance_keeps_drafting_deep_and_learns_per_request():
+    policy = make_policy("eagle3", dict(steps=4, topk=2, num_draft_tokens=9, adaptive={}), flat_step(0.2))
+    drafter = ConstDrafter(0.7)
+    rng = np.random.default_rng(2)
+    for _ in range(40):
+        # request 1 is easy, request 2 hard: same draft probabilities, different target agreement
+        policy.set_batch(np.array([1, 2]))
+        forest = draft(drafter, policy, np.zeros(2, np.int64), np.full(2, 32, np.int64))
+        sel = policy.select(forest)
+        S = forest.num_slots
+        acc, al = [], np.zeros(2, np.int64)
+        for b, p in ((0, 0.95), (1, 0.1)):
+            cur = -1
+            while True:
+                kid = [s for s in sel[sel // S == b] % S if forest.parent[b, s] == cur and forest.slot_rank[s] == 0]
+                if not kid or rng.random() >= p:
+                    break
+                cur = kid[0]
+                acc.append(b * S + cur)
+                al[b] += 1
+        policy.observe(forest, sel, al, np.array(sorted(acc), np.int64))
+    assert forest.stop_depth[0] == 4
+    factors = policy._factors(2)
+    assert factors[0] > 1.1 and factors[1] < 0.5
+    counts = np.bincount(sel // S, minlength=2)
+    assert counts[0] > counts[1]  # the budget goes to the request that converts it
+
+
+def test_step_cost_fit_follows_measured_times():
+    policy = make_policy("eagle3", dict(adaptive={"forget": 0.98}), flat_step(0.1, 10.0))
+    for i in range(200):  # the machine is 3x slower than the prior says
+        t = 1 + i % 40
+        policy.observe_step(1, t, 3 * (10.0 + 0.1 * t), draft_depths=4, draft_rows=13, draft_ms=4.0 + 0.3 * 13)
+    v = policy._verify_ms(np.array([1.0, 40.0]), 1)
+    assert abs(v[0] - 30.3) < 1.0 and abs(v[1] - 42.0) < 1.0
+    d = policy._draft_ms(np.array([4.0]), np.array([13.0]))[0]
+    assert abs(d - 7.9) < 0.5
+
+
+def test_settings_and_errors():
+    p = make_policy("echo", {"adaptive": True})
+    assert isinstance(p, Adaptive) and p.name == "echo"
+    assert p.describe()["adaptive"] == vars(AdaptiveConfig()) | {}
+    assert make_policy("echo", {"adaptive": False}).name == "echo"
+    with pytest.raises(ConfigError, match="adaptive.*no setting 'bogus'"):
+        make_policy("echo", {"adaptive": {"bogus": 1}})
+    with pytest.raises(ConfigError, match="forget"):
+        make_policy("eagle3", {"adaptive": {"forget": 1.5}})
+    with pytest.raises(ConfigError, match="must be an object"):
+        make_policy("eagle3", {"adaptive": 3})
+    with pytest.raises(ConfigError, match="num_draft_tokens"):  # the inner policy's own checks still apply
+        make_policy("eagle3", {"num_draft_tokens": 1, "adaptive": {}})
+    # a round trip through describe()
+    again = make_policy("echo", {k: v for k, v in p.describe().items() if k != "policy"})
+    assert again.describe() == p.describe()
+
+
+def test_simulator_runs_the_same_code():
+    from echosim.sim.config import SimConfig
+    from echosim.sim.simulator import simulate
+    from echosim.sim.workload import WorkloadSpec
+
+    cfg = SimConfig()
+    cfg.policy = {"policy": "echo", "adaptive": {}}
+    res = simulate(cfg, WorkloadSpec(kind="closed", concurrency=8, requests=24, output_tokens=100))
+    spec = res.summary["speculation"]
+    assert spec["core"] == "exact" and "adaptive" in spec["policy"]
+    assert res.summary["mat"] > 1.0
