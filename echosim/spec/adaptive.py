@@ -12,8 +12,8 @@ wrapper keeps both as running estimates, updated from what the backend reports a
   steps' chosen nodes (their gains and token counts up to each depth) and the draft's cost per depth. Now and then
   (an interval that doubles while probing changes nothing) a step drafts the inner policy's full depth so that the
   estimates of deeper depths stay fresh.
-- who drafts (`start`) and when to stop (`gate`): a request drafts only while its best depth-1 candidate is
-  expected to pay for a verified token; after each depth a request keeps drafting only while its best path's
+- who drafts (`start`) and when to stop (`gate`): a request drafts only while its best depth-1 candidate (a running
+  mean) is expected to pay for a verified token, else it sits out a few steps; after each depth a request keeps drafting only while its best path's
   next node could still pay, and the batch stops when the next depth's total expected gain does not pay for the
   draft forward.
 
@@ -45,6 +45,7 @@ from echosim.spec.policies.base import ConfigError, DraftPlan, Policy
 PROB_EDGES = np.array([0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.97])
 PROB_CENTRES = np.r_[0.025, 0.5 * (PROB_EDGES[:-1] + PROB_EDGES[1:]), 0.985]
 MAX_DEPTH = 16
+RETRY_STEPS = 4  # steps a request whose best depth-1 draft did not pay sits out of drafting
 _EPS = 1e-6
 
 
@@ -250,8 +251,8 @@ class Adaptive(Policy):
             return np.ones(batch_size)
         n0 = self.config.request_trials
         st = np.array([self._req.get(int(k), (0.0, 0.0, np.nan, -1.0)) for k in keys.tolist()]).reshape(batch_size, 4)
-        # a request left out of drafting gets a new chance once a probe interval has passed
-        self._best1 = np.where(self.steps - st[:, 3] < self.probe_interval, st[:, 2], np.nan)
+        # a request left out of drafting gets a new chance a few steps later (its text may have become easier)
+        self._best1 = np.where(self.steps - st[:, 3] < RETRY_STEPS, st[:, 2], np.nan)
         return (st[:, 0] + n0) / (st[:, 1] + n0)
 
     def start(self, batch_size: int) -> np.ndarray:
@@ -373,7 +374,8 @@ class Adaptive(Policy):
                 continue
             old = self._req.pop(k, None)
             o, p = (fg * old[0], fg * old[1]) if old is not None else (0.0, 0.0)
-            self._req[k] = np.array([o + obs[i], p + pred[i], best1[i], self.steps])
+            b1 = 0.5 * (old[2] + best1[i]) if old is not None and np.isfinite(old[2]) else best1[i]
+            self._req[k] = np.array([o + obs[i], p + pred[i], b1, self.steps])
         while len(self._req) > self.config.max_requests:
             self._req.pop(next(iter(self._req)))
 
