@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -158,8 +159,11 @@ def main() -> int:
         else:
             raise SystemExit(f"unknown prompt set {name!r}")
     load0 = os.getloadavg()
-    servers = {p: Server(p, args) for p in policies}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers (finally) when stopped
+    servers: dict[str, Server] = {}
     try:
+        for p in policies:  # one after the other: each profiles its step at start-up
+            servers[p] = Server(p, args)
         for s in servers.values():  # warm-up
             closed_loop(s, next(iter(sets.values()))[:2], 2, 8)
         settings = {p: {k: s.info().get(k) for k in ("policy_config", "policy_config_source")}

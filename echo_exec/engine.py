@@ -45,6 +45,7 @@ from echo_exec.model import KVCache
 from echo_exec.sampling import target_probs
 from echo_exec.tokenizer import EOS_ID
 from echo_exec.verify_torch import tree_index, tree_tensors, verify_greedy, verify_sampling
+from echosim.spec.adaptive import convex_step_time
 from echosim.spec.drafting import depth_widths, draft, draft_rows
 from echosim.spec.pack import pack
 from echosim.spec.policies import ConfigError, Policy, make_policy
@@ -204,7 +205,9 @@ class Engine:
         if self.policy.needs_step_time and self.policy.step_time is None and self.drafter is not None:
             # the adaptive budget's cost prior: this target's own forward, profiled here, now
             try:
-                self.policy.bind(self.measure_step_time(context=128, repeats=2))
+                profile = self.measure_step_time(token_counts=(1, 2, 4, 8, 16, 32, 64, 128, 256), context=128,
+                                                 repeats=3)
+                self.policy.bind(convex_step_time(profile.table))
             except RuntimeError:  # a KV pool too small to profile in: the budget starts from its generic prior
                 pass
         self._stats = dict(steps=0, decode_steps=0, prefill_tokens=0, verify_tokens=0, generated_tokens=0,

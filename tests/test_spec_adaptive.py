@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from echosim.spec.adaptive import Adaptive, AdaptiveConfig
+from echosim.spec.adaptive import Adaptive, AdaptiveConfig, convex_step_time
 from echosim.spec.drafters import RandomDrafter
 from echosim.spec.drafting import draft
 from echosim.spec.pack import pack
@@ -190,3 +190,22 @@ def test_simulator_runs_the_same_code():
     spec = res.summary["speculation"]
     assert spec["core"] == "exact" and "adaptive" in spec["policy"]
     assert res.summary["mat"] > 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(base=st.floats(1.0, 50.0), slope=st.floats(0.0, 2.0), knee=st.sampled_from([1, 8, 32, 128]),
+       spikes=st.lists(st.floats(0.0, 100.0), min_size=9, max_size=9))
+def test_the_profile_prior_drops_spikes_and_keeps_the_shape(base, slope, knee, spikes):
+    """A flat-then-linear step measured on a busy machine (time only ever added): the prior lies on or under
+    every measured point, is convex and non-decreasing, and grows past the last point instead of going flat."""
+    counts = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    true = [base + slope * max(c - knee, 0) for c in counts]
+    noisy = {c: t + (s if i % 3 != 2 else 0.0) for i, (c, t, s) in enumerate(zip(counts, true, spikes, strict=True))}
+    f = convex_step_time(noisy)
+    x = np.arange(1, 1025, dtype=np.float64)
+    y = f(x, 1)
+    assert (f(np.array(counts, float), 1) <= np.array([noisy[c] for c in counts]) + 1e-9).all()
+    d = np.diff(y)
+    assert (d >= -1e-9).all() and (np.diff(d) >= -1e-6).all()
+    clean = dict(zip(counts, true, strict=True))
+    assert np.allclose(convex_step_time(clean)(x, 1), base + slope * np.maximum(x - knee, 0))

@@ -8,14 +8,15 @@ wrapper keeps both as running estimates, updated from what the backend reports a
   nodes in order of expected gain, the prefix K that maximizes this step's goodput
   (B + sum of the K gains) / (fixed + draft + verify(B + K)) ms. K = 0 is plain decoding for the whole batch;
   a request none of whose nodes pays verifies its root alone.
-- how deep to draft (`plan`): the depth D (0 = no drafting) that maximizes the goodput predicted from the last
-  steps' chosen nodes (their gains and token counts up to each depth) and the draft's cost per depth. Now and then
-  (an interval that doubles while probing changes nothing) a step drafts the inner policy's full depth so that the
-  estimates of deeper depths stay fresh.
-- who drafts (`start`) and when to stop (`gate`): a request drafts only while its best depth-1 candidate (a running
-  mean) is expected to pay for a verified token, else it sits out a few steps; after each depth a request keeps drafting only while its best path's
-  next node could still pay, and the batch stops when the next depth's total expected gain does not pay for the
-  draft forward.
+- whether to draft at all (`plan`): the inner policy's plan while the goodput predicted from the last drafting
+  steps (their chosen nodes' gains and counts, their draft depths and rows, priced by the cost fits) beats plain
+  decoding's, else none (plain decoding for the whole batch). While off, a probe step drafts now and then (an
+  interval that doubles while probes change nothing) so the estimates stay fresh; a request new to the batch
+  always gets a drafting step.
+- who drafts (`start`) and how deep (`gate`): a request drafts only while its best depth-1 candidate (a running
+  mean) is expected to pay for a verified token, else it sits out a few steps; after each depth a request keeps
+  drafting only while its best path's next node could still pay, and the batch stops when the next depth's total
+  expected gain does not pay for the draft forward.
 
 Expected gain of a node = the probability that the target accepts its whole path: the product, along the path,
 of P(accepted | parent accepted), estimated per (depth, draft-probability bin) from every verified node whose
@@ -118,6 +119,35 @@ class LinearCost:
         except np.linalg.LinAlgError:
             return
         self.theta = np.maximum(theta, 0.0)
+
+
+def convex_step_time(table: dict) -> StepTimeFn:
+    """A step-time prior from a profile {tokens: ms} taken on a busy machine: the lower convex hull of its points,
+    extended linearly past the last one. A step's true cost is flat, then linear in tokens (convex), and a busy
+    machine only ever adds time, so the hull (of each point's minimum with every later one) keeps the shape and
+    drops the spikes that would otherwise read as a wall of cost at some token count (and, past the profile's end,
+    as free tokens)."""
+    t = np.array(sorted(table), np.float64)
+    y = np.array([table[k] for k in sorted(table)], np.float64)
+    y = np.minimum.accumulate(y[::-1])[::-1]  # more tokens never cost less: a point above a later one was slowed
+    hull: list[int] = []
+    for i in range(len(t)):  # Andrew's monotone chain, lower part
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (y[b] - y[a]) * (t[i] - t[a]) >= (y[i] - y[a]) * (t[b] - t[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    ht, hy = t[hull], y[hull]
+    slope = max((hy[-1] - hy[-2]) / (ht[-1] - ht[-2]), 0.0) if len(ht) > 1 else 0.0
+
+    def step_ms(tokens, batch_size):
+        x = np.asarray(tokens, np.float64)
+        return np.interp(x, ht, hy) + slope * np.maximum(x - ht[-1], 0.0)
+
+    step_ms.table = {int(a): round(float(b), 3) for a, b in zip(ht, hy, strict=True)}  # type: ignore[attr-defined]
+    return step_ms
 
 
 def _verify_features(step_time: StepTimeFn | None, tokens: np.ndarray, batch_size: int) -> np.ndarray:
