@@ -1,4 +1,5 @@
-"""Train the shipped tiny model pair on the Python standard library's own .py sources (on every machine).
+"""Train the shipped tiny model pair on the Python standard library's own .py sources (on every machine), or
+with --corpus wide on those plus the documentation Debian-family machines ship (`corpus_split`).
 
 - Tokens: bytes (echo_exec/tokenizer.py); each file is [BOS] + its bytes + [EOS], files concatenated in
   sorted path order. Files whose sha1(relative path) % 16 == 0 are held out (evaluation and prompts), see
@@ -74,11 +75,73 @@ def split_files() -> tuple[list[Path], list[Path]]:
     return train, held
 
 
+# The "wide" corpus adds English prose that Debian-family machines ship: the license texts of base-files
+# (/usr/share/common-licenses) and each installed package's documentation under /usr/share/doc (its copyright
+# file, READMEs, NEWS, changelogs; .gz read decompressed). Each document is under its own package's license,
+# which that package's copyright file states (and which the corpus includes); all are free-software licenses
+# that allow copying and derived works. What is installed differs between machines, so train_meta.json records
+# the corpus's files, bytes and a digest of its file list.
+DOC_ROOTS = (Path("/usr/share/common-licenses"), Path("/usr/share/doc"))
+DOC_NAMES = ("copyright", "readme", "news", "changelog", "changes", "authors", "todo", "faq")
+DOC_SUFFIXES = (".txt", ".md", ".rst", ".markdown", "")
+DOC_MAX_FILE_BYTES = 200_000  # a longer changelog is mostly version lists
+
+
+def _doc_text_files(max_bytes: int) -> list[tuple[str, Path]]:
+    """(key, path) of the Debian documentation text files, deduplicated by content, at most max_bytes in all,
+    in sorted path order; the key (for the held-out split) is the path itself."""
+    out, seen, total = [], set(), 0
+    for root in DOC_ROOTS:
+        if not root.is_dir():
+            continue
+        for f in sorted(root.rglob("*")):
+            if not f.is_file() or f.is_symlink():
+                continue
+            name = f.name.lower().removesuffix(".gz")
+            stem, suffix = (name.rsplit(".", 1)[0], "." + name.rsplit(".", 1)[1]) if "." in name else (name, "")
+            if root.name != "common-licenses" and not (stem.split(".")[0] in DOC_NAMES and suffix in DOC_SUFFIXES):
+                continue
+            data = read_text_file(f)
+            if not data or len(data) > DOC_MAX_FILE_BYTES or b"\0" in data[:4096]:
+                continue
+            digest = hashlib.sha1(data).digest()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            out.append((f.as_posix(), f))
+            total += len(data)
+            if total >= max_bytes:
+                return out
+    return out
+
+
+def read_text_file(f: Path) -> bytes:
+    """A corpus file's bytes (.gz decompressed); b"" when unreadable."""
+    import gzip
+
+    try:
+        return gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
+    except (OSError, EOFError, ValueError):
+        return b""
+
+
+def corpus_split(corpus: str = "stdlib", doc_bytes: int = 8_000_000) -> tuple[list[Path], list[Path]]:
+    """(train files, held-out files) of a corpus: "stdlib" (the shipped pair's: split_files) or "wide" (the stdlib
+    plus up to doc_bytes of Debian documentation, held out by the same path-hash rule)."""
+    train, held = split_files()
+    if corpus == "stdlib":
+        return train, held
+    if corpus != "wide":
+        raise ValueError(f"corpus must be stdlib or wide, not {corpus!r}")
+    docs = _doc_text_files(doc_bytes)
+    return (train + [f for key, f in docs if not is_heldout(key)], held + [f for key, f in docs if is_heldout(key)])
+
+
 def encode_files(files: list[Path]) -> np.ndarray:
     parts = []
     for f in files:
         parts.append(np.array([BOS_ID], dtype=np.int16))
-        parts.append(np.frombuffer(f.read_bytes(), dtype=np.uint8).astype(np.int16))
+        parts.append(np.frombuffer(read_text_file(f), dtype=np.uint8).astype(np.int16))
         parts.append(np.array([EOS_ID], dtype=np.int16))
     return np.concatenate(parts)
 
@@ -96,6 +159,8 @@ class TrainArgs:
     warmup_steps: int = 100
     threads: int = 1
     teacher_dir: Path | None = None  # draft only: distil from this target
+    corpus: str = "stdlib"           # stdlib (the shipped pair) | wide (+ Debian documentation, corpus_split)
+    doc_bytes: int = 8_000_000       # wide: most bytes of documentation added
     save_every_min: float = 10.0
     # Shipped weights are stored in fp16 (half the bytes; training and inference run in fp32).
     save_dtype: torch.dtype = torch.float16
@@ -148,10 +213,11 @@ def train(args: TrainArgs, log=print) -> dict:
         raise ValueError("give --minutes or --steps")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    train_files, held_files = split_files()
+    train_files, held_files = corpus_split(args.corpus, args.doc_bytes)
     data, held = encode_files(train_files), encode_files(held_files)
-    log(f"corpus: {len(train_files)} train files ({len(data) / 1e6:.2f}M bytes), {len(held_files)} held out "
-        f"({len(held) / 1e6:.2f}M bytes), python {platform.python_version()}")
+    listing = hashlib.sha1("\n".join(f.as_posix() for f in train_files).encode()).hexdigest()
+    log(f"corpus {args.corpus}: {len(train_files)} train files ({len(data) / 1e6:.2f}M bytes), {len(held_files)} "
+        f"held out ({len(held) / 1e6:.2f}M bytes), python {platform.python_version()}")
 
     teacher = None
     if args.role == "draft":
@@ -174,7 +240,9 @@ def train(args: TrainArgs, log=print) -> dict:
     meta = {"role": args.role, "seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "lr": args.lr, "warmup_steps": args.warmup_steps, "minutes": args.minutes,
             "steps_arg": args.steps, "python": platform.python_version(), "train_files": len(train_files),
-            "train_bytes": int(len(data)),
+            "train_bytes": int(len(data)), "corpus": args.corpus, "train_files_sha1": listing,
+            "doc_files": sum(1 for f in train_files if f.is_relative_to(DOC_ROOTS[0]) or
+                             f.is_relative_to(DOC_ROOTS[1])),
             "params": sum(p.numel() for p in model.parameters()),
             "stored_dtype": str(args.save_dtype).removeprefix("torch."),
             "objective": "cross-entropy" if teacher is None else "KL(teacher || draft), teacher " +

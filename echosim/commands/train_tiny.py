@@ -27,6 +27,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="bytes per sequence (default 256)")
     p.add_argument("--lr", type=float, default=None, help="peak LR (default 1e-3 target, 3e-3 draft)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--corpus", choices=["stdlib", "wide"], default="stdlib",
+                   help="stdlib: the stdlib's .py sources (the shipped pair); wide: plus the documentation under "
+                        "/usr/share/common-licenses and /usr/share/doc (echo_exec/models/README.md)")
+    p.add_argument("--doc-bytes", type=int, default=8_000_000, help="wide: most bytes of documentation added")
     p.add_argument("--save-every-min", type=float, default=10.0,
                    help="checkpoint period in minutes (default 10)")
     p.set_defaults(func=run)
@@ -48,6 +52,7 @@ def run(args) -> int:
     out = args.out or MODELS_DIR / f"tiny-{args.role}"
     train(TrainArgs(role=args.role, out_dir=out, minutes=args.minutes, steps=args.steps, seed=args.seed,
                     batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
-                    threads=args.threads, teacher_dir=teacher, save_every_min=args.save_every_min),
+                    threads=args.threads, teacher_dir=teacher, save_every_min=args.save_every_min,
+                    corpus=args.corpus, doc_bytes=args.doc_bytes),
           log=lambda m: print(m, flush=True))
     return 0
