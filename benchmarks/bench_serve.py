@@ -8,8 +8,9 @@ as soon as its previous one returns (a closed loop, the paper's "batch size"), u
 requests have run. Reported: output tokens per second of wall time, per policy, and its ratio to ar, from the same
 interleaved run; the servers' mean accepted length; whether every policy returned the same tokens.
 
-Prompts: Spec-Bench's first turns (../shared/data/prompts/spec_bench.jsonl) of at most --max-prompt-bytes bytes, in a
-seeded order; held-out stdlib code as benchmarks/bench_engine.py picks it (files the pair never trained on).
+Prompts: Spec-Bench's first turns (echo_exec/prompts/spec_bench.jsonl.gz, the same 480 prompts as
+../shared/data/prompts/spec_bench.jsonl) of at most --max-prompt-bytes bytes, in a seeded order; held-out
+stdlib code as benchmarks/bench_engine.py picks it (files the pair never trained on).
 
     python benchmarks/bench_serve.py [--concurrency 1,4,16,32,64] [--gen-len 64] [--repeats 2] [--out FILE.json]
 """
@@ -34,13 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_engine import held_out_prompts  # noqa: E402
+from echo_exec.replay import SPEC_BENCH_PROMPTS  # noqa: E402
 from echo_exec.train_tiny import MODELS_DIR  # noqa: E402
-
-SPEC_BENCH = ROOT.parent.parent / "shared" / "data" / "prompts" / "spec_bench.jsonl"
 
 
 def spec_bench_prompts(path: Path, n: int, max_bytes: int, seed: int) -> list[dict]:
-    turns = [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()]
+    import gzip
+
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    turns = [json.loads(line)["turns"][0] for line in raw.decode().splitlines() if line.strip()]
     turns = [t for t in turns if len(t.encode()) <= max_bytes]
     order = np.random.default_rng(seed).permutation(len(turns))
     return [{"text": turns[i]} for i in order[:n]]
@@ -133,7 +136,8 @@ def main() -> int:
     ap.add_argument("--draft", type=Path, default=MODELS_DIR / "tiny-draft")
     ap.add_argument("--policies", default="ar,eagle3,echo")
     ap.add_argument("--sets", default="spec_bench,stdlib")
-    ap.add_argument("--spec-bench", type=Path, default=SPEC_BENCH)
+    ap.add_argument("--spec-bench", type=Path, default=SPEC_BENCH_PROMPTS,
+                    help="Spec-Bench prompts (default: the copy shipped in echo_exec/prompts)")
     ap.add_argument("--concurrency", default="1,4,16,32,64")
     ap.add_argument("--requests-per-client", type=int, default=2,
                     help="requests = this x concurrency (at least --min-requests)")
