@@ -45,7 +45,7 @@ from echo_exec.model import KVCache
 from echo_exec.sampling import target_probs
 from echo_exec.tokenizer import EOS_ID
 from echo_exec.verify_torch import tree_index, tree_tensors, verify_greedy, verify_sampling
-from echosim.spec.adaptive import convex_step_time
+from echosim.spec.adaptive import batched_step_time
 from echosim.spec.drafting import depth_widths, draft, draft_rows
 from echosim.spec.pack import pack
 from echosim.spec.policies import ConfigError, Policy, make_policy
@@ -204,12 +204,9 @@ class Engine:
         self._step_obs: dict | None = None  # the last decode's times, handed to policy.observe_step
         if self.policy.needs_step_time and self.policy.step_time is None and self.drafter is not None:
             # the adaptive budget's cost prior: this target's own forward, profiled here, now
-            try:
-                profile = self.measure_step_time(token_counts=(1, 2, 4, 8, 16, 32, 64, 128, 256), context=128,
-                                                 repeats=3)
-                self.policy.bind(convex_step_time(profile.table))
-            except RuntimeError:  # a KV pool too small to profile in: the budget starts from its generic prior
-                pass
+            grid = self.measure_batch_step_time()
+            if grid:  # else a KV pool too small to profile in: the budget starts from its generic prior
+                self.policy.bind(batched_step_time(grid))
         self._stats = dict(steps=0, decode_steps=0, prefill_tokens=0, verify_tokens=0, generated_tokens=0,
                            accepted_drafts=0, verified_accepted=0, request_verifies=0, preemptions=0, finished=0,
                            draft_ms=0.0, target_ms=0.0, step_ms=0.0)
@@ -331,6 +328,42 @@ class Engine:
 
         step_ms.table = dict(zip(counts.tolist(), np.round(ms_arr, 3).tolist(), strict=True))  # type: ignore[attr-defined]
         return step_ms
+
+    def measure_batch_step_time(self, batch_sizes=(1, 8, 32), tokens_per_request=(1, 2, 4, 8, 16),
+                                context: int = 128, repeats: int = 2) -> dict:
+        """{batch size: {tokens per request: ms}}: timed target forwards of `batch` requests verifying n tokens
+        each (causal within a request) over `context` cached tokens, the best of `repeats` + 1. The adaptive
+        budget's cost prior (echosim.spec.adaptive.batched_step_time): what a verify step costs depends on how
+        its tokens spread over requests, not only on their number."""
+        bm = self.blocks
+        out: dict = {}
+        with torch.inference_mode():
+            for b in batch_sizes:
+                if b > self.max_running:
+                    continue
+                rows = np.arange(b)
+                need = context + max(tokens_per_request)
+                if self.running or int(bm.blocks_for(need)) * b > bm.num_free:
+                    break
+                bm.grow(rows, np.full(b, need))
+                try:
+                    out[b] = {}
+                    for n in tokens_per_request:
+                        pos = np.tile(np.arange(context, context + n), b)
+                        meta = attn_meta(bm, rows, np.full(b, context + n), np.full(b, n), pos, causal_qpos=pos,
+                                         device=self.device)
+                        tok = torch.zeros(b * n, dtype=torch.long, device=self.device)
+                        pos_t = torch.from_numpy(pos).to(self.device)
+                        best = np.inf
+                        for _ in range(repeats + 1):
+                            t0 = time.perf_counter()
+                            self.target.forward_packed(tok, pos_t, meta, self.cache).argmax(dim=-1).cpu()
+                            best = min(best, time.perf_counter() - t0)
+                        out[b][n] = round(best * 1e3, 3)
+                finally:
+                    for r in rows:
+                        bm.free_row(int(r))
+        return out
 
     def close(self) -> None:
         """Write the records still buffered (the engine stays usable)."""

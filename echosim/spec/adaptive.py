@@ -25,9 +25,9 @@ per-request factor (the request's observed acceptances over the model's predicti
 strictly decrease along a path, so every prefix of the gain order is ancestor-closed: lossless verification is
 untouched (it only ever sees a subset of what the inner policy would verify).
 
-Step cost: verify_ms = s * prior_ms(tokens, batch) + a + b * batch, where prior_ms is the bound StepTimeFn (a
-cost model, or the backend's own profile: flat, then linear in tokens) and (s, a, b) start at (1, 0, 0); without
-a prior, prior_ms is the token count itself. draft_ms = e * drafted + f * depths + g * draft rows. Each is a
+Step cost: verify_ms = s * prior_ms(tokens, batch) + a, where prior_ms is the bound StepTimeFn (a cost model, or
+the backend's own profile: flat, then linear in tokens) and (s, a) start at (1, 0); without a prior, prior_ms is
+the token count itself. draft_ms = e * drafted + f * depths + g * draft rows. Each is a
 recursive least-squares fit with forgetting, regularized toward its prior; `fixed` is the running mean of the
 rest of the step. The engine feeds its measured times, the simulator its priced ones, through `observe_step`.
 """
@@ -150,17 +150,42 @@ def convex_step_time(table: dict) -> StepTimeFn:
     return step_ms
 
 
+def batched_step_time(grid: dict) -> StepTimeFn:
+    """A step-time prior from a profile {batch size: {tokens per request: ms}}: for each profiled batch size, the
+    convex hull of its row (convex_step_time, over tokens per request); between batch sizes, linear in log batch
+    size; past the largest, that batch size's row at the same total token count (tokens spread over more rows)."""
+    sizes = np.array(sorted(int(b) for b in grid), np.float64)
+    rows = [convex_step_time({int(n): float(ms) for n, ms in grid[b].items()})
+            for b in sorted(grid, key=int)]
+
+    def step_ms(tokens, batch_size):
+        t = np.asarray(tokens, np.float64)
+        b = float(max(batch_size, 1))
+        if b >= sizes[-1]:
+            return rows[-1](t / sizes[-1], int(sizes[-1]))
+        if b <= sizes[0]:
+            return rows[0](t / b, int(sizes[0]))
+        j = int(np.searchsorted(sizes, b)) - 1
+        w = (np.log(b) - np.log(sizes[j])) / (np.log(sizes[j + 1]) - np.log(sizes[j]))
+        return (1 - w) * rows[j](t / b, 0) + w * rows[j + 1](t / b, 0)
+
+    step_ms.table = {int(b): dict(grid[b]) for b in grid}  # type: ignore[attr-defined]
+    return step_ms
+
+
 def _verify_features(step_time: StepTimeFn | None, tokens: np.ndarray, batch_size: int) -> np.ndarray:
-    """[n, 3] features of verify_ms = theta . x: (the prior's ms, 1, batch) with a prior step-time model, so
-    the fit only rescales and shifts the profiled shape (flat, then linear); (tokens, 1, batch) without one."""
+    """[n, 2] features of verify_ms = theta . x: (the prior's ms, 1) with a prior step-time model, so the fit only
+    rescales and shifts the profiled shape (flat, then linear); (tokens, 1) without one. No separate per-request
+    term: under closed-loop load the batch size moves with the token count, and such a term soaks up what
+    tokens cost, making verification look free at high load."""
     t = np.asarray(tokens, np.float64)
     base = np.asarray(step_time(t, batch_size), np.float64) if step_time is not None else t
-    return np.column_stack([base, np.ones_like(t), np.full_like(t, float(batch_size))])
+    return np.column_stack([base, np.ones_like(t)])
 
 
 def _verify_prior(step_time: StepTimeFn | None) -> np.ndarray:
     """theta0: the prior model itself (scale 1), or a generic 10 ms step whose token costs 1% of it."""
-    return np.array([1.0, 0.0, 0.0]) if step_time is not None else np.array([0.1, 10.0, 0.0])
+    return np.array([1.0, 0.0]) if step_time is not None else np.array([0.1, 10.0])
 
 
 class Adaptive(Policy):
@@ -180,7 +205,7 @@ class Adaptive(Policy):
         c = self.config
         c.check()
         self.table = AcceptanceTable(c.prior_trials, c.forget)
-        self.verify_cost = LinearCost(_verify_prior(self.step_time), [4.0, 4.0, 4.0], c.forget)
+        self.verify_cost = LinearCost(_verify_prior(self.step_time), [4.0, 4.0], c.forget)
         # draft_ms = e * (drafted at all) + f * depths + g * draft rows; generic prior: 0.5 ms a depth
         self.draft_cost = LinearCost(np.array([0.2, 0.5, 0.005]), [2.0, 2.0, 2.0], c.forget)
         self.fixed_ms = 0.0
@@ -205,7 +230,7 @@ class Adaptive(Policy):
     def bind(self, step_time: StepTimeFn | None) -> Policy:
         self.inner.bind(step_time)
         self.step_time = step_time
-        self.verify_cost = LinearCost(_verify_prior(step_time), [4.0, 4.0, 4.0], self.config.forget)
+        self.verify_cost = LinearCost(_verify_prior(step_time), [4.0, 4.0], self.config.forget)
         return self
 
     # ---- the backend's side --------------------------------------------------------------------------------
@@ -447,8 +472,8 @@ class Adaptive(Policy):
             "steps": self.steps, "drafting": self.drafts, "probing": self.probing,
             "probe_interval": int(self.probe_interval), "max_depth": int(D),
             "tokens_per_ms_predicted": round(self.rate_per_ms, 4),
-            "verify_ms_model": dict(zip(("prior_scale" if self.step_time is not None else "per_token", "base",
-                                         "per_request"), np.round(self.verify_cost.theta, 4).tolist(), strict=True)),
+            "verify_ms_model": dict(zip(("prior_scale" if self.step_time is not None else "per_token", "base"),
+                                        np.round(self.verify_cost.theta, 4).tolist(), strict=True)),
             "draft_ms_model": dict(zip(("base", "per_depth", "per_row"),
                                        np.round(self.draft_cost.theta, 4).tolist(), strict=True)),
             "fixed_ms": round(self.fixed_ms, 3),
