@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from echosim.spec.adaptive import Adaptive, AdaptiveConfig, convex_step_time
+from echosim.spec.adaptive import Adaptive, AdaptiveConfig, batched_step_time, convex_step_time
 from echosim.spec.drafters import RandomDrafter
 from echosim.spec.drafting import draft
 from echosim.spec.pack import pack
@@ -209,3 +209,15 @@ def test_the_profile_prior_drops_spikes_and_keeps_the_shape(base, slope, knee, s
     assert (d >= -1e-9).all() and (np.diff(d) >= -1e-6).all()
     clean = dict(zip(counts, true, strict=True))
     assert np.allclose(convex_step_time(clean)(x, 1), base + slope * np.maximum(x - knee, 0))
+
+
+def test_the_batched_prior_spreads_tokens_over_requests():
+    grid = {1: {1: 10.0, 4: 11.0, 16: 14.0}, 8: {1: 12.0, 4: 20.0, 16: 50.0}, 32: {1: 20.0, 4: 50.0, 16: 170.0}}
+    f = batched_step_time(grid)
+    assert f(np.array([4.0]), 1)[0] == 11.0 and f(np.array([32.0]), 8)[0] == 20.0  # profiled points
+    mid = f(np.array([16 * 4.0]), 16)[0]  # between batch 8 and 32 at 4 tokens a request
+    assert 20.0 < mid < 50.0
+    assert f(np.array([64 * 4.0]), 64)[0] == f(np.array([32 * 8.0]), 32)[0]  # past the grid: same total tokens
+    for b in (1, 3, 8, 20, 32, 100):
+        y = f(np.arange(b, 20 * b, dtype=float), b)
+        assert (np.diff(y) >= -1e-9).all()
