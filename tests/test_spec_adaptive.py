@@ -212,9 +212,9 @@ def test_the_profile_prior_drops_spikes_and_keeps_the_shape(base, slope, knee, s
 
 
 def test_the_batched_prior_spreads_tokens_over_requests():
-    grid = {1: {1: 10.0, 4: 11.0, 16: 14.0}, 8: {1: 12.0, 4: 20.0, 16: 50.0}, 32: {1: 20.0, 4: 50.0, 16: 170.0}}
+    grid = {1: {1: 10.0, 4: 10.5, 16: 14.0}, 8: {1: 12.0, 4: 20.0, 16: 56.0}, 32: {1: 20.0, 4: 50.0, 16: 170.0}}
     f = batched_step_time(grid)
-    assert f(np.array([4.0]), 1)[0] == 11.0 and f(np.array([32.0]), 8)[0] == 20.0  # profiled points
+    assert f(np.array([4.0]), 1)[0] == 10.5 and f(np.array([32.0]), 8)[0] == 20.0  # profiled (convex) points
     mid = f(np.array([16 * 4.0]), 16)[0]  # between batch 8 and 32 at 4 tokens a request
     assert 20.0 < mid < 50.0
     assert f(np.array([64 * 4.0]), 64)[0] == f(np.array([32 * 8.0]), 32)[0]  # past the grid: same total tokens
