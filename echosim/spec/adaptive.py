@@ -219,7 +219,8 @@ class Adaptive(Policy):
         self.rate_per_ms = 0.0  # predicted batch tokens per ms of the chosen plan: sets a verified token's price
         self.last: dict = {}
         # per-request estimates, by the keys the backend gives (set_batch); row order of the current batch
-        self._req: dict[int, np.ndarray] = {}  # key -> [observed hits, predicted hits, best depth-1 gain]
+        # key -> [observed hits, predicted hits, best depth-1 gain (running mean), step it last drafted]
+        self._req: dict[int, np.ndarray] = {}
         self._keys: np.ndarray | None = None
         self._has_new = False
         self._planned = False
