@@ -19,9 +19,35 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 STANDIN_DIR = Path(__file__).resolve().parent
+ROOT = STANDIN_DIR.parents[1]
+
+
+@dataclass(frozen=True)
+class Speculative:
+    """SGLang's speculative flags. algorithm: ECHO (echo's plugin; `policy` and `policy_config` pick the
+    echosim.spec policy), STANDALONE (SGLang's own tree: global top N-1 by path score) or EAGLE/EAGLE3."""
+
+    algorithm: str
+    draft_dir: str | Path
+    steps: int
+    topk: int
+    num_draft_tokens: int
+    policy: str | None = None
+    policy_config: str | None = None
+
+    def args(self) -> list[str]:
+        out = ["--speculative-algorithm", self.algorithm, "--speculative-draft-model-path", str(self.draft_dir),
+               "--speculative-num-steps", str(self.steps), "--speculative-eagle-topk", str(self.topk),
+               "--speculative-num-draft-tokens", str(self.num_draft_tokens)]
+        if self.policy:
+            out += ["--speculative-echo-policy", self.policy]
+        if self.policy_config:
+            out += ["--speculative-echo-config", self.policy_config]
+        return out
 
 
 def has_sglang(python: str) -> tuple[bool, bool]:
@@ -33,18 +59,24 @@ def has_sglang(python: str) -> tuple[bool, bool]:
 
 def server_command(model_dir: str | Path, *, port: int, host: str = "127.0.0.1", python: str = sys.executable,
                    dtype: str = "float32", max_total_tokens: int = 65536, max_running_requests: int | None = None,
-                   radix_cache: bool = False, standin: bool = True,
+                   radix_cache: bool = False, standin: bool = True, attention_backend: str = "torch_native",
+                   speculative: Speculative | None = None, threads: int | None = None,
                    extra: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) of `sglang.launch_server` on the CPU. fp32 by default, as our engine runs; no prefix
-    cache by default, since our server has none and replayed prompts share prefixes."""
+    cache by default, since our server has none and replayed prompts share prefixes. Speculative decoding needs
+    attention_backend intel_amx (kept on CPUs without AMX by echo's plugin, with echo's torch sgl_kernel)."""
     argv = [python, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
-            "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", dtype,
+            "--attention-backend", attention_backend, "--disable-cuda-graph", "--dtype", dtype,
             "--max-total-tokens", str(max_total_tokens), "--host", host, "--port", str(port)]
     if max_running_requests:
         argv += ["--max-running-requests", str(max_running_requests)]
     if not radix_cache:
         argv.append("--disable-radix-cache")
+    if speculative is not None:
+        argv += speculative.args()
     env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1")
+    if threads:  # a modest count shares the machine
+        env["OMP_NUM_THREADS"] = str(threads)
     if standin:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(STANDIN_DIR), env.get("PYTHONPATH", "")) if p)
     return argv + list(extra), env

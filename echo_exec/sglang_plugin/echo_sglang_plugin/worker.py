@@ -1,0 +1,256 @@
+"""The ECHO worker: SGLang's STANDALONE worker whose tree is chosen by an echosim.spec policy object.
+
+Per decode step (one batch), in EchoDraftWorker.draft:
+1. Draft depth by depth with SGLang's own draft loop pieces (select_top_k_tokens: EAGLE-2 beams, the same slot
+   layout as echosim.spec.forest), the draft model forward of every beam node of the batch at once. After each
+   depth the candidates go into a DraftForest and the POLICY gates (policy.gate): a gated request stops drafting.
+   SGLang drafts the whole batch with one shape, so its later rows are still computed but masked out: their
+   probabilities are zeroed (no descendant can be chosen) and the forest marks them never drafted.
+2. The POLICY selects (policy.select: batch-wide, under its budget), echosim.spec.pack packs (Flatten & Pack) and
+   to_dense pads every request to SGLang's speculative_num_draft_tokens N with unreachable nodes (linked from no
+   retrieve_next_token / retrieve_next_sibling, so verification can never accept them).
+3. That dense batch becomes SGLang's EagleVerifyInput; SGLang verifies (its target forward, its verify_tree_greedy),
+   commits and runs its draft extend, unchanged.
+No policy logic lives here. With ECHO_SGLANG_RECORDS=PATH each step appends one JSON line: request ids, the tree
+size the policy selected (root included), whether it was gated, and the drafts SGLang accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+from sglang.srt.runtime_context import get_spec
+from sglang.srt.speculative.eagle_info import EagleVerifyInput
+from sglang.srt.speculative.eagle_utils import per_step_draft_out_cache_loc
+from sglang.srt.speculative.eagle_worker_common import prepare_for_draft
+from sglang.kernels.ops.speculative.spec_tree import TreeMaskMode
+from sglang.srt.speculative.spec_utils import renorm_draft_probs, select_top_k_tokens
+from sglang.srt.speculative.standalone_worker_v2 import StandaloneDraftWorker, StandaloneWorkerV2
+from sglang.srt.utils.common import fast_topk
+
+from echosim.spec.forest import MAX_LOGP, MIN_LOGP, DraftForest, slot_layout
+from echosim.spec.pack import pack, to_dense
+from echosim.spec.policies import ConfigError, Policy, load_policy, make_policy
+
+logger = logging.getLogger(__name__)
+
+
+def policy_from_env(draft_dir: str | None) -> Policy:
+    """The policy named by ECHO_SGLANG_POLICY (default echo) with ECHO_SGLANG_POLICY_CONFIG (a JSON file or an
+    inline JSON object); without a config, the draft directory's policy-NAME.json when there is one."""
+    name = os.environ.get("ECHO_SGLANG_POLICY") or "echo"
+    config = os.environ.get("ECHO_SGLANG_POLICY_CONFIG")
+    if config and config.lstrip().startswith("{"):
+        return make_policy(name, json.loads(config))
+    if config:
+        policy = load_policy(config)
+        if policy.name != name and os.environ.get("ECHO_SGLANG_POLICY"):
+            raise ConfigError(f"{config}: policy {policy.name!r} but --speculative-echo-policy {name!r}")
+        return policy
+    shipped = Path(draft_dir or "") / f"policy-{name}.json"
+    return load_policy(shipped) if draft_dir and shipped.is_file() else make_policy(name)
+
+
+def check_shape(policy: Policy, steps: int, topk: int, num_draft_tokens: int) -> None:
+    """The policy's tree must fit SGLang's drafting shape (steps, topk) and dense width N."""
+    plan = policy.plan(1)
+    if plan.depth > steps or (plan.depth > 0 and (plan.k != topk or plan.k1 != topk)):
+        raise ConfigError(f"policy {policy.name!r} drafts depth {plan.depth}, root width {plan.k1}, width "
+                          f"{plan.k}; SGLang runs --speculative-num-steps {steps} --speculative-eagle-topk {topk} "
+                          "(set them to the policy's steps and topk)")
+    most = policy.max_tree_tokens()
+    if most is not None and most > num_draft_tokens:
+        raise ConfigError(f"policy {policy.name!r} verifies up to {most} tokens per request; "
+                          f"--speculative-num-draft-tokens is {num_draft_tokens}")
+
+
+class ForestBuilder:
+    """Fills a DraftForest depth by depth from SGLang's per-depth draft outputs (probabilities, tokens, beams)."""
+
+    def __init__(self, root_token: np.ndarray, kv_len: np.ndarray, topk: int, steps: int):
+        B = len(root_token)
+        slot_depth, slot_rank, off = slot_layout(topk, topk, steps)
+        S = int(off[-1])
+        self.off, self.topk = off, topk
+        self.forest = DraftForest(
+            root_token=root_token, kv_len=kv_len, token=np.zeros((B, S), np.int64),
+            logp=np.full((B, S), MIN_LOGP, np.float32), score=np.full((B, S), -np.inf),
+            parent=np.full((B, S), -1, np.int32), valid=np.zeros((B, S), bool), slot_depth=slot_depth,
+            slot_rank=slot_rank, depth_offsets=off, k1=topk, k=topk, stop_depth=np.zeros(B, np.int32),
+            gated=np.zeros(B, bool), beam_slot=np.full((B, steps, topk), -1, np.int32),
+            beam_score=np.full((B, steps, topk), -np.inf))
+
+    def add_depth(self, depth: int, rows: np.ndarray, probs: np.ndarray, tokens: np.ndarray,
+                  beam_slots: np.ndarray) -> np.ndarray:
+        """Candidates of `depth` for the drafting `rows` (probs: SGLang's cumulative path probabilities
+        [B, width]; beam_slots: the slots of SGLang's beam at this depth, best first). Returns the beam's log
+        scores of those rows."""
+        f, k = self.forest, self.topk
+        lo, hi = int(self.off[depth - 1]), int(self.off[depth])
+        with np.errstate(divide="ignore"):
+            path = np.log(probs[rows].astype(np.float64))
+        if depth == 1:
+            parent = np.full((len(rows), hi - lo), -1, np.int32)
+            above = np.zeros_like(path)
+        else:
+            parent = np.repeat(f.beam_slot[rows, depth - 2], k, axis=1)
+            above = np.repeat(f.beam_score[rows, depth - 2], k, axis=1)
+        # a child's score stays strictly below its parent's (the forest's invariant): clip each step's log-prob
+        logp = np.clip(path - above, MIN_LOGP, MAX_LOGP)
+        score = above + logp
+        beam = np.take_along_axis(score, beam_slots[rows].astype(np.int64) - lo, axis=1)
+        f.token[rows, lo:hi] = tokens[rows]
+        f.logp[rows, lo:hi] = logp
+        f.score[rows, lo:hi] = score
+        f.parent[rows, lo:hi] = parent
+        f.valid[rows, lo:hi] = True
+        f.stop_depth[rows] = depth
+        f.beam_slot[rows, depth - 1] = beam_slots[rows]
+        f.beam_score[rows, depth - 1] = beam
+        return beam
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu").numpy()
+
+
+class EchoDraftWorker(StandaloneDraftWorker):
+    """STANDALONE's draft worker; draft() asks the policy (set by EchoWorker) for gating and selection."""
+
+    policy: Policy
+    records: Path | None = None
+    last_step: dict | None = None
+
+    def draft(self, batch, *, with_topology: bool = False):
+        if with_topology:
+            raise NotImplementedError("ECHO does not support pipeline-parallel relays (with_topology)")
+        draft_input = batch.spec_info
+        forward_batch, _, kv_loc_plan = prepare_for_draft(
+            draft_input, self.req_to_token_pool, batch, None, self.draft_runner, self.topk,
+            self.speculative_num_steps, target_translator=self.target_worker.model_runner.kv_index_translator,
+            num_draft_tokens=self.speculative_num_draft_tokens)
+        if forward_batch.forward_mode.is_idle():
+            return super().draft(batch)
+        if self.speculative_num_steps > 1:
+            self.draft_attn_backend.init_forward_metadata(forward_batch)
+            forward_batch.mark_forward_metadata_ready()
+        forest = self.draft_forest(forward_batch, _np(draft_input.bonus_tokens), _np(batch.seq_lens))
+        verify_input = self.verify_input(batch, forest)
+        if kv_loc_plan is not None:
+            verify_input.kv_loc_plan = kv_loc_plan
+            verify_input.prepared_out_cache_loc = kv_loc_plan.write_virtual
+        return verify_input
+
+    def draft_forest(self, forward_batch, root_token: np.ndarray, kv_len: np.ndarray) -> DraftForest:
+        """SGLang's multi-step draft (EagleDraftWorker.draft_forward, CPU/eager path), gated by the policy."""
+        policy, topk, steps = self.policy, self.topk, self.speculative_num_steps
+        spec_info = forward_batch.spec_info
+        topk_p, topk_index, hidden_states = spec_info.topk_p, spec_info.topk_index, spec_info.hidden_states
+        B = len(root_token)
+        plan = policy.plan(B)
+        builder = ForestBuilder(root_token.astype(np.int64), kv_len.astype(np.int64), topk, steps)
+        forest = builder.forest
+        rows = np.flatnonzero(policy.start(B)) if plan.depth > 0 else np.zeros(0, np.int64)
+        out_cache_loc = per_step_draft_out_cache_loc(forward_batch.out_cache_loc, forward_batch.batch_size, topk,
+                                                     steps)
+        depth_cap = min(plan.depth, steps)
+        last = depth_cap if not policy.gates_last_depth else depth_cap + 1
+        scores = None
+        for i in range(steps):
+            depth = i + 1
+            input_ids, hidden_states, scores, tree_info = select_top_k_tokens(
+                i, topk_p, topk_index, hidden_states, scores, topk)
+            if len(rows) and depth <= depth_cap:
+                probs = _np(tree_info[0].flatten(1).float())
+                tokens = _np(tree_info[1])
+                beam_slots = np.tile(np.arange(topk), (B, 1)) if i == 0 else _np(tree_info[2])
+                beam_scores = builder.add_depth(depth, rows, probs, tokens, beam_slots)
+                if depth < last:
+                    keep = np.asarray(policy.gate(depth, rows, beam_scores, forest), dtype=bool)
+                    if not keep.all():
+                        forest.gated[rows[~keep]] = True
+                        rows = rows[keep]
+            if depth >= depth_cap or len(rows) == 0:  # nobody drafts deeper: the later steps are not run
+                break
+            # masked out: requests that stopped drafting get zero probability below this depth
+            stopped = np.ones(B, bool)
+            stopped[rows] = False
+            if stopped.any():
+                scores = scores.clone()
+                scores[torch.from_numpy(stopped).to(scores.device)] = 0.0
+            forward_batch.input_ids = input_ids
+            forward_batch.out_cache_loc = out_cache_loc[i]
+            spec_info.hidden_states = hidden_states
+            with forward_context(ForwardContext(attn_backend=self.draft_attn_backend.attn_backends[i]),
+                                 forward_batch=forward_batch):
+                logits_output = self.draft_runner.forward(forward_batch).logits_output
+            probs_t = renorm_draft_probs(logits_output.next_token_logits, forward_batch.sampling_info, False)
+            topk_p, topk_index = fast_topk(probs_t, topk, dim=-1)
+            forward_batch.positions.add_(1)
+            hidden_states = logits_output.hidden_states
+        return forest
+
+    def verify_input(self, batch, forest: DraftForest) -> EagleVerifyInput:
+        """The policy's selection, packed (echosim.spec.pack) and padded to N, as SGLang's EagleVerifyInput."""
+        N = self.speculative_num_draft_tokens
+        B, S = forest.token.shape
+        selection = self.policy.select(forest)
+        req = selection // S
+        first = np.searchsorted(req, np.arange(B))
+        keep = (np.arange(len(selection)) - first[req]) < N - 1  # slot order is depth order: stays ancestor-closed
+        selection = selection[keep]
+        dense = to_dense(pack(forest, selection, check=False), N)
+        dev = batch.seq_lens.device
+        if self.tree_mask_mode == TreeMaskMode.QLEN_ONLY:
+            mask = torch.from_numpy(dense.mask.reshape(-1))
+        else:  # FULL_MASK (GPU kernels): per request N rows over its prefix (all visible) and its N tree nodes
+            seq = forest.kv_len
+            mask = torch.from_numpy(np.concatenate([
+                np.concatenate([np.ones((N, int(seq[i])), bool), dense.mask[i]], axis=1).ravel()
+                for i in range(B)]))
+        self.last_step = {"rids": [r.rid for r in batch.reqs], "tree_tokens": (dense.is_pad == 0).sum(1).tolist(),
+                          "gated": forest.gated.tolist(), "stop_depth": forest.stop_depth.tolist()}
+        return EagleVerifyInput(
+            draft_token=torch.from_numpy(dense.tokens.reshape(-1)).to(dev),
+            custom_mask=mask.to(dev),
+            positions=torch.from_numpy(dense.positions.reshape(-1)).to(dev),
+            retrieve_index=torch.from_numpy(dense.retrive_index).to(dev),
+            retrieve_next_token=torch.from_numpy(dense.retrive_next_token.astype(np.int64)).to(dev),
+            retrieve_next_sibling=torch.from_numpy(dense.retrive_next_sibling.astype(np.int64)).to(dev),
+            retrieve_cum_len=None, spec_steps=self.speculative_num_steps, topk=self.topk, draft_token_num=N,
+            capture_hidden_mode=None, seq_lens_sum=None, seq_lens_cpu=None, draft_probs=None,
+            prepared_out_cache_loc=None, prepared_mrope_positions=None)
+
+
+class EchoWorker(StandaloneWorkerV2):
+    def __init__(self, server_args, gpu_id, nccl_port, target_worker):
+        super().__init__(server_args, gpu_id, nccl_port, target_worker)
+        draft = self._draft_worker
+        draft.__class__ = EchoDraftWorker
+        spec = get_spec()
+        draft.policy = policy_from_env(spec.speculative_draft_model_path)
+        check_shape(draft.policy, self.speculative_num_steps, self.topk, self.speculative_num_draft_tokens)
+        path = os.environ.get("ECHO_SGLANG_RECORDS")
+        draft.records = Path(path) if path else None
+        logger.info("ECHO: policy %s", json.dumps(draft.policy.describe()))
+
+    def verify(self, batch, *args, **kwargs):
+        out = super().verify(batch, *args, **kwargs)
+        draft = self._draft_worker
+        if draft.records is not None and draft.last_step is not None:
+            accept = getattr(out, "accept_lens", None)
+            if accept is None:
+                accept = getattr(out, "accept_length_per_req_cpu", None)
+            step = dict(draft.last_step)
+            if accept is not None:
+                step["accepted"] = [int(a) - 1 for a in (accept.tolist() if hasattr(accept, "tolist") else accept)]
+            with open(draft.records, "a") as f:
+                f.write(json.dumps(step) + "\n")
+            draft.last_step = None
+        return out
