@@ -114,20 +114,49 @@ def test_server_command_runs_sglang_on_the_cpu_with_the_standin_first(monkeypatc
     assert env.get("PYTHONPATH") == "/somewhere"
 
 
-def test_the_standin_imports_every_name_and_refuses_every_call(tmp_path):
-    code = ("from sgl_kernel import copy_all_layer_kv_cache_cpu as k\n"
+def test_the_kernels_import_every_name_and_refuse_the_unimplemented(tmp_path):
+    code = ("from sgl_kernel import fused_experts_cpu as k, copy_all_layer_kv_cache_cpu\n"
             "try:\n    k(1, 2)\nexcept NotImplementedError as e:\n    print(e)\n")
     calls = tmp_path / "calls.log"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(sglang_cpu.STANDIN_DIR),
                               "ECHO_SGL_STANDIN_LOG": str(calls)}).stdout
-    assert "sgl_kernel.copy_all_layer_kv_cache_cpu is not available" in out
-    assert calls.read_text() == "copy_all_layer_kv_cache_cpu\n"  # logged even when the caller catches it
+    assert "sgl_kernel.fused_experts_cpu is not available" in out
+    assert calls.read_text() == "fused_experts_cpu\n"  # logged even when the caller catches it
+
+
+def test_speculative_flags_follow_the_policy(tmp_path):
+    """ECHO's drafting shape and SGLang's dense width come from the policy (the draft's shipped policy-echo.json
+    by default); STANDALONE takes them as given."""
+    spec = sglang_cpu.speculative_for("ECHO", DRAFT)
+    shipped = json.loads((DRAFT / "policy-echo.json").read_text())
+    assert (spec.steps, spec.topk, spec.num_draft_tokens) == (shipped["steps"], shipped["topk"],
+                                                              shipped["num_draft_tokens"])
+    assert spec.policy == "echo" and spec.policy_config == str(DRAFT / "policy-echo.json")
+    args = spec.args()
+    assert args[args.index("--speculative-algorithm") + 1] == "ECHO"
+    assert args[args.index("--speculative-echo-config") + 1] == str(DRAFT / "policy-echo.json")
+    cfg = tmp_path / "p.json"
+    cfg.write_text(json.dumps({"policy": "eagle3", "steps": 3, "topk": 4, "num_draft_tokens": 12}))
+    spec = sglang_cpu.speculative_for("echo", DRAFT, policy="eagle3", policy_config=cfg)
+    assert (spec.steps, spec.topk, spec.num_draft_tokens, spec.policy) == (3, 4, 12, "eagle3")
+    spec = sglang_cpu.speculative_for("standalone", DRAFT, steps=4, topk=3, num_draft_tokens=8)
+    assert spec.args()[:2] == ["--speculative-algorithm", "STANDALONE"] and "--speculative-echo-policy" not in \
+        spec.args()
+    argv, _ = sglang_cpu.server_command(TARGET, port=1, attention_backend="intel_amx", speculative=spec)
+    assert argv[argv.index("--attention-backend") + 1] == "intel_amx"
+    assert argv[argv.index("--speculative-num-draft-tokens") + 1] == "8"
 
 
 def test_launcher_cli_user_errors(tmp_path, capsys):
     assert sglang_cpu.main(["--model", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+    assert sglang_cpu.main(["--model", str(TARGET), "--speculative", "ECHO", "--draft", str(tmp_path)]) == 2
+    assert "--draft is the draft model's directory" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"policy": "echo", "stepz": 3}))
+    assert sglang_cpu.main(["--model", str(TARGET), "--speculative", "ECHO", "--policy-config", str(bad)]) == 2
+    assert "has no setting 'stepz'" in capsys.readouterr().err
     if find_spec("sglang") is None:  # (with sglang here, main would start a server and serve until stopped)
         assert sglang_cpu.main(["--model", str(TARGET), "--python", sys.executable]) == 2
         assert "sglang does not import" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import os
 logger = logging.getLogger(__name__)
 
 FALLBACKS = "sglang.srt.arg_groups.overrides._attention_backend_platform_fallbacks"
+AMX_EXTEND_METADATA = "sglang.srt.layers.attention.intel_amx_backend.IntelAMXAttnBackend._build_extend_metadata"
 POLICY_ENV, CONFIG_ENV = "ECHO_SGLANG_POLICY", "ECHO_SGLANG_POLICY_CONFIG"
 
 
@@ -64,5 +65,11 @@ def load() -> None:
             passes[i] = through_module
     HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", add_echo_args, HookType.AROUND)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", stash_echo_args, HookType.AROUND)
+    HookRegistry.register(AMX_EXTEND_METADATA, ragged_extend_metadata_hook, HookType.AROUND)
     from echo_sglang_plugin.algorithm import register
     register()
+
+
+def ragged_extend_metadata_hook(original, backend, forward_batch, *args, **kwargs):
+    from echo_sglang_plugin.worker import ragged_extend_metadata
+    return ragged_extend_metadata(original, backend, forward_batch, *args, **kwargs)

@@ -20,16 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from sglang.kernels.ops.speculative.spec_tree import TreeMaskMode
 from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 from sglang.srt.runtime_context import get_spec
 from sglang.srt.speculative.eagle_info import EagleVerifyInput
 from sglang.srt.speculative.eagle_utils import per_step_draft_out_cache_loc
 from sglang.srt.speculative.eagle_worker_common import prepare_for_draft
-from sglang.kernels.ops.speculative.spec_tree import TreeMaskMode
 from sglang.srt.speculative.spec_utils import renorm_draft_probs, select_top_k_tokens
 from sglang.srt.speculative.standalone_worker_v2 import StandaloneDraftWorker, StandaloneWorkerV2
 from sglang.srt.utils.common import fast_topk
@@ -120,12 +121,24 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu").numpy()
 
 
+@dataclass
+class RaggedPlan:
+    """A step's packed layout for ragged verify: which of the dense B*N tokens are real tree nodes (in order), each
+    request's tree size, and the per-request n x n tree masks concatenated (echosim.spec.pack's ragged mask)."""
+
+    keep: torch.Tensor
+    lens: torch.Tensor
+    mask: torch.Tensor
+
+
 class EchoDraftWorker(StandaloneDraftWorker):
     """STANDALONE's draft worker; draft() asks the policy (set by EchoWorker) for gating and selection."""
 
     policy: Policy
     records: Path | None = None
     last_step: dict | None = None
+    ragged: bool = False
+    ragged_plan: RaggedPlan | None = None
 
     def draft(self, batch, *, with_topology: bool = False):
         if with_topology:
@@ -154,6 +167,9 @@ class EchoDraftWorker(StandaloneDraftWorker):
         topk_p, topk_index, hidden_states = spec_info.topk_p, spec_info.topk_index, spec_info.hidden_states
         B = len(root_token)
         plan = policy.plan(B)
+        if plan.depth > 0 and (plan.k != topk or plan.k1 != topk):  # a policy whose width follows the batch size
+            raise ConfigError(f"policy {policy.name!r} plans width {plan.k1}/{plan.k} at batch {B}; SGLang drafts "
+                              f"with topk {topk}")
         builder = ForestBuilder(root_token.astype(np.int64), kv_len.astype(np.int64), topk, steps)
         forest = builder.forest
         rows = np.flatnonzero(policy.start(B)) if plan.depth > 0 else np.zeros(0, np.int64)
@@ -205,7 +221,8 @@ class EchoDraftWorker(StandaloneDraftWorker):
         first = np.searchsorted(req, np.arange(B))
         keep = (np.arange(len(selection)) - first[req]) < N - 1  # slot order is depth order: stays ancestor-closed
         selection = selection[keep]
-        dense = to_dense(pack(forest, selection, check=False), N)
+        batch_r = pack(forest, selection, check=False)
+        dense = to_dense(batch_r, N)
         dev = batch.seq_lens.device
         if self.tree_mask_mode == TreeMaskMode.QLEN_ONLY:
             mask = torch.from_numpy(dense.mask.reshape(-1))
@@ -216,6 +233,10 @@ class EchoDraftWorker(StandaloneDraftWorker):
                 for i in range(B)]))
         self.last_step = {"rids": [r.rid for r in batch.reqs], "tree_tokens": (dense.is_pad == 0).sum(1).tolist(),
                           "gated": forest.gated.tolist(), "stop_depth": forest.stop_depth.tolist()}
+        if self.ragged:  # the verify forward runs only the real nodes (EchoWorker.verify)
+            self.ragged_plan = RaggedPlan(keep=torch.from_numpy(np.flatnonzero(~dense.is_pad.ravel())).to(dev),
+                                          lens=torch.from_numpy(batch_r.tree_sizes).to(dev),
+                                          mask=torch.from_numpy(batch_r.mask).to(dev))
         return EagleVerifyInput(
             draft_token=torch.from_numpy(dense.tokens.reshape(-1)).to(dev),
             custom_mask=mask.to(dev),
@@ -228,6 +249,45 @@ class EchoDraftWorker(StandaloneDraftWorker):
             prepared_out_cache_loc=None, prepared_mrope_positions=None)
 
 
+def ragged_forward(dense_forward, plan: RaggedPlan, *args, forward_batch=None, **kwargs):
+    """The target's verify forward over the real tree nodes only (T = sum of tree sizes tokens, no pads): the
+    forward batch is compacted, the attention backend reads the ragged layout from spec_info.echo_ragged (the
+    plugin's hook on intel_amx's extend metadata), and the logits go back to SGLang's dense [B*N] rows (pads get
+    zero logits: no retrieve link reaches them, so verification never reads them as a parent)."""
+    fb = forward_batch
+    dense = fb.input_ids, fb.positions, fb.out_cache_loc
+    keep = plan.keep
+    fb.input_ids, fb.positions, fb.out_cache_loc = (t[keep] for t in dense)
+    fb.spec_info.echo_ragged = plan
+    try:
+        out = dense_forward(*args, forward_batch=fb, **kwargs)
+    finally:
+        fb.input_ids, fb.positions, fb.out_cache_loc = dense
+        fb.spec_info.echo_ragged = None
+    lo = out.logits_output
+    logits = lo.next_token_logits
+    full = logits.new_zeros((dense[0].shape[0], logits.shape[-1]))
+    full[keep] = logits
+    lo.next_token_logits = full
+    if getattr(lo, "hidden_states", None) is not None:
+        hs = lo.hidden_states.new_zeros((dense[0].shape[0], lo.hidden_states.shape[-1]))
+        hs[keep] = lo.hidden_states
+        lo.hidden_states = hs
+    return out
+
+
+def ragged_extend_metadata(original, backend, forward_batch, *args, **kwargs):
+    """AROUND hook on IntelAMXAttnBackend._build_extend_metadata: a ragged ECHO verify extends each request by its
+    own tree size, with the packed tree masks; everything else is SGLang's."""
+    spec = forward_batch.spec_info
+    plan = getattr(spec, "echo_ragged", None) if forward_batch.forward_mode.is_target_verify() else None
+    if plan is None:
+        return original(backend, forward_batch, *args, **kwargs)
+    lens = plan.lens.to(torch.int32)
+    start = (torch.cumsum(lens, 0) - lens).to(torch.int32)
+    return forward_batch.seq_lens + lens, lens, start, plan.mask
+
+
 class EchoWorker(StandaloneWorkerV2):
     def __init__(self, server_args, gpu_id, nccl_port, target_worker):
         super().__init__(server_args, gpu_id, nccl_port, target_worker)
@@ -236,13 +296,26 @@ class EchoWorker(StandaloneWorkerV2):
         spec = get_spec()
         draft.policy = policy_from_env(spec.speculative_draft_model_path)
         check_shape(draft.policy, self.speculative_num_steps, self.topk, self.speculative_num_draft_tokens)
+        draft.ragged = os.environ.get("ECHO_SGLANG_RAGGED", "0") == "1"
+        if draft.ragged and self.device != "cpu" and str(self.device) != "cpu":
+            raise ConfigError("ECHO_SGLANG_RAGGED=1 (ragged verify) needs echo's CPU kernels: it runs on a CPU only")
         path = os.environ.get("ECHO_SGLANG_RECORDS")
         draft.records = Path(path) if path else None
         logger.info("ECHO: policy %s", json.dumps(draft.policy.describe()))
 
     def verify(self, batch, *args, **kwargs):
-        out = super().verify(batch, *args, **kwargs)
         draft = self._draft_worker
+        plan, draft.ragged_plan = draft.ragged_plan, None
+        if plan is None:
+            out = super().verify(batch, *args, **kwargs)
+        else:
+            target = self.target_worker
+            dense_forward = target.forward_batch_generation
+            target.forward_batch_generation = lambda *a, **kw: ragged_forward(dense_forward, plan, *a, **kw)
+            try:
+                out = super().verify(batch, *args, **kwargs)
+            finally:
+                del target.forward_batch_generation  # back to the class's method
         if draft.records is not None and draft.last_step is not None:
             accept = getattr(out, "accept_lens", None)
             if accept is None:
