@@ -5,11 +5,12 @@ Servers run one at a time, each started fresh, on the shipped tiny target (fp32)
 tiny draft and SGLang's intel_amx attention (kept on this AMX-less CPU by echo's plugin, echo's torch sgl_kernel).
 Plain SGLang runs twice: with its own torch_native attention (SGLang's code only) and with intel_amx (the same
 attention kernels the speculative servers use). ECHO runs the policy settings shipped with the draft
-(tiny-draft/policy-echo.json: steps 5, topk 2, N 10); STANDALONE the same shape (steps 5, topk 2, N 10).
+(tiny-draft/policy-echo.json: steps 5, topk 2, N 10), dense (SGLang's layout, pads) and ragged (echo's CPU kernels
+verify only the selected nodes); STANDALONE the same shape (steps 5, topk 2, N 10).
 Load: closed loop, `concurrency` requests in flight, held-out prompts (120 bytes), greedy, ignore_eos.
 
     python benchmarks/bench_sglang_spec.py --sglang-python VENV/bin/python [--concurrency 1,4,16]
-        [--tokens 64] [--rounds 3] [--servers plain,plain-amx,standalone,echo] [--out DIR]
+        [--tokens 64] [--rounds 3] [--servers plain,plain-amx,standalone,echo,echo-ragged] [--out DIR]
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def servers() -> dict[str, dict]:
         "standalone": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
             "STANDALONE", DRAFT, steps=5, topk=2, num_draft_tokens=10)),
         "echo": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for("ECHO", DRAFT)),
+        "echo-ragged": dict(attention_backend="intel_amx",
+                            speculative=sglang_cpu.speculative_for("ECHO", DRAFT, ragged=True)),
     }
 
 
@@ -73,7 +76,7 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--rounds", type=int, default=3, help="requests per concurrency = rounds x concurrency")
-    p.add_argument("--servers", default="plain,plain-amx,standalone,echo")
+    p.add_argument("--servers", default="plain,plain-amx,standalone,echo,echo-ragged")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per server")
     p.add_argument("--out", default=None)
     a = p.parse_args()

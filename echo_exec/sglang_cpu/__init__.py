@@ -1,12 +1,15 @@
-"""Start a live SGLang server on a CPU, for replay and cross-checks where no GPU is lent.
+"""Start a live SGLang server on a CPU, for replay, cross-checks and speculation where no GPU is lent.
 
-SGLang runs on a CPU with SGLANG_USE_CPU_ENGINE=1 and its torch-native attention backend; this module builds that
-command for a model directory (ours ship a Hugging Face tokenizer.json, so SGLang reads text byte for byte as
-`echosim serve` does). Where `sgl_kernel` does not import, the `sgl_kernel/` stand-in beside this file goes on
-PYTHONPATH: see its docstring. SGLang itself is not a dependency of the project: `python` is an interpreter that
-has it (docs/REPLAY.md says how to make one).
+SGLang runs on a CPU with SGLANG_USE_CPU_ENGINE=1; this module builds that command for a model directory (ours ship
+a Hugging Face tokenizer.json, so SGLang reads text byte for byte as `echosim serve` does). Plain decoding runs
+SGLang's torch-native attention; speculative decoding (ECHO through echo's plugin, STANDALONE) runs its intel_amx
+backend, whose sgl_kernel CPU ops are echo's torch implementation beside this file (`sgl_kernel/`; make_venv.sh
+puts it and the plugin, echo_exec/sglang_plugin, into the venv; where no sgl_kernel imports, the launcher puts the
+directory on PYTHONPATH). SGLang itself is not a dependency of the project: `python` is an interpreter that has it
+(docs/REPLAY.md says how to make one).
 
-    python -m echo_exec.sglang_cpu --python VENV/bin/python --model echo_exec/models/tiny-target --port 30000
+    python -m echo_exec.sglang_cpu --python VENV/bin/python --model echo_exec/models/tiny-target --port 30000 \
+        [--speculative ECHO [--policy echo] [--policy-config FILE] [--ragged-verify]]
 """
 
 from __future__ import annotations
