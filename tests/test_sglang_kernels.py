@@ -257,3 +257,63 @@ def test_every_other_name_imports_and_refuses():
     from sgl_kernel import fused_experts_cpu
     with pytest.raises(NotImplementedError, match="fused_experts_cpu"):
         fused_experts_cpu(1)
+
+
+# --- the plugin's mapping: SGLang's draft outputs -> echosim.spec forest -> pack == SGLang's own tree builder ---
+
+def sglang_draft_outputs(rng, B, topk, steps):
+    """What SGLang's draft loop produces per depth (select_top_k_tokens' tree_info): cumulative path probabilities,
+    tokens, and the beam (top-k candidates, best first) as flat candidate indices."""
+    probs, tokens, beams = [], [], []
+    p1 = -np.sort(-rng.dirichlet(np.ones(topk + 1), B)[:, :topk], axis=1)
+    probs.append(p1)
+    tokens.append(rng.integers(0, 259, (B, topk)))
+    beams.append(np.tile(np.arange(topk), (B, 1)))
+    beam_p = p1
+    for d in range(2, steps + 1):
+        child = -np.sort(-rng.dirichlet(np.ones(topk + 1), (B, topk))[:, :, :topk], axis=2)  # [B, beam, topk]
+        cum = (beam_p[:, :, None] * child).reshape(B, topk * topk)
+        order = np.argsort(-cum, axis=1, kind="stable")[:, :topk]
+        probs.append(cum)
+        tokens.append(rng.integers(0, 259, (B, topk * topk)))
+        beams.append(order + topk + (d - 2) * topk * topk)
+        beam_p = np.take_along_axis(cum, order, axis=1)
+    return probs, tokens, beams
+
+
+@needs_sglang
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 4), topk=st.integers(1, 3), steps=st.integers(1, 4),
+       data=st.data())
+def test_plugin_forest_and_pack_match_sglang_tree_builder(seed, B, topk, steps, data):
+    """The plugin's DraftForest from SGLang's draft outputs is valid, and packing SGLang's own selection (global top
+    N-1 by path score, organize_draft_results) with echosim.spec.pack gives exactly the tree, mask and positions
+    SGLang's build_tree kernel gives: one tree format on both sides."""
+    from echo_sglang_plugin.worker import ForestBuilder
+    from sglang.kernels.ops.speculative.spec_tree import sgl_build_tree_kernel_triton
+
+    from echosim.spec.pack import pack, to_dense
+    rng = np.random.default_rng(seed)
+    S = topk + (steps - 1) * topk * topk
+    N = data.draw(st.integers(2, min(S + 1, 10)))
+    probs, tokens, beams = sglang_draft_outputs(rng, B, topk, steps)
+    roots, kv = rng.integers(0, 259, B), rng.integers(1, 40, B)
+    fb = ForestBuilder(roots, kv, topk, steps)
+    rows = np.arange(B)
+    for d in range(1, steps + 1):
+        fb.add_depth(d, rows, probs[d - 1], tokens[d - 1], beams[d - 1])
+    forest = fb.forest
+    forest.validate()
+    flat = np.concatenate(probs, axis=1)
+    top = np.sort(np.argsort(-flat, axis=1, kind="stable")[:, :N - 1], axis=1)  # SGLang: topk, then sorted
+    dense = to_dense(pack(forest, (np.arange(B)[:, None] * S + top).ravel()), N)
+    parent_list = np.concatenate([np.tile(np.arange(-1, topk), (B, 1))] + beams[1:-1], axis=1) if steps > 1 \
+        else np.zeros((B, 0), np.int64)
+    mask, pos, ret = tree_outputs(sgl_build_tree_kernel_triton, torch.from_numpy(parent_list).long(),
+                                  torch.from_numpy(top).long(), torch.from_numpy(kv).long(), topk, steps, N, 1)
+    assert np.array_equal(dense.retrive_next_token, ret[1].numpy())
+    assert np.array_equal(dense.retrive_next_sibling, ret[2].numpy())
+    assert np.array_equal(dense.mask.reshape(-1), mask.numpy())
+    assert np.array_equal(dense.positions.reshape(-1), pos.numpy())
+    want_tokens = np.concatenate([roots[:, None], np.take_along_axis(np.concatenate(tokens, axis=1), top, 1)], 1)
+    assert np.array_equal(dense.tokens, want_tokens)
