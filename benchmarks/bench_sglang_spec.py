@@ -10,7 +10,8 @@ verify only the selected nodes); STANDALONE the same shape (steps 5, topk 2, N 1
 Load: closed loop, `concurrency` requests in flight, held-out prompts (120 bytes), greedy, ignore_eos.
 
     python benchmarks/bench_sglang_spec.py --sglang-python VENV/bin/python [--concurrency 1,4,16]
-        [--tokens 64] [--rounds 3] [--servers plain,plain-amx,standalone,echo,echo-ragged] [--out DIR]
+        [--tokens 64] [--rounds 3] [--min-requests 8] [--servers plain,plain-amx,standalone,echo,echo-ragged]
+        [--out DIR]
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def main() -> int:
     p.add_argument("--sglang-python", required=True)
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per request")
-    p.add_argument("--rounds", type=int, default=3, help="requests per concurrency = rounds x concurrency")
+    p.add_argument("--rounds", type=int, default=3, help="requests per concurrency = rounds x concurrency ...")
+    p.add_argument("--min-requests", type=int, default=8, help="... and at least this many")
     p.add_argument("--servers", default="plain,plain-amx,standalone,echo,echo-ragged")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per server")
     p.add_argument("--out", default=None)
@@ -83,21 +85,24 @@ def main() -> int:
     conc = [int(c) for c in a.concurrency.split(",")]
     out = Path(a.out or tempfile.mkdtemp(prefix="bench-sglang-spec-"))
     out.mkdir(parents=True, exist_ok=True)
-    prompts = sglang_cpu.heldout_prompts(a.rounds * max(conc) + 1)
+    count = {c: max(a.rounds * c, a.min_requests) for c in conc}
+    prompts = sglang_cpu.heldout_prompts(max(count.values()) + 1)
     rows = []
-    for name in a.servers.split(","):
+    names = a.servers.split(",")
+    for i, name in enumerate(names):
         kw = servers()[name]
+        label = name if names.index(name) == i else f"{name} (again)"  # a repeat brackets the load's drift
         port = free_port()
         extra = ("--disable-overlap-schedule",) if "speculative" in kw else ()
-        proc = sglang_cpu.launch(TARGET, port=port, python=a.sglang_python, log_path=out / f"{name}.log",
+        proc = sglang_cpu.launch(TARGET, port=port, python=a.sglang_python, log_path=out / f"{label}.log",
                                  max_running_requests=max(conc), threads=a.threads, extra=extra, **kw)
         url = f"http://127.0.0.1:{port}"
         try:
             sglang_cpu.wait_ready(url, proc, timeout_s=900)
             load(url, prompts[-1:], 1, 8)  # warm-up
             for c in conc:
-                r = load(url, prompts[:a.rounds * c], c, a.tokens)
-                rows.append(dict(server=name, concurrency=c, load1=os.getloadavg()[0], **r))
+                r = load(url, prompts[:count[c]], c, a.tokens)
+                rows.append(dict(server=label, concurrency=c, load1=os.getloadavg()[0], **r))
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             sglang_cpu.stop(proc)
@@ -105,7 +110,8 @@ def main() -> int:
     base = {r["concurrency"]: r["tok_s"] for r in rows if r["server"] == rows[0]["server"]}
     print(f"\n| server | concurrency | requests | tok/s | vs {rows[0]['server']} | tokens/verify | load (1 min) |")
     print("|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (r["concurrency"], list(servers()).index(r["server"]))):
+    order = [r["server"] for r in rows]
+    for r in sorted(rows, key=lambda r: (r["concurrency"], order.index(r["server"]))):
         tps = "–" if r["tokens_per_step"] is None else f"{r['tokens_per_step']:.2f}"
         print(f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['tok_s']:.1f} | "
               f"{r['tok_s'] / base[r['concurrency']]:.2f}x | {tps} | {r['load1']:.1f} |")

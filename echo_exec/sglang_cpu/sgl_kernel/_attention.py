@@ -35,12 +35,19 @@ def _unsupported(logit_cap: float, is_cross: bool, window: int, sinks, k_buffer:
 
 
 def _prefix_locs(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, lens: torch.Tensor):
-    """KV slots of each request's first lens[b] tokens, [B, max(lens)], and their validity mask."""
+    """KV slots of each request's first lens[b] tokens, [B, max(lens)], and their validity mask (None when every
+    request has max(lens) tokens: no padding to hide)."""
     L = int(lens.max()) if lens.numel() else 0
-    cols = torch.arange(L, device=lens.device)
-    valid = cols[None, :] < lens[:, None]
-    rows = req_to_token[req_pool_indices.long()][:, :L].long()
-    return torch.where(valid, rows, 0), valid
+    rows = req_to_token.index_select(0, req_pool_indices.long())[:, :L].long()
+    if bool((lens == L).all()):
+        return rows, None
+    valid = torch.arange(L, device=lens.device)[None, :] < lens[:, None]
+    return rows.masked_fill_(~valid, 0), valid
+
+
+def _gather(buf: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
+    """buf rows at locs [B, L] -> [B, L, *row] (index_select: much cheaper than advanced indexing on a CPU)."""
+    return buf.index_select(0, locs.reshape(-1)).view(*locs.shape, *buf.shape[1:])
 
 
 def decode_attention_cpu(query, k_cache, v_cache, k_scale, v_scale, output, key, value, loc, attn_logits,
@@ -49,15 +56,69 @@ def decode_attention_cpu(query, k_cache, v_cache, k_scale, v_scale, output, key,
     """One new token per sequence: write its K/V at loc, then attend to the sequence's seq_lens[b] cached tokens."""
     _unsupported(logit_cap, is_cross_attention, sliding_window_size, sinks, k_cache, "decode_attention_cpu")
     if key is not None:
-        k_cache[loc.long()] = key.view(-1, *k_cache.shape[1:]).to(k_cache.dtype)
-        v_cache[loc.long()] = value.view(-1, *v_cache.shape[1:]).to(v_cache.dtype)
+        k_cache.index_copy_(0, loc.long(), key.view(-1, *k_cache.shape[1:]).to(k_cache.dtype))
+        v_cache.index_copy_(0, loc.long(), value.view(-1, *v_cache.shape[1:]).to(v_cache.dtype))
     B, H, _ = query.shape
     locs, valid = _prefix_locs(req_to_token, req_pool_indices, seq_lens.long())
-    k = k_cache[locs].transpose(1, 2)          # [B, KVH, L, D]
-    v = v_cache[locs].transpose(1, 2)
+    k = _gather(k_cache, locs).transpose(1, 2)          # [B, KVH, L, D]
+    v = _gather(v_cache, locs).transpose(1, 2)
+    mask = None if valid is None else valid[:, None, None, :]
     o = F.scaled_dot_product_attention(query[:, :, None, :], k.to(query.dtype), v.to(query.dtype),
-                                       attn_mask=valid[:, None, None, :], scale=sm_scale, enable_gqa=True)
+                                       attn_mask=mask, scale=sm_scale, enable_gqa=True)
     output.view(B, H, -1).copy_(o[:, :, 0, :])
+
+
+class _ExtendLayout:
+    """Index tensors and the attention mask of one extend batch. Every layer of a forward passes the same lengths
+    and tree mask, so the last layout is kept and reused while they are equal (checked, not assumed)."""
+
+    def __init__(self, seq, ext, start, tree_mask, is_causal, kv_shared):
+        self.key = (seq.clone(), ext.clone(), start.clone(), None if tree_mask is None else tree_mask.clone(),
+                    is_causal, kv_shared)
+        B = len(ext)
+        Lq = int(ext.max())
+        ar = torch.arange(Lq, device=ext.device)
+        self.qvalid = qvalid = ar[None, :] < ext[:, None]                                    # [B, Lq]
+        self.qidx = torch.where(qvalid, start[:, None] + ar[None, :], 0)
+        self.qsel = self.qidx[qvalid]
+        self.pre = pre = seq - ext
+        if kv_shared:  # keys: the whole sequence from the pool; the new tokens are its last ext[b]
+            L = int(seq.max())
+            rel = torch.arange(L, device=ext.device)[None, None, :] - pre[:, None, None]
+            kvalid = (torch.arange(L, device=ext.device)[None, :] < seq[:, None])[:, None, :]
+        else:          # keys: the prefix from the pool, then the new tokens
+            P = int(pre.max())
+            rel = torch.cat([torch.full((1, 1, P), -1, device=ext.device), ar[None, None, :]], dim=2).expand(B, 1, -1)
+            pvalid = torch.arange(P, device=ext.device)[None, :] < pre[:, None]
+            kvalid = torch.cat([pvalid, qvalid], dim=1)[:, None, :]
+        new = rel >= 0
+        if tree_mask is not None:
+            tm = torch.zeros(B, Lq, Lq, dtype=torch.bool, device=ext.device)
+            n2 = ext * ext
+            off = torch.cumsum(n2, 0) - n2
+            rr, cc = torch.meshgrid(ar, ar, indexing="ij")
+            inside = (rr[None] < ext[:, None, None]) & (cc[None] < ext[:, None, None])
+            flat = off[:, None, None] + rr[None] * ext[:, None, None] + cc[None]
+            tm[inside] = tree_mask.reshape(-1)[flat[inside]].bool()
+            see_new = torch.gather(tm, 2, rel.clamp(0, Lq - 1).expand(B, Lq, -1))
+        elif is_causal:
+            see_new = rel <= ar[None, :, None]
+        else:
+            see_new = torch.ones_like(new)
+        mask = kvalid & torch.where(new, see_new, True)
+        mask = mask | ~qvalid[:, :, None]  # padded query rows see everything (their outputs are dropped)
+        self.mask = mask[:, None]
+
+    def same(self, seq, ext, start, tree_mask, is_causal, kv_shared) -> bool:
+        s, e, st, tm, c, kv = self.key
+        if (c, kv) != (is_causal, kv_shared) or (tm is None) != (tree_mask is None):
+            return False
+        if s.shape != seq.shape or not (torch.equal(s, seq) and torch.equal(e, ext) and torch.equal(st, start)):
+            return False
+        return tm is None or (tm.shape == tree_mask.shape and torch.equal(tm, tree_mask))
+
+
+_last_layout: list[_ExtendLayout] = []
 
 
 def extend_attention_cpu(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, k_scale, v_scale, req_to_token,
@@ -69,54 +130,27 @@ def extend_attention_cpu(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buf
     all of them (is_causal False), or as tree_mask says (a bool per new-token pair, request after request)."""
     _unsupported(logit_cap, is_cross_attention, sliding_window_size, sinks, k_buffer, "extend_attention_cpu")
     ext = extend_seq_lens.long()
-    B = len(ext)
-    if B == 0:
+    if len(ext) == 0:
         return
-    seq = seq_lens.long()
-    start = extend_start_loc.long()
-    Lq = int(ext.max())
-    ar = torch.arange(Lq, device=ext.device)
-    qvalid = ar[None, :] < ext[:, None]                                     # [B, Lq]
-    qidx = torch.where(qvalid, start[:, None] + ar[None, :], 0)
-    if k_extend is None:  # a KV-shared layer: its new tokens' K/V are in the pool already
-        locs, valid = _prefix_locs(req_to_token, req_pool_indices, seq)
-        k, v = k_buffer[locs], v_buffer[locs]
-        pre = seq - ext
-        P = 0
-        kcol = torch.arange(locs.shape[1], device=ext.device)
-        rel = kcol[None, None, :] - pre[:, None, None]                        # key index among the new tokens
-        kvalid = valid[:, None, :]
+    seq, start = seq_lens.long(), extend_start_loc.long()
+    tm = tree_mask if tree_mask is not None and tree_mask.numel() > 0 else None
+    shared = k_extend is None  # a KV-shared layer: its new tokens' K/V are in the pool already
+    if _last_layout and _last_layout[0].same(seq, ext, start, tm, is_causal, shared):
+        lay = _last_layout[0]
     else:
-        pre = seq - ext
-        locs, pvalid = _prefix_locs(req_to_token, req_pool_indices, pre)
-        P = locs.shape[1]
-        k = torch.cat([k_buffer[locs].to(q_extend.dtype), k_extend[qidx]], dim=1)
-        v = torch.cat([v_buffer[locs].to(q_extend.dtype), v_extend[qidx]], dim=1)
-        rel = torch.cat([torch.full((1, 1, P), -1, device=ext.device), ar[None, None, :]], dim=2)
-        rel = rel.expand(B, 1, -1)
-        kvalid = torch.cat([pvalid, qvalid], dim=1)[:, None, :]
-    # over the new tokens: causal, full, or the tree mask; over the prefix: every cached token
-    new = rel >= 0
-    if tree_mask is not None and tree_mask.numel() > 0:
-        tm = torch.zeros(B, Lq, Lq, dtype=torch.bool, device=ext.device)
-        n2 = ext * ext
-        off = torch.cumsum(n2, 0) - n2
-        rr, cc = torch.meshgrid(ar, ar, indexing="ij")
-        inside = (rr[None] < ext[:, None, None]) & (cc[None] < ext[:, None, None])
-        flat = off[:, None, None] + rr[None] * ext[:, None, None] + cc[None]
-        tm[inside] = tree_mask.reshape(-1)[flat[inside]].bool()
-        relc = rel.clamp_min(0).expand(B, Lq, -1)
-        see_new = torch.gather(tm, 2, relc.clamp_max(Lq - 1))
-    elif is_causal:
-        see_new = rel <= ar[None, :, None]
+        lay = _ExtendLayout(seq, ext, start, tm, is_causal, shared)
+        _last_layout[:] = [lay]
+    if shared:
+        locs, _ = _prefix_locs(req_to_token, req_pool_indices, seq)
+        k, v = _gather(k_buffer, locs), _gather(v_buffer, locs)
     else:
-        see_new = torch.ones_like(new)
-    mask = kvalid & torch.where(new, see_new, True)
-    mask = mask | ~qvalid[:, :, None]  # padded query rows see everything (their outputs are dropped)
-    q = q_extend[qidx].transpose(1, 2)                                         # [B, H, Lq, D]
+        locs, _ = _prefix_locs(req_to_token, req_pool_indices, lay.pre)
+        k = torch.cat([_gather(k_buffer, locs).to(q_extend.dtype), _gather(k_extend, lay.qidx)], dim=1)
+        v = torch.cat([_gather(v_buffer, locs).to(q_extend.dtype), _gather(v_extend, lay.qidx)], dim=1)
+    q = _gather(q_extend, lay.qidx).transpose(1, 2)                                   # [B, H, Lq, D]
     o = F.scaled_dot_product_attention(q, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-                                       attn_mask=mask[:, None], scale=sm_scale, enable_gqa=True)
-    o_extend.view(o_extend.shape[0], -1, o.shape[-1])[qidx[qvalid]] = o.transpose(1, 2)[qvalid].to(o_extend.dtype)
+                                       attn_mask=lay.mask, scale=sm_scale, enable_gqa=True)
+    o_extend.view(o_extend.shape[0], -1, o.shape[-1])[lay.qsel] = o.transpose(1, 2)[lay.qvalid].to(o_extend.dtype)
 
 
 _LIB.impl("decode_attention_cpu", decode_attention_cpu, "CPU")
