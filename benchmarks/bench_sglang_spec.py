@@ -1,25 +1,31 @@
 """SGLang's own server on this CPU: plain decoding vs SGLang+STANDALONE vs SGLang+ECHO, tokens/s at several
 concurrencies, side by side in one run.
 
-Servers run one at a time, each started fresh, on the shipped tiny target (fp32); speculative ones with the shipped
-tiny draft and SGLang's intel_amx attention (kept on this AMX-less CPU by echo's plugin, echo's torch sgl_kernel).
-Plain SGLang runs twice: with its own torch_native attention (SGLang's code only) and with intel_amx (the same
-attention kernels the speculative servers use). ECHO runs the policy settings shipped with the draft
+All servers start together and are measured in turn, interleaved (server after server, repeated): on this shared
+machine the load drifts by 2x within minutes, and interleaving spreads the drift over every server alike; the table
+gives each server's median and range. Shipped tiny target (fp32); speculative servers with the shipped tiny draft
+and SGLang's intel_amx attention (kept on this AMX-less CPU by echo's plugin, echo's torch sgl_kernel).
+`plain` is plain SGLang with its own torch_native attention (SGLang's code only; `plain-amx`: with intel_amx, the
+kernels the speculative servers use). ECHO runs the policy settings shipped with the draft
 (tiny-draft/policy-echo.json: steps 5, topk 2, N 10), dense (SGLang's layout, pads) and ragged (echo's CPU kernels
 verify only the selected nodes); STANDALONE the same shape (steps 5, topk 2, N 10).
 Load: closed loop, `concurrency` requests in flight, held-out prompts (120 bytes), greedy, ignore_eos.
+"verified/request/step": tokens through the target's verify forward per request and step (N dense; ragged ECHO:
+the policy's mean tree size, from the plugin's records).
 
     python benchmarks/bench_sglang_spec.py --sglang-python VENV/bin/python [--concurrency 1,4,16]
-        [--tokens 64] [--rounds 3] [--min-requests 8] [--servers plain,plain-amx,standalone,echo,echo-ragged]
-        [--out DIR]
+        [--tokens 64] [--rounds 2] [--min-requests 6] [--repeats 3] [--servers plain,standalone,echo,echo-ragged]
+        [--echo-config FILE] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -58,6 +64,17 @@ def post(url: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
+def verified_per_request_step(records: Path, spec) -> float | None:
+    """Tokens through the target's verify forward per request and step: N for a dense server; for ragged ECHO the
+    mean tree size the policy selected (the plugin's records, ECHO_SGLANG_RECORDS)."""
+    if spec is None:
+        return 1.0
+    if not spec.ragged:
+        return float(spec.num_draft_tokens)
+    sizes = [n for line in records.read_text().splitlines() for n in json.loads(line)["tree_tokens"]]
+    return sum(sizes) / len(sizes) if sizes else None
+
+
 def load(url: str, prompts: list[list[int]], concurrency: int, tokens: int) -> dict:
     params = {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}
     t0 = time.perf_counter()
@@ -76,10 +93,12 @@ def main() -> int:
     p.add_argument("--sglang-python", required=True)
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per request")
-    p.add_argument("--rounds", type=int, default=3, help="requests per concurrency = rounds x concurrency ...")
-    p.add_argument("--min-requests", type=int, default=8, help="... and at least this many")
-    p.add_argument("--servers", default="plain,plain-amx,standalone,echo,echo-ragged")
+    p.add_argument("--rounds", type=int, default=2, help="requests per measurement = rounds x concurrency ...")
+    p.add_argument("--min-requests", type=int, default=6, help="... and at least this many")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per server and concurrency (interleaved)")
+    p.add_argument("--servers", default="plain,standalone,echo,echo-ragged")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per server")
+    p.add_argument("--echo-config", default=None, help="ECHO's policy config (default: the draft's policy-echo.json)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     conc = [int(c) for c in a.concurrency.split(",")]
@@ -87,34 +106,55 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     count = {c: max(a.rounds * c, a.min_requests) for c in conc}
     prompts = sglang_cpu.heldout_prompts(max(count.values()) + 1)
-    rows = []
     names = a.servers.split(",")
-    for i, name in enumerate(names):
-        kw = servers()[name]
-        label = name if names.index(name) == i else f"{name} (again)"  # a repeat brackets the load's drift
-        port = free_port()
-        extra = ("--disable-overlap-schedule",) if "speculative" in kw else ()
-        proc = sglang_cpu.launch(TARGET, port=port, python=a.sglang_python, log_path=out / f"{label}.log",
-                                 max_running_requests=max(conc), threads=a.threads, extra=extra, **kw)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            sglang_cpu.wait_ready(url, proc, timeout_s=900)
-            load(url, prompts[-1:], 1, 8)  # warm-up
-            for c in conc:
-                r = load(url, prompts[:count[c]], c, a.tokens)
-                rows.append(dict(server=label, concurrency=c, load1=os.getloadavg()[0], **r))
-                print(json.dumps(rows[-1]), flush=True)
-        finally:
+    specs, procs, urls = {}, {}, {}
+    try:
+        for name in names:  # all servers up at once; idle ones wait on their sockets
+            kw = dict(servers()[name])
+            spec = kw.get("speculative")
+            if spec is not None and spec.algorithm == "ECHO" and a.echo_config:
+                kw["speculative"] = spec = dataclasses.replace(spec, policy_config=a.echo_config)
+            specs[name] = spec
+            if spec is not None and spec.algorithm == "ECHO":
+                os.environ["ECHO_SGLANG_RECORDS"] = str(out / f"{name}-records.jsonl")
+            port = free_port()
+            extra = ("--disable-overlap-schedule",) if spec is not None else ()
+            procs[name] = sglang_cpu.launch(TARGET, port=port, python=a.sglang_python, log_path=out / f"{name}.log",
+                                            max_running_requests=max(conc), threads=a.threads, extra=extra, **kw)
+            os.environ.pop("ECHO_SGLANG_RECORDS", None)
+            urls[name] = f"http://127.0.0.1:{port}"
+        for name in names:
+            sglang_cpu.wait_ready(urls[name], procs[name], timeout_s=900)
+            load(urls[name], prompts[-1:], 1, 8)  # warm-up
+        rows = []
+        for c in conc:
+            for rep in range(a.repeats):  # interleaved: drifts in the machine's load hit every server alike
+                for name in names:
+                    records = out / f"{name}-records.jsonl"
+                    records.unlink(missing_ok=True)
+                    r = load(urls[name], prompts[:count[c]], c, a.tokens)
+                    r["verified_per_req_step"] = verified_per_request_step(records, specs[name])
+                    rows.append(dict(server=name, concurrency=c, repeat=rep, load1=os.getloadavg()[0], **r))
+                    print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for proc in procs.values():
             sglang_cpu.stop(proc)
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-    base = {r["concurrency"]: r["tok_s"] for r in rows if r["server"] == rows[0]["server"]}
-    print(f"\n| server | concurrency | requests | tok/s | vs {rows[0]['server']} | tokens/verify | load (1 min) |")
-    print("|---|---|---|---|---|---|---|")
-    order = [r["server"] for r in rows]
-    for r in sorted(rows, key=lambda r: (r["concurrency"], order.index(r["server"]))):
-        tps = "–" if r["tokens_per_step"] is None else f"{r['tokens_per_step']:.2f}"
-        print(f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['tok_s']:.1f} | "
-              f"{r['tok_s'] / base[r['concurrency']]:.2f}x | {tps} | {r['load1']:.1f} |")
+    first = names[0]
+    print(f"\n| server | concurrency | requests x repeats | tok/s (median) | min-max | vs {first} | tokens/verify "
+          "| verified/request/step | load (1 min) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c in conc:
+        med = {}
+        for name in names:
+            mine = [r for r in rows if r["server"] == name and r["concurrency"] == c]
+            med[name] = statistics.median(r["tok_s"] for r in mine)
+            tps = [r["tokens_per_step"] for r in mine if r["tokens_per_step"]]
+            ver = [r["verified_per_req_step"] for r in mine if r["verified_per_req_step"] is not None]
+            print(f"| {name} | {c} | {mine[0]['requests']} x {len(mine)} | {med[name]:.1f} | "
+                  f"{min(r['tok_s'] for r in mine):.0f}-{max(r['tok_s'] for r in mine):.0f} | "
+                  f"{med[name] / med[first]:.2f}x | {statistics.mean(tps) if tps else float('nan'):.2f} | "
+                  f"{statistics.mean(ver):.2f} | {statistics.mean(r['load1'] for r in mine):.1f} |")
     print(f"runs in {out}")
     return 0
 
