@@ -118,7 +118,8 @@ def main() -> int:
             if spec is not None and spec.algorithm == "ECHO":
                 os.environ["ECHO_SGLANG_RECORDS"] = str(out / f"{name}-records.jsonl")
             port = free_port()
-            extra = ("--disable-overlap-schedule",) if spec is not None else ()
+            # idle SGLang schedulers poll a busy loop: sleep-on-idle keeps the servers not being measured off the CPU
+            extra = ("--sleep-on-idle",) + (("--disable-overlap-schedule",) if spec is not None else ())
             procs[name] = sglang_cpu.launch(TARGET, port=port, python=a.sglang_python, log_path=out / f"{name}.log",
                                             max_running_requests=max(conc), threads=a.threads, extra=extra, **kw)
             os.environ.pop("ECHO_SGLANG_RECORDS", None)
