@@ -308,17 +308,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 for n in counts:
-                    pos = np.arange(context, context + n)
-                    meta = attn_meta(bm, row, np.array([context + n]), np.array([n]), pos, causal_qpos=pos,
-                                     device=self.device)
-                    tok = torch.zeros(int(n), dtype=torch.long, device=self.device)
-                    pos_t = torch.from_numpy(pos).to(self.device)
-                    best = np.inf
-                    for _ in range(repeats + 1):
-                        t0 = time.perf_counter()
-                        self.target.forward_packed(tok, pos_t, meta, self.cache).argmax(dim=-1).cpu()
-                        best = min(best, time.perf_counter() - t0)
-                    ms.append(best * 1e3)
+                    ms.append(self._time_verify_ms(row, context, int(n), repeats))
         finally:
             bm.free_row(0)
         ms_arr = np.maximum.accumulate(np.array(ms))  # more tokens never cost less
@@ -349,21 +339,27 @@ class Engine:
                 try:
                     out[b] = {}
                     for n in tokens_per_request:
-                        pos = np.tile(np.arange(context, context + n), b)
-                        meta = attn_meta(bm, rows, np.full(b, context + n), np.full(b, n), pos, causal_qpos=pos,
-                                         device=self.device)
-                        tok = torch.zeros(b * n, dtype=torch.long, device=self.device)
-                        pos_t = torch.from_numpy(pos).to(self.device)
-                        best = np.inf
-                        for _ in range(repeats + 1):
-                            t0 = time.perf_counter()
-                            self.target.forward_packed(tok, pos_t, meta, self.cache).argmax(dim=-1).cpu()
-                            best = min(best, time.perf_counter() - t0)
-                        out[b][n] = round(best * 1e3, 3)
+                        out[b][n] = round(self._time_verify_ms(rows, context, n, repeats), 3)
                 finally:
                     for r in rows:
                         bm.free_row(int(r))
         return out
+
+    def _time_verify_ms(self, rows: np.ndarray, context: int, n: int, repeats: int) -> float:
+        """The best of `repeats` + 1 timed target forwards of len(rows) requests, each verifying n new tokens
+        (causal among them) after `context` cached ones. The rows must hold KV blocks for context + n."""
+        b = len(rows)
+        pos = np.tile(np.arange(context, context + n), b)
+        meta = attn_meta(self.blocks, rows, np.full(b, context + n), np.full(b, n), pos, causal_qpos=pos,
+                         device=self.device)
+        tok = torch.zeros(b * n, dtype=torch.long, device=self.device)
+        pos_t = torch.from_numpy(pos).to(self.device)
+        best = np.inf
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            self.target.forward_packed(tok, pos_t, meta, self.cache).argmax(dim=-1).cpu()
+            best = min(best, time.perf_counter() - t0)
+        return best * 1e3
 
     def close(self) -> None:
         """Write the records still buffered (the engine stays usable)."""

@@ -141,9 +141,8 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool | None = False
 
 
-class CompletionIn(_Request):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16                # null = as many as fit the context (vLLM)
+class _OpenAISampling(_Request):
+    """The sampling and streaming fields that completions and chat share."""
     temperature: float | None = None           # null = 1
     top_p: float | None = None
     seed: int | None = None
@@ -154,6 +153,11 @@ class CompletionIn(_Request):
     ignore_eos: bool = False
     truncate_prompt_tokens: int | None = None  # keep the last N prompt tokens (vLLM)
     request_id: str | None = None
+
+
+class CompletionIn(_OpenAISampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16                # null = as many as fit the context (vLLM)
 
 
 class ContentPart(_Request):
@@ -173,22 +177,12 @@ class Message(_Request):
         return "".join(p.text for p in self.content)
 
 
-class ChatIn(_Request):
+class ChatIn(_OpenAISampling):
     messages: list[Message]
     max_tokens: int | None = None              # null = as many as fit the context
     max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
-    truncate_prompt_tokens: int | None = None
-    request_id: str | None = None
 
 
 def _num(name: str, value: float, *, low: float, high: float | None = None, low_open: bool = False) -> float:

@@ -143,10 +143,10 @@ def _run_folder_settings(cfg: dict) -> dict:
 
 def apply_config(args) -> None:
     """Settings from --config under the flags the command line left at their defaults."""
-    from echosim.commands.config_files import load_settings
+    from echosim.sim.config import read_settings_file
 
     path = args.config
-    settings = load_settings(path)
+    settings = read_settings_file(path, "config")
     if "sim" in settings and "workload" in settings:
         settings = _run_folder_settings(settings)
     defaults = args._defaults

@@ -7,8 +7,10 @@ replicas need (the step-time model, the KV capacity in blocks) with one-line err
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from echosim.sim.errors import SimError
 
@@ -145,3 +147,34 @@ def kv_capacity_blocks(c: ClusterConfig, cost) -> int:
                         f"({c.gpu_memory_utilization:.0%} of {cost.hardware.memory_gb:g} GB x {c.tp}); "
                         "raise --tp or use a larger GPU")
     return blocks
+
+
+def read_settings_file(path: str | Path, what: str = "settings file") -> dict:
+    """A YAML or JSON mapping of settings (a run's --config, a sweep file), with one-line errors naming the file
+    and, for a syntax error, the line. An empty file is an empty mapping."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SimError(f"cannot read the {what}: {exc.strerror or exc}", path=str(p)) from None
+    except UnicodeDecodeError:
+        raise SimError(f"the {what} is not UTF-8 text", path=str(p)) from None
+    if p.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SimError(f"not valid JSON ({exc.msg})", path=str(p), line=exc.lineno) from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise SimError(f"not valid YAML ({getattr(exc, 'problem', None) or exc})", path=str(p),
+                           line=mark.line + 1 if mark is not None else None) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SimError(f"the {what} must be a mapping of settings", path=str(p))
+    return data

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from echosim.sim.config import ClusterConfig, SimConfig
+from echosim.sim.config import ClusterConfig, SimConfig, read_settings_file
 from echosim.sim.errors import SimError
 from echosim.sim.policy_spec import parse_policy, policy_label, settings_label
 from echosim.sim.workload import WorkloadSpec
@@ -170,30 +170,7 @@ def cell_key(sim: SimConfig, workload: WorkloadSpec) -> str:
 
 def load_spec_file(path: str | Path) -> dict:
     """A sweep file's mapping (YAML or JSON), with a one-line error naming the file and line."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise SimError(f"cannot read the sweep file: {exc.strerror}", path=str(p)) from None
-    if p.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SimError(f"not valid JSON ({exc.msg})", path=str(p), line=exc.lineno) from None
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise SimError(f"not valid YAML ({getattr(exc, 'problem', None) or exc})", path=str(p),
-                           line=mark.line + 1 if mark is not None else None) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise SimError("a sweep file is a mapping (keys: policies, rates or concurrency, models, ...)", path=str(p))
-    return data
+    return read_settings_file(path, "sweep file")
 
 
 def parse_spec(data: dict, path: str | None = None) -> SweepSpec:
