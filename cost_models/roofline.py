@@ -293,6 +293,8 @@ class _Forward:
 
     def _constants(self) -> None:
         """Fold shapes and rates into per-GEMM coefficients: comp = c * (t + ramp), mem = m0 + m1 * t."""
+        self._gemm_memo: dict = {}  # t -> _gemms_ms(t), for scalar t (cleared with the constants)
+        self._lm_memo: dict = {}    # rows -> lm_head_ms(rows), for scalar rows
         b = self.b
         self.dense_c = [(2.0 * k * n / self.pc, b * k * n / self.bm, b * (k + n) / self.bm) for k, n in self.dense]
         self.moe_c = [(2.0 * k * n / self.pc, b * k * n / self.bm, b * (k + n) / self.bm) for k, n in self.moe]
@@ -307,8 +309,8 @@ class _Forward:
         self.rows_c = (self.packed * self.hq / self.hkv + 1.0 - self.packed) / 128.0
         self.ar_c = self.d * b / self.ar_byte_per_ms
 
-    def layers_ms(self, t: Num, kv: Num, qk: Num, seqs: Num) -> Num:
-        """All decoder layers of one forward over t tokens (0 tokens -> 0 ms)."""
+    def _gemms_ms(self, t: Num) -> Num:
+        """One layer's launches, elementwise kernels and GEMMs over t tokens: depends on t alone."""
         p, inv_p, tr = self.p, 1.0 / self.p, t + self.ramp
         layer = self.fixed_ms + t * self.elem_c
         for c, m0, m1 in self.dense_c:
@@ -318,6 +320,20 @@ class _Forward:
             touched = e * (1.0 - (1.0 - k / e) ** t)  # expected distinct experts hit by t tokens
             for c, m0, m1 in self.moe_c:
                 layer = layer + ((c * k * tr) ** p + (m0 * touched + m1 * k * t) ** p) ** inv_p
+        return layer
+
+    def layers_ms(self, t: Num, kv: Num, qk: Num, seqs: Num) -> Num:
+        """All decoder layers of one forward over t tokens (0 tokens -> 0 ms)."""
+        # a simulator prices the same few token counts millions of times: the GEMM part is memoized per scalar t
+        # (the same value, bit for bit: the same operations in the same order, then attention added as before)
+        if type(t) is float or type(t) is int:
+            layer = self._gemm_memo.get(t)
+            if layer is None:
+                if len(self._gemm_memo) > 65536:
+                    self._gemm_memo.clear()
+                layer = self._gemm_memo[t] = self._gemms_ms(t)
+        else:
+            layer = self._gemms_ms(t)
         # attention: same formula as attention_ms, on the folded constants
         pa = self.pa_p
         comp = qk * self.attn_comp_c
@@ -346,6 +362,16 @@ class _Forward:
         return self.layers * layer * (t > 0)
 
     def lm_head_ms(self, rows: Num) -> Num:
+        if type(rows) is float or type(rows) is int:
+            ms = self._lm_memo.get(rows)
+            if ms is None:
+                if len(self._lm_memo) > 65536:
+                    self._lm_memo.clear()
+                ms = self._lm_memo[rows] = self._lm_head_ms(rows)
+            return ms
+        return self._lm_head_ms(rows)
+
+    def _lm_head_ms(self, rows: Num) -> Num:
         c, m0, m1 = self.lm_c
         p = self.p
         return ((((c * (rows + self.ramp)) ** p + (m0 + m1 * rows) ** p) ** (1.0 / p) + self.lm_fixed_ms)
