@@ -22,6 +22,7 @@ Two ways to get those numbers, selected by `core`:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,40 @@ from echosim.spec.records import step_records, write_records
 from echosim.spec.verify import verify_greedy
 
 CORE_CHUNK_ROWS = 2048  # rows per core call while building tables (bounds the forest's memory)
+
+# Built tables, kept across runs in one process (the dashboard, sweeps, --compare-policies rebuild the same ones).
+# A table is a pure function of its key (below) and of the synthetic drafter's RNG state when the build starts;
+# that state is a function of the key's seed and of which tables this speculator built before, so the key carries
+# that history, and an entry keeps the RNG state the build left for the next one. Tabled policies keep no state
+# across core steps (their observe/set_batch are no-ops), so the policy needs no restoring.
+TABLE_CACHE_SIZE = 16  # entries (one per dataset table); ~1.6 MB each at the default 32 x 256 rows
+_TABLE_CACHE: OrderedDict[tuple, _CachedTable] = OrderedDict()
+
+
+@dataclass(frozen=True)
+class _CachedTable:
+    edges: np.ndarray
+    rows: np.ndarray
+    probs: np.ndarray | None
+    acc_rank: np.ndarray | None
+    confident: np.ndarray | None
+    drafter_state: dict   # the drafter's bit generator state after the build
+    core_steps: int       # core calls the build made
+
+
+def clear_table_cache() -> None:
+    _TABLE_CACHE.clear()
+
+
+def _table_key(spec: Speculator, dataset: int) -> tuple:
+    a, policy = spec.acceptance, spec.policy
+    accept = repr((type(a).__qualname__, a.model, a.draft_params, a.accept_params, list(a.skills.items()),
+                   a.vocab_size))
+    # and the arrays the drafter reads, derived from those at construction (in case a caller edits them)
+    arrays = tuple((k, v.dtype.str, v.shape, v.tobytes()) for k, v in sorted(vars(a).items())
+                   if isinstance(v, np.ndarray))
+    return (accept, arrays, type(policy).__qualname__, policy.name, repr(policy.config), spec.seed, spec.bins,
+            spec.rows_per_bin, CORE_CHUNK_ROWS, tuple(spec._dataset_slot), dataset)
 
 
 def adaptive(policy: Policy) -> bool:
@@ -314,10 +349,48 @@ class Speculator:
         self._step_ms: dict = {}
 
     def _build_table(self, dataset: int) -> int:
-        """Stratified outcomes for one dataset: sorted difficulties split into `bins` equal strata."""
+        """Stratified outcomes for one dataset (`_make_table`), or the same table from the process's cache."""
         import time
 
         t0 = time.perf_counter()
+        cacheable = self.records_path is None and self.core == "table" and hasattr(self.drafter, "rng")
+        key = _table_key(self, dataset) if cacheable else None
+        hit = _TABLE_CACHE.get(key) if key is not None else None
+        if hit is None:
+            steps0 = self.step_index
+            edges, rows, probs, acc_rank, confident = self._make_table(dataset)
+            if key is not None:
+                hit = _CachedTable(edges, rows, probs, acc_rank, confident,
+                                   self.drafter.rng.bit_generator.state, self.step_index - steps0)
+                for a in (edges, rows, probs, acc_rank, confident):
+                    if a is not None:
+                        a.flags.writeable = False  # shared by later runs: nobody may write into them
+                _TABLE_CACHE[key] = hit
+                while len(_TABLE_CACHE) > TABLE_CACHE_SIZE:
+                    _TABLE_CACHE.popitem(last=False)
+        else:
+            _TABLE_CACHE.move_to_end(key)
+            edges, rows, probs, acc_rank, confident = hit.edges, hit.rows, hit.probs, hit.acc_rank, hit.confident
+            # as if built here: the next table's build starts from the state this one's left
+            self.drafter.rng.bit_generator.state = hit.drafter_state
+            self.step_index += hit.core_steps
+        self._rows = np.concatenate([self._rows, rows])
+        if self.prefix:
+            self._probs = np.concatenate([self._probs, probs])
+            self._acc_rank = np.concatenate([self._acc_rank, acc_rank])
+            self._confident = np.concatenate([self._confident, confident])
+        self._stop_const = bool((self._rows[:, STOP] == self.depth).all())
+        if self.prefix:
+            self._prefix_keys()
+        self._edges.append(edges)
+        slot = len(self._edges) - 1
+        self._dataset_slot[dataset] = slot
+        self.table_build_s += time.perf_counter() - t0
+        return slot
+
+    def _make_table(self, dataset: int):
+        """Sorted difficulties split into `bins` equal strata; each row one core outcome at its difficulty.
+        Returns (stratum edges, outcome rows, then for goodput ECHO: probabilities, accepted ranks, Priority 1)."""
         n = self.bins * self.rows_per_bin
         rng = np.random.default_rng([self.seed, 3, dataset])
         ds = np.full(n, dataset, np.int64)
@@ -338,19 +411,7 @@ class Speculator:
             tok[idx], acc[idx], stop[idx] = self._run_core(diff[idx], ds[idx], kv[idx], idx, full, out)
             if self.prefix:
                 probs[idx], acc_rank[idx], confident[idx] = out[0]
-        self._rows = np.concatenate([self._rows, outcome_rows(tok, acc, stop)])
-        if self.prefix:
-            self._probs = np.concatenate([self._probs, probs])
-            self._acc_rank = np.concatenate([self._acc_rank, acc_rank])
-            self._confident = np.concatenate([self._confident, confident])
-        self._stop_const = bool((self._rows[:, STOP] == self.depth).all())
-        if self.prefix:
-            self._prefix_keys()
-        self._edges.append(edges)
-        slot = len(self._edges) - 1
-        self._dataset_slot[dataset] = slot
-        self.table_build_s += time.perf_counter() - t0
-        return slot
+        return edges, outcome_rows(tok, acc, stop), probs, acc_rank, confident
 
     def _full_cap_policy(self) -> Policy:
         """The same ECHO with a per-request budget at its cap: it verifies each request's whole priority order."""
