@@ -12,7 +12,7 @@ from echosim.cli import main
 from traces import read_arrays
 
 FIXTURES = Path(__file__).parent / "fixtures" / "traces"
-AZURE_2023 = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
+AZURE_2023 = Path(__file__).resolve().parents[1] / "traces" / "azure_conv_2023_1h.csv.gz"  # the public CSV, gzipped
 
 
 def test_inspect_vidur(capsys):
@@ -33,7 +33,6 @@ def test_inspect_json_burstgpt(capsys):
     assert summary["output_tokens"]["mean"] == pytest.approx((18 + 217 + 88 + 1) / 4)
 
 
-@pytest.mark.skipif(not AZURE_2023.is_file(), reason="../shared/data/traces not present")
 def test_inspect_real_azure(capsys):
     assert main(["trace", "inspect", str(AZURE_2023)]) == 0
     out = capsys.readouterr().out

@@ -12,8 +12,7 @@ from echosim.errors import UserError
 from traces import TraceReader, detect_format, read_arrays, write_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures" / "traces"
-AZURE_2023 = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
-needs_azure = pytest.mark.skipif(not AZURE_2023.is_file(), reason="../shared/data/traces not present")
+AZURE_2023 = Path(__file__).resolve().parents[1] / "traces" / "azure_conv_2023_1h.csv.gz"  # the public CSV, gzipped
 
 
 @pytest.mark.parametrize("name, fmt", [
@@ -116,7 +115,6 @@ def test_requests_and_arrays_agree_across_chunks():
     np.testing.assert_allclose(np.concatenate([c.arrival_s for c in chunks]), whole.arrival_s)
 
 
-@needs_azure
 def test_real_azure_2023_conv():
     reader = TraceReader(AZURE_2023)
     t = reader.arrays()
@@ -134,7 +132,6 @@ def test_real_azure_2023_conv():
     np.testing.assert_array_equal(small.arrival_s, t.arrival_s)
 
 
-@needs_azure
 def test_shipped_azure_sample_is_the_first_five_minutes():
     full = read_arrays(AZURE_2023)
     sample = read_arrays(traces.sample_path("azure_conv_2023_5min"))
