@@ -317,3 +317,25 @@ def test_plugin_forest_and_pack_match_sglang_tree_builder(seed, B, topk, steps, 
     assert np.array_equal(dense.positions.reshape(-1), pos.numpy())
     want_tokens = np.concatenate([roots[:, None], np.take_along_axis(np.concatenate(tokens, axis=1), top, 1)], 1)
     assert np.array_equal(dense.tokens, want_tokens)
+
+
+@needs_sglang
+def test_adaptive_policy_runs_its_inner_policy(monkeypatch, tmp_path):
+    """The shipped policy-echo.json is online-adaptive; SGLang's worker does not hand the adaptive budget its
+    verify results and step times yet, so the plugin runs the inner policy (static ECHO) rather than an adaptive
+    budget that would never learn. A static config runs as given."""
+    from echo_sglang_plugin.worker import policy_from_env
+
+    from echosim.spec.adaptive import Adaptive
+    from echosim.spec.policies import load_policy
+
+    draft = Path(__file__).resolve().parents[1] / "echo_exec" / "models" / "tiny-draft"
+    monkeypatch.delenv("ECHO_SGLANG_POLICY", raising=False)
+    monkeypatch.delenv("ECHO_SGLANG_POLICY_CONFIG", raising=False)
+    shipped = load_policy(draft / "policy-echo.json")
+    assert isinstance(shipped, Adaptive)
+    policy = policy_from_env(str(draft))
+    assert not isinstance(policy, Adaptive) and policy.name == "echo" and policy.config == shipped.inner.config
+    monkeypatch.setenv("ECHO_SGLANG_POLICY_CONFIG", '{"steps": 3, "topk": 2, "num_draft_tokens": 6}')
+    policy = policy_from_env(str(draft))
+    assert not isinstance(policy, Adaptive) and policy.config.num_draft_tokens == 6

@@ -29,9 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "echo_exec" / "models" / "tiny-target"
 DRAFT = TARGET.parent / "tiny-draft"
 NUM_PROMPTS, PROMPT_BYTES, NEW_TOKENS = 56, 120, 40
-# The shipped ECHO settings with a stricter gate at depth 3, so that both of ECHO's tiers (confident requests up to
-# num_draft_tokens, gated ones up to remaining_num_draft_tokens) show up in a short test.
-ECHO_TEST_CONFIG = {**json.loads((DRAFT / "policy-echo.json").read_text()), "gates": [[3, 0.3]]}
+# A static ECHO on this pair (5 x 2 beam, N 10, gated requests 4) with a gate at depth 3 strict enough that both
+# of ECHO's tiers (confident requests up to num_draft_tokens, gated ones up to remaining_num_draft_tokens) show up
+# in a short test. Explicit rather than the shipped policy-echo.json: that one is online-adaptive, which the
+# plugin runs as its inner policy (see test_adaptive_policy_runs_its_inner_policy).
+ECHO_TEST_CONFIG = {"policy": "echo", "steps": 5, "topk": 2, "num_draft_tokens": 10, "remaining_num_draft_tokens": 4,
+                    "gates": [[3, 0.3]], "budget": {"kind": "goodput", "tokens": 9}}
 
 
 def free_port() -> int:

@@ -35,6 +35,7 @@ from sglang.srt.speculative.spec_utils import renorm_draft_probs, select_top_k_t
 from sglang.srt.speculative.standalone_worker_v2 import StandaloneDraftWorker, StandaloneWorkerV2
 from sglang.srt.utils.common import fast_topk
 
+from echosim.spec.adaptive import Adaptive
 from echosim.spec.forest import MAX_LOGP, MIN_LOGP, DraftForest, slot_layout
 from echosim.spec.pack import pack, to_dense
 from echosim.spec.policies import ConfigError, Policy, load_policy, make_policy
@@ -44,18 +45,25 @@ logger = logging.getLogger(__name__)
 
 def policy_from_env(draft_dir: str | None) -> Policy:
     """The policy named by ECHO_SGLANG_POLICY (default echo) with ECHO_SGLANG_POLICY_CONFIG (a JSON file or an
-    inline JSON object); without a config, the draft directory's policy-NAME.json when there is one."""
+    inline JSON object); without a config, the draft directory's policy-NAME.json when there is one. An
+    online-adaptive policy runs its inner policy here: the adaptive budget learns from each step's verify result
+    and measured time, which this worker does not hand to the policy yet (docs/REPLAY.md)."""
     name = os.environ.get("ECHO_SGLANG_POLICY") or "echo"
     config = os.environ.get("ECHO_SGLANG_POLICY_CONFIG")
     if config and config.lstrip().startswith("{"):
-        return make_policy(name, json.loads(config))
-    if config:
+        policy = make_policy(name, json.loads(config))
+    elif config:
         policy = load_policy(config)
         if policy.name != name and os.environ.get("ECHO_SGLANG_POLICY"):
             raise ConfigError(f"{config}: policy {policy.name!r} but --speculative-echo-policy {name!r}")
-        return policy
-    shipped = Path(draft_dir or "") / f"policy-{name}.json"
-    return load_policy(shipped) if draft_dir and shipped.is_file() else make_policy(name)
+    else:
+        shipped = Path(draft_dir or "") / f"policy-{name}.json"
+        policy = load_policy(shipped) if draft_dir and shipped.is_file() else make_policy(name)
+    if isinstance(policy, Adaptive):
+        logger.warning("echo plugin: the online-adaptive budget is not wired into SGLang's worker yet; running its "
+                       "inner %s policy with the adaptive settings left out", policy.inner.name)
+        return policy.inner
+    return policy
 
 
 def check_shape(policy: Policy, steps: int, topk: int, num_draft_tokens: int) -> None:
