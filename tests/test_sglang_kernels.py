@@ -336,7 +336,7 @@ def test_adaptive_policy_runs_its_inner_policy(monkeypatch, tmp_path):
     assert isinstance(shipped, Adaptive)
     policy = policy_from_env(str(draft))
     assert not isinstance(policy, Adaptive) and policy.name == "echo" and policy.config == shipped.inner.config
-    monkeypatch.setenv("ECHO_SGLANG_POLICY_CONFIG", '{"steps": 3, "topk": 2, "num_draft_tokens": 6, '
+    monkeypatch.setenv("ECHO_SGLANG_POLICY_CONFIG", '{"steps": 5, "topk": 2, "num_draft_tokens": 6, '
                                                       '"remaining_num_draft_tokens": 4}')
     policy = policy_from_env(str(draft))
     assert not isinstance(policy, Adaptive) and policy.config.num_draft_tokens == 6
