@@ -147,8 +147,10 @@ def test_rerun_after_an_interrupt_runs_only_the_missing_cells(tmp_path, jobs):
     table lists them, and the same command again runs only the rest."""
     out = tmp_path / "sw"
     JOBS = jobs  # noqa: N806
+    # cells of a few hundred ms each (the acceptance-table cache makes tiny cells a few ms: all 8 could finish
+    # between two polls of a loaded machine, before the interrupt lands)
     cmd = [sys.executable, "-m", "echosim.cli", "sweep", "--policies", "ar,eagle3", "--concurrency", "1,2,3,4",
-           "--requests", "6", "--input-len", "32", "--output-len", "24", "--jobs", JOBS, "--no-plots",
+           "--requests", "400", "--input-len", "32", "--output-len", "128", "--jobs", JOBS, "--no-plots",
            "--no-progress", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
