@@ -37,7 +37,7 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int  # dense MLP width (per expert for Mixtral-style MoE)
-    vocab_size: int
+    vocab_size: int  # rows of the LM head: an EAGLE-3 head's draft vocabulary (draft_vocab_size)
     num_experts: int = 0  # 0 = dense MLP
     experts_per_token: int = 0
     moe_intermediate_size: int = 0  # width of one expert
@@ -142,7 +142,8 @@ def model_from_config(cfg: dict, path: str | None = None) -> ModelSpec:
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or d // heads),
             intermediate_size=ffn,
-            vocab_size=int(cfg["vocab_size"]),
+            # an EAGLE-3 head's LM head spans its reduced draft vocabulary (config.json's draft_vocab_size)
+            vocab_size=int(cfg.get("draft_vocab_size") or cfg["vocab_size"]),
             num_experts=experts,
             experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
             moe_intermediate_size=moe_ffn,

@@ -27,9 +27,31 @@ def test_catalog_has_required_entries():
     moe = load_model("Qwen/Qwen3-235B-A22B")  # alias
     assert (moe.num_experts, moe.experts_per_token) == (128, 8)
     head = load_model("eagle3-llama-3.1-8b")
-    assert head.num_layers == 1 and head.vocab_size == 128256 and head.qkv_in() == 2 * head.hidden_size
+    # the LM head of a published EAGLE-3 head spans its 32k draft vocabulary, not the target's 128k
+    assert head.num_layers == 1 and head.vocab_size == 32000 and head.qkv_in() == 2 * head.hidden_size
     h200, h100 = load_hardware("H200"), load_hardware("h100")
     assert h200.hbm_tbps > h100.hbm_tbps and h200.peak_bf16_tflops == h100.peak_bf16_tflops
+
+
+def test_eagle3_head_prices_its_lm_head_over_the_draft_vocabulary():
+    """An EAGLE-3 config.json's draft_vocab_size sets its LM head (the published heads: 32000 of the target's
+    128k-152k); a draft depth's LM head is a memory-bound GEMM, so its time follows the vocabulary."""
+    from cost_models.specs import model_from_config
+
+    cfg = {"architectures": ["LlamaForCausalLMEagle3"], "hidden_size": 4096, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "num_hidden_layers": 1, "intermediate_size": 14336, "vocab_size": 128256}
+    full = model_from_config(cfg)
+    small = model_from_config({**cfg, "draft_vocab_size": 32000})
+    assert (full.vocab_size, small.vocab_size) == (128256, 32000)
+    assert all(load_model(f"eagle3-{m}").vocab_size == 32000
+               for m in ("qwen3-8b", "qwen3-32b", "qwen3-235b-a22b", "llama-3.1-8b", "llama-3.3-70b", "vicuna-13b"))
+    lm = [FittedCostModel("llama-3.1-8b", draft=d).step_time(StepBatch.from_requests([1], [512], draft_rows=[8]))
+          .lm_head_ms for d in (full, small)]
+    target = FittedCostModel("llama-3.1-8b").step_time(StepBatch.from_requests([1], [512])).lm_head_ms
+    draft_full, draft_small = lm[0] - target, lm[1] - target
+    assert 2.5 < draft_full / draft_small < 128256 / 32000 + 0.1
+    # never faster than reading the head's weights at the datasheet bandwidth
+    assert draft_small >= 4096 * 32000 * 2 / (load_hardware("h100").hbm_tbps * 1e12) * 1e3
 
 
 def test_unknown_names_list_known_ones():
