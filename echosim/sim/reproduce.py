@@ -100,7 +100,7 @@ WHY = {
                    "makes ECHO's fewer verified tokens worth more there than here (batch 8 and 16)",
     "crossover": "the paper's high-load trees are not published (the Qwen3-8B batch 32-64 tree is used); the "
                  "crossover moves with the tree size. With --engine-overhead (a per-token cost fitted on Qwen3-8B "
-                 "TP1 carried to these TP-8 models) it moves to batch 16-32, which the paper's own crossover "
+                 "TP1 carried to these TP-8 models) it moves to batch 16-64, which the paper's own crossover "
                  "rules out: that overhead is not a per-token constant of the engine",
     "highload": "ordering only: the paper gives no number",
     "verify_cost": "a claim about step costs, from the fitted H100 cost model",
