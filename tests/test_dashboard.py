@@ -115,3 +115,24 @@ def test_validate_folders_and_sweep_tables_from_disk(app, runs):
     assert any("best_policy" in f.columns and list(f["load"]) == [1, 2] for f in frames)
     app.text_input(key="sw_path").set_value(str(runs / "nowhere")).run()
     assert any("no sweep.csv in this folder" in e.value for e in app.error)
+
+
+def test_server_start_up_computes_the_default_view(tmp_path, capsys, monkeypatch):
+    """dashboards.serve runs the default page once before listening: its 12 cells are in the runs folder's cell
+    store and Streamlit's in-memory cache holds the grid, so the first browser view simulates nothing."""
+    from dashboards import serve
+
+    runs = tmp_path / "runs"
+    serve.warm(["--runs", str(runs)])
+    assert "default view computed in" in capsys.readouterr().err
+    cells = runs / "dashboard" / "cells"
+    assert len(list(cells.iterdir())) == 12
+    for cell in cells.iterdir():   # empty the disk store: only the in-memory cache can serve the next view
+        for f in cell.iterdir():
+            f.unlink()
+        cell.rmdir()
+    monkeypatch.setattr("sys.argv", [APP, "--runs", str(runs)])   # as the server runs the page
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.run()
+    assert not at.exception and at.caption[0].value == "policies: ar, eagle3, echo | 12 cells"
+    assert not list(cells.iterdir())   # nothing simulated again
