@@ -319,3 +319,23 @@ def test_rate_search_brackets_any_threshold(threshold, tol):
     assert res.status == "ok"
     assert res.capacity <= threshold < res.first_failing
     assert res.first_failing / res.capacity - 1 <= tol
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 3, 8])
+def test_pool_tasks_keep_each_simulator_config_together(jobs):
+    """The pool ships cells in chunks of one simulator config (so a worker builds that config's acceptance
+    tables once): every cell exactly once, a chunk never mixes configs, at least 2 x jobs chunks when there are
+    enough cells, one cell a task for a single worker."""
+    from echosim.sweep.api import _chunks
+
+    cells = expand(parse_spec({"policies": ["ar", "eagle3", "echo"], "concurrency": [1, 2, 4, 8, 16],
+                               "seeds": [0, 1]}))
+    chunks = _chunks(cells, jobs)
+    assert sorted(i for c in chunks for i in c) == list(range(len(cells)))
+    for c in chunks:
+        assert len({json.dumps(cells[i].sim.to_json(), sort_keys=True) for i in c}) == 1
+    if jobs == 1:
+        assert all(len(c) == 1 for c in chunks)
+    else:
+        assert len(chunks) >= min(2 * jobs, len(cells)) and len(chunks) >= 6   # 6 configs
+    assert _chunks([], jobs) == []

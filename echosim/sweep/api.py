@@ -21,8 +21,8 @@ import pandas as pd
 from echosim.sweep.advisor import advise, schedule
 from echosim.sweep.capacity import search_cell
 from echosim.sweep.grid import SweepSpec, expand
-from echosim.sweep.runner import run_tasks
-from echosim.sweep.store import CellStore, run_cell
+from echosim.sweep.runner import default_jobs, run_tasks
+from echosim.sweep.store import CellStore, run_cells
 from echosim.sweep.table import CONFIG_COLUMNS, crossovers, to_frame, write_table
 
 
@@ -58,6 +58,26 @@ def write_outputs(df: pd.DataFrame, out: Path, plots: bool = True) -> dict:
     return paths
 
 
+def _chunks(todo: list, jobs: int) -> list[list[int]]:
+    """Indices of the cells to run, in the tasks a backend ships. Serial: one cell a task. Otherwise one task per
+    simulator config (cells that differ only in load), so each worker builds a config's acceptance tables once
+    instead of every worker building every table; the largest task is halved until there are 2 x jobs tasks,
+    so the workers stay balanced."""
+    if jobs <= 1:
+        return [[i] for i in range(len(todo))]
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(todo):
+        groups.setdefault(json.dumps(c.sim.to_json(), sort_keys=True), []).append(i)
+    chunks = list(groups.values())
+    while chunks and len(chunks) < 2 * jobs:
+        big = max(range(len(chunks)), key=lambda k: len(chunks[k]))
+        if len(chunks[big]) < 2:
+            break
+        c = chunks.pop(big)
+        chunks[big:big] = [c[: len(c) // 2], c[len(c) // 2:]]
+    return chunks
+
+
 def run_sweep(spec: SweepSpec, out: str | Path, backend: str = "pool", jobs: int | None = None,
               ray_address: str | None = None, progress: bool = True, plots: bool = True,
               cell_plots: bool = False, on_cell=None, path: str | None = None, write: bool = True) -> SweepResult:
@@ -75,15 +95,19 @@ def run_sweep(spec: SweepSpec, out: str | Path, backend: str = "pool", jobs: int
     skipped = len(keys) - len(todo)
     rows: dict[str, dict] = {k: store.row(k) for k in keys if store.done(k)}
 
-    def collect(i: int, row: dict) -> None:
-        rows[todo[i].key] = row
+    chunks = _chunks(todo, 1 if backend == "serial" else jobs or default_jobs())
+
+    def collect(i: int, chunk_rows: list[dict]) -> None:
+        for j, row in zip(chunks[i], chunk_rows, strict=True):
+            rows[todo[j].key] = row
         if on_cell is not None:
             on_cell(len(rows), len(keys))
 
     interrupted = False
     try:
-        run_tasks(run_cell, [(c.to_json(), str(out), cell_plots) for c in todo], backend=backend, jobs=jobs,
-                  ray_address=ray_address, progress=progress, skipped=skipped, on_result=collect)
+        run_tasks(run_cells, [([todo[j].to_json() for j in c], str(out), cell_plots) for c in chunks],
+                  backend=backend, jobs=jobs, ray_address=ray_address, progress=progress, skipped=skipped,
+                  on_result=collect, sizes=[len(c) for c in chunks], preload=("echosim.sim.simulator",))
     except KeyboardInterrupt:
         interrupted = True
         # whatever finished, reported to us or not (a worker may have completed a cell as we stopped)
@@ -117,7 +141,8 @@ def run_capacity(spec: SweepSpec, out: str | Path, backend: str = "pool", jobs: 
     else:
         configs = [c for c in expand(spec, path) if c.labels["replicas"] == spec.replicas[0]]
     results = run_tasks(search_cell, [(c.to_json(), str(out), cap.model_dump()) for c in configs],
-                        backend=backend, jobs=jobs, ray_address=ray_address, progress=progress, desc="capacity")
+                        backend=backend, jobs=jobs, ray_address=ray_address, progress=progress, desc="capacity",
+                        preload=("echosim.sim.simulator",))
     df = pd.DataFrame(results)
     paths = dict(write_table(df, out, stem="capacity"))
     if plots and not df.empty:

@@ -35,24 +35,27 @@ def _bar(total: int, done: int, enabled: bool, desc: str):
 
 def run_tasks(fn: Callable, args: Sequence[tuple], backend: str = "pool", jobs: int | None = None,
               ray_address: str | None = None, progress: bool = True, skipped: int = 0, desc: str = "sweep",
-              on_result: Callable[[int, object], None] | None = None) -> list:
+              on_result: Callable[[int, object], None] | None = None, sizes: Sequence[int] | None = None,
+              preload: Sequence[str] = ()) -> list:
     """fn(*a) for every a in args on the backend; results in order. `skipped` counts work already done (the bar
-    starts there, so its ETA covers only what is left). on_result(i, result) runs in this process as each
-    task finishes."""
+    starts there, so its ETA covers only what is left); sizes[i]: how many units (cells) task i holds, for the
+    bar. on_result(i, result) runs in this process as each task finishes. preload: modules the pool's fork
+    server imports once, so that each worker starts with them (instead of importing them again)."""
     if backend not in BACKENDS:
         raise SimError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}", field="backend")
     jobs = jobs or default_jobs()
     if jobs < 1:
         raise SimError(f"jobs must be >= 1, got {jobs}", field="jobs")
     results: list = [None] * len(args)
-    bar = _bar(skipped + len(args), skipped, progress, desc)
+    sizes = list(sizes) if sizes is not None else [1] * len(args)
+    bar = _bar(skipped + sum(sizes), skipped, progress, desc)
 
     def finished(i: int, result) -> None:
         results[i] = result
         if on_result is not None:
             on_result(i, result)
         if bar is not None:
-            bar.update(1)
+            bar.update(sizes[i])
 
     try:
         if not args:
@@ -61,7 +64,7 @@ def run_tasks(fn: Callable, args: Sequence[tuple], backend: str = "pool", jobs: 
             for i, a in enumerate(args):
                 finished(i, fn(*a))
         elif backend == "pool":
-            _run_pool(fn, args, jobs, finished)
+            _run_pool(fn, args, jobs, finished, preload)
         else:
             _run_ray(fn, args, jobs, ray_address, finished)
     finally:
@@ -70,11 +73,13 @@ def run_tasks(fn: Callable, args: Sequence[tuple], backend: str = "pool", jobs: 
     return results
 
 
-def _run_pool(fn, args, jobs: int, finished) -> None:
+def _run_pool(fn, args, jobs: int, finished, preload: Sequence[str] = ()) -> None:
     import multiprocessing as mp
 
     # forkserver: workers fork from a clean server process, not from a caller that may hold threads (Streamlit)
     ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
+    if preload and ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload([fn.__module__, *preload])  # no effect once the server runs: it has them
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(args)), mp_context=ctx)
     try:
         pending = {pool.submit(fn, *a): i for i, a in enumerate(args)}

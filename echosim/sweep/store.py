@@ -64,3 +64,9 @@ def run_cell(cell_json: dict, root: str, plots: bool = False) -> dict:
     except OSError:  # another worker finished the same cell first: keep its folder
         shutil.rmtree(tmp, ignore_errors=True)
     return row
+
+
+def run_cells(cells_json: list[dict], root: str, plots: bool = False) -> list[dict]:
+    """run_cell for each cell of a chunk, in one worker: cells of one simulator config share the drafter's
+    acceptance tables, which a process builds once and keeps (echosim.sim.speculation's table cache)."""
+    return [run_cell(c, root, plots) for c in cells_json]
