@@ -320,23 +320,63 @@ def test_plugin_forest_and_pack_match_sglang_tree_builder(seed, B, topk, steps, 
 
 
 @needs_sglang
-def test_adaptive_policy_runs_its_inner_policy(monkeypatch, tmp_path):
-    """The shipped policy-echo.json is online-adaptive; SGLang's worker does not hand the adaptive budget its
-    verify results and step times yet, so the plugin runs the inner policy (static ECHO) rather than an adaptive
-    budget that would never learn. A static config runs as given."""
+def test_adaptive_policy_runs_adaptive(monkeypatch, tmp_path):
+    """The shipped policy-echo.json is online-adaptive and the plugin runs it as such. Under SGLang's dense verify
+    (N tokens a request whatever is selected) its verify-cost prior is flat in the selection; under ragged verify
+    it is the generic one in verified tokens. A static config runs as given."""
     from echo_sglang_plugin.worker import policy_from_env
 
     from echosim.spec.adaptive import Adaptive
-    from echosim.spec.policies import load_policy
 
     draft = Path(__file__).resolve().parents[1] / "echo_exec" / "models" / "tiny-draft"
     monkeypatch.delenv("ECHO_SGLANG_POLICY", raising=False)
     monkeypatch.delenv("ECHO_SGLANG_POLICY_CONFIG", raising=False)
-    shipped = load_policy(draft / "policy-echo.json")
-    assert isinstance(shipped, Adaptive)
-    policy = policy_from_env(str(draft))
-    assert not isinstance(policy, Adaptive) and policy.name == "echo" and policy.config == shipped.inner.config
+    dense = policy_from_env(str(draft), 24)
+    assert isinstance(dense, Adaptive) and dense.name == "echo"
+    flat = dense.step_time(np.array([1.0, 24.0, 96.0]), 4)
+    assert flat[0] == flat[1] == flat[2] > dense.step_time(np.array([1.0]), 2)[0]
+    ragged = policy_from_env(str(draft), 24, ragged=True)
+    assert isinstance(ragged, Adaptive) and ragged.step_time is None
     monkeypatch.setenv("ECHO_SGLANG_POLICY_CONFIG", '{"steps": 5, "topk": 2, "num_draft_tokens": 6, '
                                                       '"remaining_num_draft_tokens": 4}')
-    policy = policy_from_env(str(draft))
+    policy = policy_from_env(str(draft), 6)
     assert not isinstance(policy, Adaptive) and policy.config.num_draft_tokens == 6
+
+
+@needs_sglang
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 4), topk=st.integers(1, 3), steps=st.integers(1, 4),
+       data=st.data())
+def test_plugin_maps_sglang_accepts_to_the_forest_nodes_our_engine_reports(seed, B, topk, steps, data):
+    """What the plugin hands policy.observe: SGLang's accept_index (dense b*N + local, the root first, -1 padded,
+    accept_lens counting the root) mapped back to forest nodes, equal to the nodes echo's engine hands it for the
+    same trees and target (echosim.spec.verify on the packed batch)."""
+    from echo_sglang_plugin.worker import ForestBuilder, PendingStep, accepted_nodes
+
+    from echosim.spec.pack import pack
+    from echosim.spec.verify import verify_greedy
+    rng = np.random.default_rng(seed)
+    S = topk + (steps - 1) * topk * topk
+    N = data.draw(st.integers(2, min(S + 1, 10)))
+    probs, tokens, beams = sglang_draft_outputs(rng, B, topk, steps)
+    fb = ForestBuilder(rng.integers(0, 259, B), rng.integers(1, 40, B), topk, steps)
+    for d in range(1, steps + 1):
+        fb.add_depth(d, np.arange(B), probs[d - 1], tokens[d - 1], beams[d - 1])
+    forest = fb.forest
+    top = np.sort(np.argsort(-np.concatenate(probs, axis=1), axis=1, kind="stable")[:, :N - 1], axis=1)
+    selection = (np.arange(B)[:, None] * S + top).ravel()
+    batch = pack(forest, selection)
+    T = batch.num_tokens
+    # a target that mostly agrees with some child of each node, so paths run deep
+    child = np.where(batch.retrive_next_token[:T] >= 0, batch.tokens[np.maximum(batch.retrive_next_token[:T], 0)
+                                                                     + batch.qo_indptr[batch.request_of_token()]], 0)
+    target = np.where(rng.random(T) < 0.8, child, rng.integers(0, 259, T))
+    result = verify_greedy(batch, np.r_[target, np.zeros(len(batch.tokens) - T, np.int64)])
+    want = np.sort(batch.node[result.accepted_nodes()])
+    req = np.arange(B)[:, None]
+    dense_index = np.where(result.accept_index >= 0, result.accept_index - batch.qo_indptr[:B, None] + req * N, -1)
+    step = PendingStep(forest=forest, selection=selection, node=batch.node, qo_indptr=batch.qo_indptr,
+                       verify_tokens=B * N, draft_ms=0.0)
+    got = accepted_nodes(step, dense_index, result.accept_len + 1, N)
+    assert np.array_equal(got, want)
+    assert len(got) == int(result.accept_len.sum()) and (got >= 0).all()

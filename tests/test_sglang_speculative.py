@@ -1,9 +1,10 @@
 """SGLang's own server speculating on this CPU with echo's plugin and torch sgl_kernel: ECHO (an echosim.spec
 policy picks the trees inside SGLang's worker) and STANDALONE (SGLang's own tree), against plain SGLang.
 
-Three servers, started once for the module and side by side (each takes ~90 s here): plain SGLang (its
-torch_native attention, no echo code on its path), SGLang+STANDALONE and SGLang+ECHO (intel_amx attention kept by
-the plugin, echo's kernels), all on the shipped tiny target, ECHO and STANDALONE with the shipped tiny draft. Needs
+Servers started once for the module and side by side (each takes ~90 s here): plain SGLang (its torch_native
+attention, no echo code on its path), SGLang+STANDALONE and SGLang+ECHO (intel_amx attention kept by the plugin,
+echo's kernels): a static ECHO dense and ragged, the shipped online-adaptive ECHO (policy-echo.json), and the eagle3
+and ddd policies through ECHO; all on the shipped tiny target, the speculative ones with the shipped tiny draft. Needs
 an interpreter with sglang and the plugin (ECHO_SGLANG_PYTHON; make_venv.sh makes one; CI's SGLang step sets it);
 skipped elsewhere."""
 
@@ -31,10 +32,14 @@ DRAFT = TARGET.parent / "tiny-draft"
 NUM_PROMPTS, PROMPT_BYTES, NEW_TOKENS = 56, 120, 40
 # A static ECHO on this pair (5 x 2 beam, N 10, gated requests 4) with a gate at depth 3 strict enough that both
 # of ECHO's tiers (confident requests up to num_draft_tokens, gated ones up to remaining_num_draft_tokens) show up
-# in a short test. Explicit rather than the shipped policy-echo.json: that one is online-adaptive, which the
-# plugin runs as its inner policy (see test_adaptive_policy_runs_its_inner_policy).
+# in a short test. Explicit rather than the shipped policy-echo.json: that one is online-adaptive (its own server).
 ECHO_TEST_CONFIG = {"policy": "echo", "steps": 5, "topk": 2, "num_draft_tokens": 10, "remaining_num_draft_tokens": 4,
                     "gates": [[3, 0.3]], "budget": {"kind": "goodput", "tokens": 9}}
+# Other policies of echosim.spec through ECHO, in STANDALONE's shape (5 x 2 beam, N 10): eagle3 is SGLang's own tree
+# rule (per request the top N-1 by path score); ddd stops a request's drafting when its beam loses its mass.
+OTHER_POLICIES = {"eagle3": {"policy": "eagle3", "steps": 5, "topk": 2, "num_draft_tokens": 10},
+                  "ddd": {"policy": "ddd", "steps": 5, "topk": 2, "num_draft_tokens": 10, "theta": -1.0,
+                          "check_depths": [2, 3, 4]}}
 
 
 def free_port() -> int:
@@ -48,7 +53,11 @@ def servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sglang-spec")
     config = tmp / "policy-echo-test.json"
     config.write_text(json.dumps(ECHO_TEST_CONFIG))
-    records = {name: tmp / f"{name}-records.jsonl" for name in ("echo", "echo-ragged")}
+    records = {name: tmp / f"{name}-records.jsonl" for name in ("echo", "echo-ragged", "echo-adaptive", "ddd")}
+    configs = {}
+    for name, cfg in OTHER_POLICIES.items():
+        configs[name] = tmp / f"policy-{name}.json"
+        configs[name].write_text(json.dumps(cfg))
     kinds = {
         "plain": dict(attention_backend="torch_native"),
         "standalone": dict(attention_backend="intel_amx",
@@ -58,6 +67,10 @@ def servers(tmp_path_factory):
                      speculative=sglang_cpu.speculative_for("ECHO", DRAFT, policy="echo", policy_config=config)),
         "echo-ragged": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
             "ECHO", DRAFT, policy="echo", policy_config=config, ragged=True)),
+        # the shipped policy-echo.json of the draft directory: online-adaptive (steps 5, topk 4, N 24)
+        "echo-adaptive": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for("ECHO", DRAFT)),
+        **{name: dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
+            "ECHO", DRAFT, policy=name, policy_config=configs[name])) for name in OTHER_POLICIES},
     }
     procs, urls = {}, {}
     for name, kw in kinds.items():
@@ -100,9 +113,11 @@ def outputs(servers):
     prompts = sglang_cpu.heldout_prompts(NUM_PROMPTS, PROMPT_BYTES)
     assert len(prompts) == NUM_PROMPTS
     out = {("plain", 1): generate_all(servers["urls"]["plain"], prompts, 1)}
-    for name in ("standalone", "echo", "echo-ragged"):
+    for name in ("standalone", "echo", "echo-ragged", "echo-adaptive"):
         for c in (1, 8):
             out[(name, c)] = generate_all(servers["urls"][name], prompts, c)
+    for name in OTHER_POLICIES:  # concurrency 8 only: a batch exercises every part of a policy's selection
+        out[(name, 8)] = generate_all(servers["urls"][name], prompts, 8)
     return out
 
 
@@ -116,8 +131,9 @@ def read_records(path: Path) -> dict[str, list[tuple[int, bool, int]]]:
     return steps
 
 
-@pytest.mark.parametrize("name", ["echo", "echo-ragged", "standalone"])
-@pytest.mark.parametrize("concurrency", [1, 8])
+@pytest.mark.parametrize(("name", "concurrency"), [
+    (name, c) for name in ("echo", "echo-ragged", "echo-adaptive", "standalone") for c in (1, 8)] + [
+    (name, 8) for name in OTHER_POLICIES])
 def test_speculative_sglang_is_lossless(outputs, name, concurrency):
     want = [r["output_ids"] for r in outputs[("plain", 1)]]
     got = [r["output_ids"] for r in outputs[(name, concurrency)]]
@@ -179,3 +195,48 @@ def test_replay_against_sglang_echo_reports_its_verify_counts(servers, outputs, 
     assert summary["completed"] == 8
     # MAT from SGLang's own spec_verify_ct / spec_num_correct_drafts: speculation accepted drafts
     assert summary["mat"] is not None and summary["mat"] > 1.5
+
+
+def get_json(url: str) -> dict:
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def test_adaptive_echo_runs_its_budget_live(servers, outputs):
+    """The shipped online-adaptive ECHO runs as such inside SGLang: its state in SGLang's /server_info shows it
+    learned from SGLang's verify results and measured step times, and the trees SGLang verified are the ones the
+    adaptive budget chose step by step (sizes vary below the inner policy's 24 nodes, some requests verified only
+    their root, SGLang's per-request counts match the plugin's records of the policy's choices)."""
+    info = get_json(servers["urls"]["echo-adaptive"] + "/server_info")
+    pol = info["internal_states"][0]["echo_policy"]
+    assert pol["name"] == "echo" and "adaptive" in pol["settings"]
+    state = pol["state"]
+    steps = read_records(servers["records"]["echo-adaptive"])
+    responses = outputs[("echo-adaptive", 1)] + outputs[("echo-adaptive", 8)]
+    decode_steps = len(servers["records"]["echo-adaptive"].read_text().splitlines())
+    assert state["steps"] == decode_steps > 0  # every verify step SGLang ran was observed by the policy
+    assert sum(state["trials_by_depth"]) > 0 and state["per_drafting_request_step"] is not None
+    # the step-cost fits moved off their priors (measured times reached the policy)
+    assert state["draft_ms_model"] != {"base": 0.2, "per_depth": 0.5, "per_row": 0.005}
+    assert state["verify_ms_model"] != {"prior_scale": 1.0, "base": 0.0} and state["fixed_ms"] > 0
+    for r in responses:
+        meta = r["meta_info"]
+        mine = steps[meta["id"]]
+        assert len(mine) == meta["spec_verify_ct"]
+        assert sum(a for _, _, a in mine) == meta["spec_num_correct_drafts"]
+        assert all(0 <= acc < n <= 24 for n, _, acc in mine)
+    sizes = [n for r in responses for n, _, _ in steps[r["meta_info"]["id"]]]
+    assert len(set(sizes)) > 2 and min(sizes) < 24  # the budget chose, step by step
+
+
+def test_other_policies_pick_their_own_trees(servers, outputs):
+    """eagle3 through ECHO is SGLang's own tree rule: in STANDALONE's shape it accepts, prompt by prompt, what
+    SGLang's STANDALONE accepts (ties in path score aside). ddd's trees are its own: some requests stopped drafting
+    (gated) before the last depth."""
+    eagle3 = [r["meta_info"]["spec_num_correct_drafts"] for r in outputs[("eagle3", 8)]]
+    standalone = [r["meta_info"]["spec_num_correct_drafts"] for r in outputs[("standalone", 8)]]
+    same = sum(a == b for a, b in zip(eagle3, standalone, strict=True))
+    assert same >= 0.9 * NUM_PROMPTS, f"eagle3 accepted what STANDALONE did on only {same} of {NUM_PROMPTS}"
+    every = [s for r in outputs[("ddd", 8)] for s in read_records(servers["records"]["ddd"])[r["meta_info"]["id"]]]
+    assert any(g for _, g, _ in every) and not all(g for _, g, _ in every)

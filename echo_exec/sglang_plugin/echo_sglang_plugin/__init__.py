@@ -9,6 +9,11 @@ processes before it resolves its server arguments).
   The policy: `--speculative-echo-policy NAME` (any of echosim.spec.policies, default echo) and
   `--speculative-echo-config FILE_OR_JSON`, or the same through ECHO_SGLANG_POLICY / ECHO_SGLANG_POLICY_CONFIG;
   with no config, `policy-NAME.json` of the draft model directory is used when present (as `echosim serve` does).
+  An online-adaptive config (the shipped policy-echo.json) runs adaptive: the worker hands the policy each step's
+  verify result and measured times.
+- Reports the policy in SGLang's `/server_info` (each scheduler's `internal_states` entry gains `echo_policy`: its
+  name, settings and live state, e.g. the adaptive budget's estimates): an AFTER-style hook on the internal-state
+  readback's speculative part.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 FALLBACKS = "sglang.srt.arg_groups.overrides._attention_backend_platform_fallbacks"
 AMX_EXTEND_METADATA = "sglang.srt.layers.attention.intel_amx_backend.IntelAMXAttnBackend._build_extend_metadata"
+SPEC_STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_speculative"
 POLICY_ENV, CONFIG_ENV = "ECHO_SGLANG_POLICY", "ECHO_SGLANG_POLICY_CONFIG"
 
 
@@ -66,6 +72,7 @@ def load() -> None:
     HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", add_echo_args, HookType.AROUND)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", stash_echo_args, HookType.AROUND)
     HookRegistry.register(AMX_EXTEND_METADATA, ragged_extend_metadata_hook, HookType.AROUND)
+    HookRegistry.register(SPEC_STATE, add_policy_state, HookType.AROUND)
     from echo_sglang_plugin.algorithm import register
     register()
 
@@ -73,3 +80,15 @@ def load() -> None:
 def ragged_extend_metadata_hook(original, backend, forward_batch, *args, **kwargs):
     from echo_sglang_plugin.worker import ragged_extend_metadata
     return ragged_extend_metadata(original, backend, forward_batch, *args, **kwargs)
+
+
+def add_policy_state(original, controller, state, *args, **kwargs):
+    """SGLang's speculative readback, plus the ECHO worker's policy: {name, settings, state} as plain JSON."""
+    out = original(controller, state, *args, **kwargs)
+    worker = getattr(controller.scheduler, "draft_worker", None)
+    policy = getattr(getattr(worker, "_draft_worker", None), "policy", None)
+    if policy is not None:
+        import json
+        state["echo_policy"] = json.loads(json.dumps(
+            {"name": policy.name, "settings": policy.describe(), "state": policy.state()}, default=float))
+    return out

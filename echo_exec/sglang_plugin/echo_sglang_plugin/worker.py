@@ -11,15 +11,24 @@ Per decode step (one batch), in EchoDraftWorker.draft:
    retrieve_next_token / retrieve_next_sibling, so verification can never accept them).
 3. That dense batch becomes SGLang's EagleVerifyInput; SGLang verifies (its target forward, its verify_tree_greedy),
    commits and runs its draft extend, unchanged.
+4. The policy learns from the step (EchoWorker): `policy.observe` gets the forest, the selection and the nodes
+   SGLang's verify accepted (its accept_index, mapped back through the pack); `policy.observe_step` the measured
+   times of the step's draft (draft forwards, selection, pack), verify (the target's forward and SGLang's greedy
+   verify) and the rest of the decode step (the draft extend); `policy.set_batch` the batch's requests (stable ids)
+   before the plan. That is how the online-adaptive budget (echosim/spec/adaptive.py; the shipped policy-echo.json)
+   runs here, the same code as in echo's engine and the simulator.
 No policy logic lives here. With ECHO_SGLANG_RECORDS=PATH each step appends one JSON line: request ids, the tree
-size the policy selected (root included), whether it was gated, and the drafts SGLang accepted.
+size the policy selected (root included), whether it was gated, the drafts SGLang accepted, and for an adaptive
+policy its step summary (Adaptive.last).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +45,7 @@ from sglang.srt.speculative.standalone_worker_v2 import StandaloneDraftWorker, S
 from sglang.srt.utils.common import fast_topk
 
 from echosim.spec.adaptive import Adaptive
+from echosim.spec.drafting import depth_widths, draft_rows
 from echosim.spec.forest import MAX_LOGP, MIN_LOGP, DraftForest, slot_layout
 from echosim.spec.pack import pack, to_dense
 from echosim.spec.policies import ConfigError, Policy, load_policy, make_policy
@@ -43,11 +53,12 @@ from echosim.spec.policies import ConfigError, Policy, load_policy, make_policy
 logger = logging.getLogger(__name__)
 
 
-def policy_from_env(draft_dir: str | None) -> Policy:
+def policy_from_env(draft_dir: str | None, num_draft_tokens: int | None = None, ragged: bool = False) -> Policy:
     """The policy named by ECHO_SGLANG_POLICY (default echo) with ECHO_SGLANG_POLICY_CONFIG (a JSON file or an
     inline JSON object); without a config, the draft directory's policy-NAME.json when there is one. An
-    online-adaptive policy runs its inner policy here: the adaptive budget learns from each step's verify result
-    and measured time, which this worker does not hand to the policy yet (docs/REPLAY.md)."""
+    online-adaptive policy runs as such: with dense verify (`num_draft_tokens` N given, not `ragged`) its verify
+    cost prior is flat in the selection (dense_verify_time), since SGLang verifies N tokens a request whatever it
+    selects; with ragged verify, the generic prior in verified tokens, fitted online either way."""
     name = os.environ.get("ECHO_SGLANG_POLICY") or "echo"
     config = os.environ.get("ECHO_SGLANG_POLICY_CONFIG")
     if config and config.lstrip().startswith("{"):
@@ -59,11 +70,23 @@ def policy_from_env(draft_dir: str | None) -> Policy:
     else:
         shipped = Path(draft_dir or "") / f"policy-{name}.json"
         policy = load_policy(shipped) if draft_dir and shipped.is_file() else make_policy(name)
-    if isinstance(policy, Adaptive):
-        logger.warning("echo plugin: the online-adaptive budget is not wired into SGLang's worker yet; running its "
-                       "inner %s policy with the adaptive settings left out", policy.inner.name)
-        return policy.inner
+    if isinstance(policy, Adaptive) and policy.step_time is None and num_draft_tokens and not ragged:
+        policy.bind(dense_verify_time(num_draft_tokens))
     return policy
+
+
+def dense_verify_time(num_draft_tokens: int):
+    """The adaptive budget's verify-cost prior under SGLang's dense verify: every request runs N tokens through the
+    target whatever the policy selected, so the cost is flat in the selection (the generic prior of
+    echosim.spec.adaptive, 10 ms + 0.1 ms a token, at B x N tokens; its scale and offset are fitted online). A
+    selection then saves no verify time; drafting still costs its forwards, which the budget weighs."""
+    N = float(num_draft_tokens)
+
+    def step_ms(tokens, batch_size):
+        return np.full(np.shape(tokens), 10.0 + 0.1 * N * max(int(batch_size), 1))
+
+    step_ms.table = {"dense_tokens_per_request": int(N)}  # type: ignore[attr-defined]
+    return step_ms
 
 
 def check_shape(policy: Policy, steps: int, topk: int, num_draft_tokens: int) -> None:
@@ -129,6 +152,50 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu").numpy()
 
 
+def _sync(device) -> None:
+    """Wait for the device's queued work, so wall-clock times are the work's (a no-op on the CPU)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+_KEYS = itertools.count(1)
+
+
+def request_keys(reqs) -> np.ndarray:
+    """Stable int ids of SGLang's requests (policy.set_batch), kept on SGLang's Req objects."""
+    out = np.empty(len(reqs), np.int64)
+    for i, r in enumerate(reqs):
+        k = getattr(r, "_echo_key", None)
+        if k is None:
+            k = r._echo_key = next(_KEYS)
+        out[i] = k
+    return out
+
+
+@dataclass
+class PendingStep:
+    """What the policy drafted and selected this step, for its observe once SGLang has verified it."""
+
+    forest: DraftForest
+    selection: np.ndarray
+    node: np.ndarray       # packed batch: forest node of each packed token (-1: root)
+    qo_indptr: np.ndarray  # packed batch: first token of each request
+    verify_tokens: int     # tokens the target's verify forward runs (B x N dense; the trees' sizes ragged)
+    draft_ms: float
+    verify_ms: float = 0.0
+
+
+def accepted_nodes(step: PendingStep, accept_index: np.ndarray, accept_lens: np.ndarray, N: int) -> np.ndarray:
+    """Forest nodes SGLang's verify accepted: its accept_index holds dense node indices b*N + local (the root
+    first, -1 past each request's accept length, the bonus token counted in accept_lens); a dense request's local
+    index is its packed one (to_dense keeps the order), and the pack maps packed tokens to forest nodes."""
+    B, W = accept_index.shape
+    col = np.arange(W)[None, :]
+    hit = (col >= 1) & (col < accept_lens[:, None])
+    local = accept_index - (np.arange(B) * N)[:, None]
+    return np.sort(step.node[(step.qo_indptr[:B, None] + local)[hit]])
+
+
 @dataclass
 class RaggedPlan:
     """A step's packed layout for ragged verify: which of the dense B*N tokens are real tree nodes (in order), each
@@ -147,6 +214,7 @@ class EchoDraftWorker(StandaloneDraftWorker):
     last_step: dict | None = None
     ragged: bool = False
     ragged_plan: RaggedPlan | None = None
+    pending: PendingStep | None = None
 
     def draft(self, batch, *, with_topology: bool = False):
         if with_topology:
@@ -158,11 +226,15 @@ class EchoDraftWorker(StandaloneDraftWorker):
             num_draft_tokens=self.speculative_num_draft_tokens)
         if forward_batch.forward_mode.is_idle():
             return super().draft(batch)
+        t0 = time.perf_counter()
+        self.policy.set_batch(request_keys(batch.reqs))  # before the plan: an adaptive plan follows the batch
         if self.speculative_num_steps > 1:
             self.draft_attn_backend.init_forward_metadata(forward_batch)
             forward_batch.mark_forward_metadata_ready()
         forest = self.draft_forest(forward_batch, _np(draft_input.bonus_tokens), _np(batch.seq_lens))
         verify_input = self.verify_input(batch, forest)
+        _sync(batch.seq_lens.device)
+        self.pending.draft_ms = (time.perf_counter() - t0) * 1e3
         if kv_loc_plan is not None:
             verify_input.kv_loc_plan = kv_loc_plan
             verify_input.prepared_out_cache_loc = kv_loc_plan.write_virtual
@@ -239,8 +311,15 @@ class EchoDraftWorker(StandaloneDraftWorker):
             mask = torch.from_numpy(np.concatenate([
                 np.concatenate([np.ones((N, int(seq[i])), bool), dense.mask[i]], axis=1).ravel()
                 for i in range(B)]))
-        self.last_step = {"rids": [r.rid for r in batch.reqs], "tree_tokens": (dense.is_pad == 0).sum(1).tolist(),
-                          "gated": forest.gated.tolist(), "stop_depth": forest.stop_depth.tolist()}
+        self.pending = PendingStep(forest=forest, selection=selection, node=batch_r.node,
+                                   qo_indptr=np.asarray(batch_r.qo_indptr), draft_ms=0.0,
+                                   verify_tokens=int(batch_r.num_tokens) if self.ragged else B * N)
+        if self.records is not None:
+            self.last_step = {"rids": [r.rid for r in batch.reqs],
+                              "tree_tokens": (dense.is_pad == 0).sum(1).tolist(), "gated": forest.gated.tolist(),
+                              "stop_depth": forest.stop_depth.tolist()}
+            if isinstance(self.policy, Adaptive):
+                self.last_step["adaptive"] = dict(self.policy.last) if forest.stop_depth.max(initial=0) else None
         if self.ragged:  # the verify forward runs only the real nodes (EchoWorker.verify)
             self.ragged_plan = RaggedPlan(keep=torch.from_numpy(np.flatnonzero(~dense.is_pad.ravel())).to(dev),
                                           lens=torch.from_numpy(batch_r.tree_sizes).to(dev),
@@ -302,18 +381,50 @@ class EchoWorker(StandaloneWorkerV2):
         draft = self._draft_worker
         draft.__class__ = EchoDraftWorker
         spec = get_spec()
-        draft.policy = policy_from_env(spec.speculative_draft_model_path)
-        check_shape(draft.policy, self.speculative_num_steps, self.topk, self.speculative_num_draft_tokens)
         draft.ragged = os.environ.get("ECHO_SGLANG_RAGGED", "0") == "1"
         if draft.ragged and self.device != "cpu" and str(self.device) != "cpu":
             raise ConfigError("ECHO_SGLANG_RAGGED=1 (ragged verify) needs echo's CPU kernels: it runs on a CPU only")
+        draft.policy = policy_from_env(spec.speculative_draft_model_path, self.speculative_num_draft_tokens,
+                                       draft.ragged)
+        check_shape(draft.policy, self.speculative_num_steps, self.topk, self.speculative_num_draft_tokens)
         path = os.environ.get("ECHO_SGLANG_RECORDS")
         draft.records = Path(path) if path else None
         logger.info("ECHO: policy %s", json.dumps(draft.policy.describe()))
+        self.warm_shapes: set[tuple[int, int]] = set()
+
+    @property
+    def policy(self) -> Policy:
+        return self._draft_worker.policy
+
+    def forward_batch_generation(self, batch, *args, **kwargs):
+        """SGLang's step; after a decode step (draft, verify, draft extend) the policy gets its measured times."""
+        t0 = time.perf_counter()
+        out = super().forward_batch_generation(batch, *args, **kwargs)
+        draft = self._draft_worker
+        step, draft.pending = draft.pending, None
+        if step is not None:
+            _sync(self.device)
+            total_ms = (time.perf_counter() - t0) * 1e3
+            stop = step.forest.stop_depth
+            depths = int(stop.max(initial=0))
+            rows = float(sum(draft_rows(stop, depth_widths(depths, step.forest.k1, step.forest.k)))) if depths else 0.0
+            # The first step of each (batch size, draft depth) in this process is a warm-up: SGLang and torch set
+            # up per shape lazily (a first 5-deep draft at a new batch size took ~5 s here, later ones ~10-40 ms).
+            # Its times would read as the step's cost for hundreds of steps (the fits forget slowly): left out.
+            shape = (len(stop), depths)
+            if shape not in self.warm_shapes:
+                self.warm_shapes.add(shape)
+                return out
+            self.policy.observe_step(batch_size=len(stop), verify_tokens=step.verify_tokens,
+                                     verify_ms=step.verify_ms, draft_depths=depths, draft_rows=rows,
+                                     draft_ms=step.draft_ms,
+                                     other_ms=max(total_ms - step.draft_ms - step.verify_ms, 0.0))
+        return out
 
     def verify(self, batch, *args, **kwargs):
         draft = self._draft_worker
         plan, draft.ragged_plan = draft.ragged_plan, None
+        t0 = time.perf_counter()
         if plan is None:
             out = super().verify(batch, *args, **kwargs)
         else:
@@ -324,14 +435,18 @@ class EchoWorker(StandaloneWorkerV2):
                 out = super().verify(batch, *args, **kwargs)
             finally:
                 del target.forward_batch_generation  # back to the class's method
+        step = draft.pending
+        if step is None:
+            return out
+        accept_lens = _np(out.accept_lens).astype(np.int64)  # a device-to-host copy: waits for the verify
+        step.verify_ms = (time.perf_counter() - t0) * 1e3
+        accepted = accepted_nodes(step, _np(out.accept_index).astype(np.int64), accept_lens,
+                                  self.speculative_num_draft_tokens)
+        self.policy.observe(step.forest, step.selection, accept_lens - 1, accepted)
         if draft.records is not None and draft.last_step is not None:
-            accept = getattr(out, "accept_lens", None)
-            if accept is None:
-                accept = getattr(out, "accept_length_per_req_cpu", None)
-            step = dict(draft.last_step)
-            if accept is not None:
-                step["accepted"] = [int(a) - 1 for a in (accept.tolist() if hasattr(accept, "tolist") else accept)]
+            rec = dict(draft.last_step, accepted=(accept_lens - 1).tolist(), draft_ms=round(step.draft_ms, 3),
+                       verify_ms=round(step.verify_ms, 3))
             with open(draft.records, "a") as f:
-                f.write(json.dumps(step) + "\n")
+                f.write(json.dumps(rec) + "\n")
             draft.last_step = None
         return out
