@@ -6,12 +6,13 @@ machine the load drifts by 2x within minutes, and interleaving spreads the drift
 gives each server's median and range. Shipped tiny target (fp32); speculative servers with the shipped tiny draft
 and SGLang's intel_amx attention (kept on this AMX-less CPU by echo's plugin, echo's torch sgl_kernel).
 `plain` is plain SGLang with its own torch_native attention (SGLang's code only; `plain-amx`: with intel_amx, the
-kernels the speculative servers use). ECHO runs the policy settings shipped with the draft
-(tiny-draft/policy-echo.json: steps 5, topk 2, N 10), dense (SGLang's layout, pads) and ragged (echo's CPU kernels
-verify only the selected nodes); STANDALONE the same shape (steps 5, topk 2, N 10).
+kernels the speculative servers use). `echo` runs the policy settings shipped with the draft
+(tiny-draft/policy-echo.json: the online-adaptive budget around a 5 x 4 beam, N 24), dense (SGLang's layout, pads)
+and `echo-ragged` (echo's CPU kernels verify only the selected nodes); `echo-static` the same settings without the
+adaptive budget (every step drafts the full 5 x 4 beam and verifies the top 23); STANDALONE steps 5, topk 2, N 10.
 Load: closed loop, `concurrency` requests in flight, held-out prompts (120 bytes), greedy, ignore_eos.
-"verified/request/step": tokens through the target's verify forward per request and step (N dense; ragged ECHO:
-the policy's mean tree size, from the plugin's records).
+"verified/request/step": tokens through the target's verify forward per request and step (ECHO, from the plugin's
+records: N for a dense drafting step, the tree's size for a ragged one, 1 for a plain decoding step).
 
     python benchmarks/bench_sglang_spec.py --sglang-python VENV/bin/python [--concurrency 1,4,16]
         [--tokens 64] [--rounds 2] [--min-requests 6] [--repeats 3] [--servers plain,standalone,echo,echo-ragged]
@@ -39,13 +40,24 @@ TARGET = ROOT / "echo_exec" / "models" / "tiny-target"
 DRAFT = ROOT / "echo_exec" / "models" / "tiny-draft"
 
 
-def servers() -> dict[str, dict]:
+def static_echo_config(out: Path) -> Path:
+    """The shipped policy-echo.json without its online-adaptive budget (its inner, static policy)."""
+    cfg = json.loads((DRAFT / "policy-echo.json").read_text())
+    cfg.pop("adaptive", None)
+    path = out / "policy-echo-static.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def servers(out: Path) -> dict[str, dict]:
     return {
         "plain": dict(attention_backend="torch_native"),
         "plain-amx": dict(attention_backend="intel_amx"),
         "standalone": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
             "STANDALONE", DRAFT, steps=5, topk=2, num_draft_tokens=10)),
         "echo": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for("ECHO", DRAFT)),
+        "echo-static": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
+            "ECHO", DRAFT, policy_config=static_echo_config(out))),
         "echo-ragged": dict(attention_backend="intel_amx",
                             speculative=sglang_cpu.speculative_for("ECHO", DRAFT, ragged=True)),
     }
@@ -65,13 +77,20 @@ def post(url: str, body: dict) -> dict:
 
 
 def verified_per_request_step(records: Path, spec) -> float | None:
-    """Tokens through the target's verify forward per request and step: N for a dense server; for ragged ECHO the
-    mean tree size the policy selected (the plugin's records, ECHO_SGLANG_RECORDS)."""
+    """Tokens through the target's verify forward per request and step: N for a dense server; for ECHO from the
+    plugin's records (ECHO_SGLANG_RECORDS): per request and step 1 in a plain decoding step, else N dense or the
+    tree the policy selected ragged."""
     if spec is None:
         return 1.0
-    if not spec.ragged:
+    if spec.algorithm != "ECHO" or not records.is_file():
         return float(spec.num_draft_tokens)
-    sizes = [n for line in records.read_text().splitlines() for n in json.loads(line)["tree_tokens"]]
+    sizes = []
+    for line in records.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("plain"):
+            sizes += [1] * len(rec["tree_tokens"])
+        else:
+            sizes += rec["tree_tokens"] if spec.ragged else [spec.num_draft_tokens] * len(rec["tree_tokens"])
     return sum(sizes) / len(sizes) if sizes else None
 
 
@@ -96,7 +115,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="requests per measurement = rounds x concurrency ...")
     p.add_argument("--min-requests", type=int, default=6, help="... and at least this many")
     p.add_argument("--repeats", type=int, default=3, help="measurements per server and concurrency (interleaved)")
-    p.add_argument("--servers", default="plain,standalone,echo,echo-ragged")
+    p.add_argument("--servers", default="plain,standalone,echo-static,echo,echo-ragged")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per server")
     p.add_argument("--echo-config", default=None, help="ECHO's policy config (default: the draft's policy-echo.json)")
     p.add_argument("--out", default=None)
@@ -110,9 +129,9 @@ def main() -> int:
     specs, procs, urls = {}, {}, {}
     try:
         for name in names:  # all servers up at once; idle ones wait on their sockets
-            kw = dict(servers()[name])
+            kw = dict(servers(out)[name])
             spec = kw.get("speculative")
-            if spec is not None and spec.algorithm == "ECHO" and a.echo_config:
+            if spec is not None and spec.algorithm == "ECHO" and a.echo_config and name != "echo-static":
                 kw["speculative"] = spec = dataclasses.replace(spec, policy_config=a.echo_config)
             specs[name] = spec
             if spec is not None and spec.algorithm == "ECHO":

@@ -76,14 +76,18 @@ def policy_from_env(draft_dir: str | None, num_draft_tokens: int | None = None, 
 
 
 def dense_verify_time(num_draft_tokens: int):
-    """The adaptive budget's verify-cost prior under SGLang's dense verify: every request runs N tokens through the
-    target whatever the policy selected, so the cost is flat in the selection (the generic prior of
-    echosim.spec.adaptive, 10 ms + 0.1 ms a token, at B x N tokens; its scale and offset are fitted online). A
-    selection then saves no verify time; drafting still costs its forwards, which the budget weighs."""
+    """The adaptive budget's verify-cost prior under SGLang's dense verify: a step that drafts runs N tokens a
+    request through the target whatever the policy selected, so its cost is flat in the selection; a step the
+    plan leaves undrafted (plain decoding: `tokens` <= the batch size) runs one (EchoWorker switches SGLang to its
+    1-token verify). The shape is the generic prior of echosim.spec.adaptive (10 ms + 0.1 ms a token); its scale
+    and offset are fitted online. Within a drafting step a smaller selection saves no verify time; drafting itself
+    costs its forwards, which the budget weighs, and not drafting saves both."""
     N = float(num_draft_tokens)
 
     def step_ms(tokens, batch_size):
-        return np.full(np.shape(tokens), 10.0 + 0.1 * N * max(int(batch_size), 1))
+        b = max(int(batch_size), 1)
+        t = np.asarray(tokens, np.float64)
+        return 10.0 + 0.1 * b * np.where(t <= b, 1.0, N)
 
     step_ms.table = {"dense_tokens_per_request": int(N)}  # type: ignore[attr-defined]
     return step_ms
@@ -391,17 +395,50 @@ class EchoWorker(StandaloneWorkerV2):
         draft.records = Path(path) if path else None
         logger.info("ECHO: policy %s", json.dumps(draft.policy.describe()))
         self.warm_shapes: set[tuple[int, int]] = set()
+        # plain decoding steps (the plan drafts nothing for the whole batch) through SGLang's own 0-step state
+        self.plain_steps = os.environ.get("ECHO_SGLANG_PLAIN_STEPS", "1") != "0"
+        self.states: dict[bool, object] | None = None
+        self.verify_ms = 0.0
+
+    def use_plain_state(self, plain: bool) -> None:
+        """SGLang's adaptive runtime states (the machinery of its --speculative-adaptive): the configured one
+        (steps, N) for a drafting step; (0 steps, 1 token) for a plain decoding step, in which SGLang verifies each
+        request's root alone (its trivial verify input) and draft-extends one token a request, so such a step costs
+        what plain decoding costs, not a dense N-token verify."""
+        if self.states is None:
+            from sglang.srt.speculative.adaptive_runtime_state import SpecRuntimeState
+            dw, runner = self._draft_worker, self._target_worker.model_runner
+            spec = SpecRuntimeState(
+                speculative_num_steps=self.speculative_num_steps,
+                speculative_num_draft_tokens=self.speculative_num_draft_tokens,
+                draft_attn_backend=dw.draft_attn_backend, cuda_graph_runner=dw.cuda_graph_runner,
+                target_attn_backend=runner.attn_backend, target_graph_runner=runner.decode_cuda_graph_runner,
+                draft_extend_attn_backend=dw.draft_extend_attn_backend,
+                cuda_graph_runner_for_draft_extend=dw.cuda_graph_runner_for_draft_extend)
+            self.states = {False: spec, True: self.build_adaptive_runtime_state(0, 1)}
+        self.apply_runtime_state(self.states[plain])
 
     @property
     def policy(self) -> Policy:
         return self._draft_worker.policy
 
     def forward_batch_generation(self, batch, *args, **kwargs):
-        """SGLang's step; after a decode step (draft, verify, draft extend) the policy gets its measured times."""
+        """SGLang's step; after a decode step (draft, verify, draft extend) the policy gets its measured times.
+        When the policy plans no drafting for the whole batch, the step is a plain decoding one (use_plain_state)."""
+        decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch or batch.forward_mode.is_idle())
+        plain = False
+        if decode and self.plain_steps and not (batch.spec_info is not None and batch.spec_info.is_verify_input()):
+            self.policy.set_batch(request_keys(batch.reqs))
+            plain = self.policy.plan(len(batch.reqs)).depth == 0
+            if plain or self.states is not None:
+                self.use_plain_state(plain)
         t0 = time.perf_counter()
+        self.verify_ms = 0.0
         out = super().forward_batch_generation(batch, *args, **kwargs)
         draft = self._draft_worker
         step, draft.pending = draft.pending, None
+        if plain:
+            step = self.observe_plain(batch, out)
         if step is not None:
             _sync(self.device)
             total_ms = (time.perf_counter() - t0) * 1e3
@@ -421,6 +458,26 @@ class EchoWorker(StandaloneWorkerV2):
                                      other_ms=max(total_ms - step.draft_ms - step.verify_ms, 0.0))
         return out
 
+    def observe_plain(self, batch, out) -> PendingStep:
+        """A plain decoding step, told to the policy as echo's engine tells it: an undrafted forest, the policy's
+        (empty) selection, each request's root verified."""
+        draft = self._draft_worker
+        B = len(batch.reqs)
+        forest = ForestBuilder(np.zeros(B, np.int64), _np(batch.seq_lens).astype(np.int64), self.topk,
+                               self.speculative_num_steps).forest
+        selection = self.policy.select(forest)
+        accept_lens = _np(out.accept_lens).astype(np.int64)
+        self.policy.observe(forest, selection, accept_lens - 1, np.zeros(0, np.int64))
+        if draft.records is not None:
+            with open(draft.records, "a") as f:
+                f.write(json.dumps({"rids": [r.rid for r in batch.reqs], "tree_tokens": [1] * B,
+                                    "gated": [False] * B, "stop_depth": [0] * B, "adaptive": None, "plain": True,
+                                    "accepted": (accept_lens - 1).tolist(), "draft_ms": 0.0,
+                                    "verify_ms": round(self.verify_ms, 3)}) + "\n")
+        return PendingStep(forest=forest, selection=selection, node=np.zeros(0, np.int64),
+                           qo_indptr=np.zeros(B + 1, np.int64), verify_tokens=B, draft_ms=0.0,
+                           verify_ms=self.verify_ms)
+
     def verify(self, batch, *args, **kwargs):
         draft = self._draft_worker
         plan, draft.ragged_plan = draft.ragged_plan, None
@@ -435,11 +492,12 @@ class EchoWorker(StandaloneWorkerV2):
                 out = super().verify(batch, *args, **kwargs)
             finally:
                 del target.forward_batch_generation  # back to the class's method
+        accept_lens = _np(out.accept_lens).astype(np.int64)  # a device-to-host copy: waits for the verify
+        self.verify_ms = (time.perf_counter() - t0) * 1e3
         step = draft.pending
         if step is None:
             return out
-        accept_lens = _np(out.accept_lens).astype(np.int64)  # a device-to-host copy: waits for the verify
-        step.verify_ms = (time.perf_counter() - t0) * 1e3
+        step.verify_ms = self.verify_ms
         accepted = accepted_nodes(step, _np(out.accept_index).astype(np.int64), accept_lens,
                                   self.speculative_num_draft_tokens)
         self.policy.observe(step.forest, step.selection, accept_lens - 1, accepted)
