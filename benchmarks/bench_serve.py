@@ -6,7 +6,11 @@ the draft directory's policy-<name>.json), all started first; then for each repe
 the policies take turns (the order rotates) on the same requests: C client threads, each sending its next request
 as soon as its previous one returns (a closed loop, the paper's "batch size"), until `--requests-per-client` x C
 requests have run. Reported: output tokens per second of wall time, per policy, and its ratio to ar, from the same
-interleaved run; the servers' mean accepted length; whether every policy returned the same tokens.
+interleaved run; echo / max(ar, eagle3) in wall time and in the CPU time the servers' engine threads spent stepping
+(Engine.stats()'s step_cpu_ms, read from /server_info around each turn), over all turns and per turn (its range):
+on a shared machine a turn's wall time carries whatever load ran beside it, its CPU time far less (with
+--threads 1 the engine's forwards run in that thread); the servers' mean accepted length; whether every policy
+returned the same tokens.
 
 Prompts: Spec-Bench's first turns (echo_exec/prompts/spec_bench.jsonl.gz, the same 480 prompts as
 ../shared/data/prompts/spec_bench.jsonl) of at most --max-prompt-bytes bytes, in a seeded order; held-out

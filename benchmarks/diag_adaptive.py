@@ -172,12 +172,13 @@ def main() -> int:
         prompts = held_out_prompts(args.requests, 192, args.gen_len, args.seed)
     load0 = os.getloadavg()
     engines = {}
-    for name in args.policies.split(","):
+    for label in args.policies.split(","):  # "name" or "label=name" (a policy under --configs[label])
+        label, _, name = label.partition("=") if "=" in label else (label, "", label)
         _, cfg, _ = policy_settings(None, name, str(args.draft))
-        cfg = args.configs.get(name, cfg)
-        engines[name] = Engine(args.target, None if name == "ar" else args.draft, policy=name, policy_config=cfg,
-                               max_running=args.max_running, log_iterations=True)
-        engines[name].generate(prompts[:2], SamplingParams(max_new_tokens=8))
+        cfg = args.configs.get(label, cfg)
+        engines[label] = Engine(args.target, None if name == "ar" else args.draft, policy=name, policy_config=cfg,
+                                max_running=args.max_running, log_iterations=True)
+        engines[label].generate(prompts[:2], SamplingParams(max_new_tokens=8))
     names = list(engines)
     tot = {n: dict(cpu_s=0.0, wall_s=0.0, tokens=0) for n in names}
     logs: dict = {n: [] for n in names}
@@ -208,6 +209,22 @@ def main() -> int:
                 s["state"] = {k: st[k] for k in ("verify_ms_model", "draft_ms_model", "fixed_ms",
                                                  "per_drafting_request_step") if k in st}
         report["policies"][n] = s
+    # the budget's price of a plain step, which it almost never takes while drafting pays, against the plain
+    # steps ar measured at the same batch sizes in this run (meaningful with --cpu-clock: both in CPU time)
+    if "ar" in names:
+        ar = [s for s in logs["ar"] if not s["prefill"]]
+        for n in names:
+            pol = engines[n].policy
+            if not hasattr(pol, "_verify_ms"):
+                continue
+            rows = {}
+            for b in sorted({s["batch"] for s in ar}):
+                meas = [s["target_ms"] for s in ar if s["batch"] == b]
+                if len(meas) >= 5:
+                    pred = float(pol._verify_ms(np.array([float(b)]), b)[0])
+                    rows[b] = dict(predicted_verify_ms=round(pred, 2), ar_measured_ms=round(float(np.median(meas)), 2),
+                                   steps=len(meas))
+            report["policies"][n]["plain_step_price_vs_ar"] = rows
     print(json.dumps(report, indent=1, default=float))
     if args.log:
         with args.log.open("w") as f:
