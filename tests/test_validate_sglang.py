@@ -193,5 +193,6 @@ def test_validate_against_sglang_echo(tmp_path, capsys):
     req = np.genfromtxt(out / "engine" / "requests.csv", delimiter=",", names=True)
     assert decode["batch"].sum() == pytest.approx(req["steps"].sum(), rel=0.02) and decode["batch"].max() <= 4
     assert res["overheads"]["steps"] >= 20 and np.all(steps["step_ms"] > 0)
-    # at this load the simulator lands near SGLang (docs/VALIDATION.md has a full run): loose bounds
-    assert abs(rows["throughput_tok_s"]["signed_pct"]) < 30 and abs(rows["mat"]["signed_pct"]) < 30
+    # acceptance does not move with the machine's load (step times do: docs/VALIDATION.md has measured runs)
+    assert abs(rows["mat"]["signed_pct"]) < 20
+    assert all(r["sim"] is not None and r["sim"] > 0 for r in res["metrics"])

@@ -54,6 +54,9 @@ from echosim.validate.sglang_steps import log_lines, read_log, read_step_records
 
 ADAPTIVE_NOT_WIRED = "online-adaptive budget is not wired"  # the plugin's warning when it runs the inner policy
 LOG_SETTLE_S = 0.5  # SGLang logs an iteration after streaming it: let the last lines land before reading
+# a request that gets no byte for this long fails (one line) rather than waiting on a stalled server, whose own
+# watchdog (300 s) stops it
+REQUEST_TIMEOUT_S = 330.0
 
 
 @dataclass
@@ -208,7 +211,8 @@ def _steps_since(server: Server, mark: tuple[int, int], mean_ctx: float) -> list
 def _warm_up(url: str, n_tokens: int = 8) -> None:
     from echo_exec.replay import ReplayItem, replay
 
-    rec = asyncio.run(replay(url, [ReplayItem(0, "warm-up", 0.0, "", 32, n_tokens, prompt_ids=[65] * 32)]))[0]
+    rec = asyncio.run(replay(url, [ReplayItem(0, "warm-up", 0.0, "", 32, n_tokens, prompt_ids=[65] * 32)],
+                             request_timeout_s=REQUEST_TIMEOUT_S))[0]
     if not rec.ok:
         raise ValidationError(f"the SGLang server failed a warm-up request: {rec.error}")
 
@@ -226,7 +230,7 @@ def calibrate_sglang(cfg: CrossValConfig, server: Server, prompts: list[list[int
         for i in range(0, len(prompts), b):
             burst = [ReplayItem(j, f"cal-{b}-{j}", 0.0, "", len(prompts[j]), cfg.max_output_tokens,
                                 prompt_ids=prompts[j]) for j in range(i, min(i + b, len(prompts)))]
-            recs = asyncio.run(replay(server.url, burst))
+            recs = asyncio.run(replay(server.url, burst, request_timeout_s=REQUEST_TIMEOUT_S))
             failed = [r.error for r in recs if not r.ok]
             if failed:
                 raise ValidationError(f"a calibration request to SGLang failed: {failed[0]}")
@@ -248,7 +252,7 @@ def replay_sglang(cfg: CrossValConfig, items, server: Server, out: Path, mean_ct
     _warm_up(server.url)
     mark = _mark(server)
     log(f"SGLang: replaying {len(items)} requests over {items[-1].scheduled_s:.1f} s to {server.url}")
-    records = asyncio.run(replay(server.url, items))
+    records = asyncio.run(replay(server.url, items, request_timeout_s=REQUEST_TIMEOUT_S))
     steps = _steps_since(server, mark, mean_ctx)
     summary = summarize(records)
     dec = [s for s in steps if s.verify_tokens is not None]
