@@ -223,6 +223,44 @@ class Speculator:
             rows = outcome_rows(*self._run_core(difficulty, dataset, kv_len, request_ids))
         return StepOutcome(rows, self.draft_rows(rows[:, STOP]))
 
+    # --- several decode steps of the same batch (the replica's decode run, echosim/sim/replica.py) ----------------
+
+    def peek_steps(self, offset: np.ndarray, k_max: int) -> np.ndarray | None:
+        """Outcome rows [k, B, 6] of up to k_max consecutive decode steps of the same B requests, exactly as k calls
+        of `step` would draw them, without consuming the draws (`commit_steps` does). k stops where `step` would
+        draw a fresh block of row indices (the next `step` makes it). None for what is decided step by step
+        (the goodput merge: `prefix_step`) and for the exact core."""
+        B = len(offset)
+        if self.plain:
+            if len(self._plain) < B:
+                self._plain = outcome_rows(np.ones(2 * B), np.zeros(2 * B), np.zeros(2 * B))
+            return np.broadcast_to(self._plain[:B], (k_max, B, 6))
+        if self.core != "table" or self.prefix:
+            return None
+        k = min(k_max, (len(self._draws) - self._draw_pos) // B)
+        if k <= 0:
+            return None
+        pos = self._draw_pos
+        drawn = self._draws[pos:pos + k * B].reshape(k, B) + offset
+        return self._rows.take(drawn, axis=0)
+
+    def commit_steps(self, k: int, batch: int) -> None:
+        """The first k steps of the last `peek_steps` (or k `prefix_step`s) happened: their draws are used."""
+        if not self.plain:
+            self._draw_pos += k * batch
+
+    def prefix_step(self, offset: np.ndarray, kv_sum: int) -> np.ndarray | None:
+        """Goodput ECHO's outcome rows of one decode step of all B requests, as `step` gives them (`kv_sum`: their
+        cached tokens, summed), without consuming the draws (`commit_steps(1, B)` does); None where `step` would
+        draw a fresh block."""
+        B = len(offset)
+        pos = self._draw_pos
+        if pos + B > len(self._draws):
+            return None
+        drawn = offset + self._draws[pos:pos + B]
+        self.mean_ctx = kv_sum / B
+        return self._choose_prefix(self._rows.take(drawn, axis=0), drawn)
+
     def observe_time(self, batch_size: int, verify_tokens: int, verify_ms: float, draft_rows: tuple,
                      draft_ms: float, other_ms: float) -> None:
         """The priced times of a decode-only iteration, for policies that fit their step cost online (the engine
