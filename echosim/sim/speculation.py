@@ -34,8 +34,6 @@ from echosim.spec.policies import Policy
 from echosim.spec.records import step_records, write_records
 from echosim.spec.verify import verify_greedy
 
-# goodput ECHO's decode runs: each step decided at this many context buckets (the batch's and those above it)
-PREFIX_BUCKETS = 4
 CORE_CHUNK_ROWS = 2048  # rows per core call while building tables (bounds the forest's memory)
 
 # Built tables, kept across runs in one process (the dashboard, sweeps, --compare-policies rebuild the same ones).
@@ -56,11 +54,6 @@ class _CachedTable:
     confident: np.ndarray | None
     drafter_state: dict   # the drafter's bit generator state after the build
     core_steps: int       # core calls the build made
-
-
-def ctx_bucket_of(step_time) -> int | None:
-    """The context bucket (tokens) a step-time callable's answers depend on, if it says (budget_step_time)."""
-    return getattr(step_time, "ctx_bucket", None)
 
 
 def clear_table_cache() -> None:
@@ -158,8 +151,6 @@ class Speculator:
         self.depth, self.k1, self.k = plan.depth, plan.k1, plan.k
         self.plain = plan.depth == 0 and policy.name == "ar"
         self.records_path = records_path
-        # whether the policy learns from priced step times (adaptive budgets); else the replica skips the call
-        self.observes_time = type(policy).observe_step is not Policy.observe_step
         self.step_index = 0
         self.mean_ctx = 512.0  # mean context of the batch being scheduled (for step-time callables)
         if records_path is not None:
@@ -224,7 +215,7 @@ class Speculator:
             rows = self._rows.take(drawn, axis=0)
             if self.prefix:
                 self.mean_ctx = int(kv_len.sum()) / B   # = kv_len.mean() exactly (an integer sum), without its overhead
-                rows = self._choose_prefix(rows[None], drawn[None])[0]
+                rows = self._choose_prefix(rows, drawn)
             if self._stop_const:
                 return StepOutcome(rows, tuple(B * w for w in self.width))
         else:
@@ -234,53 +225,41 @@ class Speculator:
 
     # --- several decode steps of the same batch (the replica's decode run, echosim/sim/replica.py) ----------------
 
-    def peek_steps(self, offset: np.ndarray, k_max: int, kv_sum: int = 0) -> np.ndarray | None:
+    def peek_steps(self, offset: np.ndarray, k_max: int) -> np.ndarray | None:
         """Outcome rows [k, B, 6] of up to k_max consecutive decode steps of the same B requests, exactly as k calls
-        of `step` would give them, without consuming the draws (`commit_steps` does). k stops where `step` would
-        draw a fresh block of row indices (the next `step` makes it). Goodput ECHO: every step is decided at the
-        budget's context bucket of `kv_sum` (the batch's cached tokens, summed), so a step whose batch has moved
-        to another bucket (`budget_bucket`) must be made anew. None for the exact core."""
+        of `step` would draw them, without consuming the draws (`commit_steps` does). k stops where `step` would
+        draw a fresh block of row indices (the next `step` makes it). None for what is decided step by step
+        (the goodput merge: `prefix_step`) and for the exact core."""
         B = len(offset)
         if self.plain:
             if len(self._plain) < B:
                 self._plain = outcome_rows(np.ones(2 * B), np.zeros(2 * B), np.zeros(2 * B))
             return np.broadcast_to(self._plain[:B], (k_max, B, 6))
-        if self.core != "table" or (self.prefix and self.budget_bucket(kv_sum, B) is None):
+        if self.core != "table" or self.prefix:
             return None
         k = min(k_max, (len(self._draws) - self._draw_pos) // B)
         if k <= 0:
             return None
         pos = self._draw_pos
         drawn = self._draws[pos:pos + k * B].reshape(k, B) + offset
-        rows = self._rows.take(drawn, axis=0)
-        if not self.prefix:
-            return rows
-        # goodput ECHO: a step is decided at its batch's context bucket, which rises as the steps emit tokens;
-        # decide every step at this bucket and the next few, then follow the run's own context from step to step
-        # and keep the steps whose bucket was among those
-        self.mean_ctx = kv_sum / B
-        b0 = self.budget_bucket(kv_sum, B)
-        variants = self._choose_prefix(rows, drawn, PREFIX_BUCKETS)
-        emitted = variants[:, :, :, EMIT].sum(axis=2).tolist()
-        pick = []
-        for step in range(k):
-            v = self.budget_bucket(kv_sum, B) - b0
-            if v >= PREFIX_BUCKETS:
-                break
-            pick.append(v)
-            kv_sum += emitted[v][step]
-        return variants[pick, np.arange(len(pick))] if pick else None
-
-    def budget_bucket(self, kv_sum: int, batch: int) -> int | None:
-        """The context bucket the goodput budget prices a step of `batch` requests holding `kv_sum` tokens at
-        (`_step_time_cached`); None where its step-time callable is not bucketed."""
-        bucket = ctx_bucket_of(self.policy.step_time)
-        return int(kv_sum / batch) // bucket if bucket is not None else None
+        return self._rows.take(drawn, axis=0)
 
     def commit_steps(self, k: int, batch: int) -> None:
-        """The first k steps of the last `peek_steps` happened: their draws are used."""
+        """The first k steps of the last `peek_steps` (or k `prefix_step`s) happened: their draws are used."""
         if not self.plain:
             self._draw_pos += k * batch
+
+    def prefix_step(self, offset: np.ndarray, kv_sum: int) -> np.ndarray | None:
+        """Goodput ECHO's outcome rows of one decode step of all B requests, as `step` gives them (`kv_sum`: their
+        cached tokens, summed), without consuming the draws (`commit_steps(1, B)` does); None where `step` would
+        draw a fresh block."""
+        B = len(offset)
+        pos = self._draw_pos
+        if pos + B > len(self._draws):
+            return None
+        drawn = offset + self._draws[pos:pos + B]
+        self.mean_ctx = kv_sum / B
+        return self._choose_prefix(self._rows.take(drawn, axis=0), drawn)
 
     def observe_time(self, batch_size: int, verify_tokens: int, verify_ms: float, draft_rows: tuple,
                      draft_ms: float, other_ms: float) -> None:
@@ -336,57 +315,36 @@ class Speculator:
         confident = (stop > 0) & ~gated
         return probs, acc_rank, confident
 
-    def _choose_prefix(self, rows: np.ndarray, drawn: np.ndarray, buckets: int = 0) -> np.ndarray:
+    def _choose_prefix(self, rows: np.ndarray, drawn: np.ndarray) -> np.ndarray:
         """ECHO's goodput budget over the drawn rows' priority orders: floor first, then Priority 1 and Priority 2
-        by probability, the budget choosing how many to verify; returns the outcome rows for that choice. What
-        depends on a row alone (its floor, its merge keys) is computed once per table row (`_prefix_keys`); per
-        step only the merge across the batch and the budget's choice remain.
-
-        Several steps of the same batch at once: rows [K, B, 6], drawn [K, B]. The merge order is total: the floor
-        nodes in row order, then the others by key, ties by row then rank (a stable sort), so a step decides the
-        same alone or among others. The budget's choice is `Budget.choose`'s, step by step: the same gains summed
-        in the same order, divided by the same step-time curve, the first maximum. buckets = 0: every step at
-        the current context bucket (`mean_ctx`), rows [K, B, 6] updated in place; buckets = V: the choices at
-        the current bucket and the V - 1 above it, [V, K, B, 6] (the decode run's later steps have more context)."""
-        K, B = drawn.shape
-        C = self._cap
-        ub = self.policy.config.budget.upper_bound(B)
-        counts = self._counts.take(drawn, axis=0)   # [K, B, 2]: floor, nodes offered beyond it
-        floor = counts[:, :, 0]
-        n_floor = floor.sum(axis=1)
-        n_rest = np.minimum(counts[:, :, 1].sum(axis=1), np.maximum(ub - n_floor, 0))
-        # merge key per node: floor nodes above every other (keys are <= 3), empty slots -1
-        key = np.where(self._cols < floor[:, :, None], 10.0, self._key.take(drawn, axis=0)).reshape(K, B * C)
-        order = np.argsort(-key, axis=1, kind="stable")
-        bound = np.minimum(ub, n_floor + n_rest)       # candidates the budget may take, per step
-        width = int(bound.max())
-        gain = np.take_along_axis(self._gain.take(drawn, axis=0).reshape(K, B * C), order[:, :width], axis=1)
-        accepted = np.empty((K, width + 1))
-        accepted[:, 0] = 0.0
-        np.cumsum(gain, axis=1, out=accepted[:, 1:])
-        tokens = B + np.arange(width + 1)
-        if buckets:
-            base = int(self.mean_ctx) // ctx_bucket_of(self.policy.step_time)
-            curves = []
-            for v in range(buckets):
-                self.mean_ctx = float((base + v) * ctx_bucket_of(self.policy.step_time))
-                curves.append(self._step_time_cached(B)(tokens, B))
-            curve = np.stack(curves)[:, None, :]        # [V, 1, width + 1]
+        by probability, the budget choosing how many to verify; returns the outcome rows for that choice (`rows`,
+        updated in place). What depends on a row alone (its floor, its merge keys) is computed once per table
+        row (`_prefix_keys`); per step only the merge across the batch and the budget's choice remain."""
+        B, C = len(drawn), self._cap
+        budget = self.policy.config.budget
+        counts = self._counts.take(drawn, axis=0)   # [B, 2]: floor, nodes offered beyond it
+        n_floor, offered = counts.sum(axis=0).tolist()
+        floor = counts[:, 0]
+        key = self._key.take(drawn, axis=0).ravel()   # Priority 1 above 2, by probability; -1 = floor or no node
+        n_rest = min(offered, max(budget.upper_bound(B) - n_floor, 0))
+        if 0 < n_rest < key.size:
+            neg = -key
+            top = np.argpartition(neg, n_rest - 1)[:n_rest]
+            top = top[np.argsort(neg[top], kind="stable")]
         else:
-            curve = self._step_time_cached(B)(tokens, B)[None, None, :]
-        goodput = (B + accepted) / curve              # [V, K, width + 1]
-        goodput[:, np.arange(width + 1) > bound[:, None]] = -np.inf
-        take = np.maximum(np.argmax(goodput, axis=2), n_floor)  # [V, K]: nodes verified per step
-        rank = np.empty_like(order)                   # each node's place in its step's merge order
-        np.put_along_axis(rank, order, np.arange(B * C), axis=1)
-        m = (rank[None] < take[:, :, None]).reshape(-1, K, B, C).sum(axis=3)   # [V, K, B]
-        acc = (self._acc_rank.take(drawn, axis=0)[None] < m[..., None]).sum(axis=3)
-        out = rows[None] if not buckets else np.repeat(rows[None], buckets, axis=0)
-        out[..., TOKENS] = m + 1
-        out[..., ACCEPTED] = acc
-        out[..., EMIT] = acc + 1
-        out[..., TOKENS_SQ] = (m + 1) * (m + 1)
-        return out if buckets else out[0]
+            top = np.flatnonzero(key > 0)
+            top = top[np.argsort(-key[top], kind="stable")][:n_rest]
+        gain = self._gain.take(drawn, axis=0)
+        floor_gains = gain[self._cols < floor[:, None]] if n_floor else gain[:0, 0]
+        gains = np.concatenate([floor_gains, gain.ravel()[top]])
+        k = max(budget.choose(B, gains, self._step_time_cached(B)), n_floor)
+        m = floor + np.bincount(top[:k - n_floor] // C, minlength=B)
+        accepted = (self._acc_rank.take(drawn, axis=0) < m[:, None]).sum(axis=1)
+        rows[:, TOKENS] = m + 1
+        rows[:, ACCEPTED] = accepted
+        rows[:, EMIT] = accepted + 1
+        rows[:, TOKENS_SQ] = (m + 1) * (m + 1)
+        return rows
 
     def _step_time_cached(self, batch: int):
         """The policy's step-time callable, its answers kept per (batch, context bucket, candidates) when the
