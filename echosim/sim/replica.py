@@ -26,8 +26,8 @@ from echosim.sim.speculation import EMIT, ONE, STOP, TOKENS, TOKENS_SQ
 from echosim.sim.workload import Request
 
 # the longest decode run (`Replica._decode_run`) prepared at once: steps until the next event on this trace are
-# ~5-30; a longer preparation is wasted where a run ends early (0 = every iteration through the general loop)
-FAST_STEPS = 32
+# ~5-30; a longer preparation is mostly wasted, a run ending early (0 = every iteration through the general loop)
+FAST_STEPS = 16
 
 # per running request: tokens in its KV cache, prefix tokens still to prefill, output tokens left, latents,
 # admission order; and `stats` [n, 3], its counters since admission in the outcome rows' first columns
@@ -142,57 +142,48 @@ class Replica:
         instead of through a SimPy timeout (nothing else could have run in between: the same order of events).
         A run ends at a request's finish, at an admission becoming possible, at a KV shortfall, or when the
         table's current block of draws is used up; it returns how many iterations it made (0: none, the general
-        loop goes on)."""
+        loop goes on). Tabled policies and AR only: the exact core and goodput ECHO (its merge is decided step by
+        step at the batch's context) take the general loop."""
         env, spec, pricer, block, metrics = self.env, self.spec, self.pricer, self.block, self.metrics
         B = len(self.reqs)
         ctx0, left0 = self.ctx, self.left
-        prefix = spec.prefix and spec.core == "table"
-        if prefix:
-            rows_k = None
-            cum = np.zeros(B, np.int64)       # tokens emitted per request so far in this run
-            acc_stats = np.zeros((B, ONE + 1), np.int64)
-            k_max = FAST_STEPS
+        # steps to prepare: up to the first possible finish, and about as many as fit before the next event
+        # elsewhere (an arrival usually ends the run), from the last step's length; any choice gives the
+        # same iterations, this one wastes the least preparation
+        k_max = min(FAST_STEPS, int(left0.min()))
+        gap_s = env.peek() - env.now
+        if self._last_step_s > 0 and gap_s < k_max * self._last_step_s:
+            k_max = min(k_max, int(gap_s / self._last_step_s) + 2)
+        kv_sum = self.kv_tokens
+        R = spec.peek_steps(self.offset, k_max, kv_sum)
+        if R is None:
+            return 0
+        k_max = len(R)
+        E = R[:, :, EMIT]
+        cumE = np.cumsum(E, axis=0)  # [k, B]: tokens emitted by the end of each step (before capping)
+        sums = R[:, :, :TOKENS_SQ + 1].sum(axis=1).tolist()
+        # each step's tok . ctx, ctx being the context at that step's start (no capping before a finish)
+        qk_dot = (R[:, :, TOKENS] * (ctx0 + (cumE - E))).sum(axis=1).tolist()
+        fin = (cumE >= left0).any(axis=1)
+        k_fin = int(np.argmax(fin)) if fin[-1] else k_max   # the step where a request finishes, if any
+        if spec._stop_const:
+            drows = (tuple(B * w for w in spec.width),) * k_max
+        elif spec.depth:
+            # rows per depth as speculation.draft_rows computes them: requests that drafted depth d or deeper
+            stop = R[:, :, STOP]
+            alive = ((stop[:, :, None] >= np.arange(1, spec.depth + 1)) & (stop[:, :, None] <= spec.depth)
+                     ).sum(axis=1).tolist()
+            drows = None   # made step by step from `alive` (a run often ends well before k_max)
         else:
-            # steps to prepare: up to the first possible finish, and about as many as fit before the next event
-            # elsewhere (an arrival usually ends the run), from the last step's length; any choice gives the
-            # same iterations, this one wastes the least preparation
-            k_max = min(FAST_STEPS, int(left0.min()))
-            gap_s = env.peek() - env.now
-            if self._last_step_s > 0 and gap_s < k_max * self._last_step_s:
-                k_max = min(k_max, int(gap_s / self._last_step_s) + 2)
-            R = spec.peek_steps(self.offset, k_max)
-            if R is None:
-                return 0
-            k_max = len(R)
-            E = R[:, :, EMIT]
-            cumE = np.cumsum(E, axis=0)  # [k, B]: tokens emitted by the end of each step (before capping)
-            sums = R[:, :, :TOKENS_SQ + 1].sum(axis=1).tolist()
-            # each step's tok . ctx, ctx being the context at that step's start (no capping before a finish)
-            qk_dot = (R[:, :, TOKENS] * (ctx0 + (cumE - E))).sum(axis=1).tolist()
-            fin = (cumE >= left0).any(axis=1)
-            k_fin = int(np.argmax(fin)) if fin[-1] else k_max   # the step where a request finishes, if any
-            if spec._stop_const:
-                drows = (tuple(B * w for w in spec.width),) * k_max
-            elif spec.depth:
-                # rows per depth as speculation.draft_rows computes them: requests that drafted depth d or deeper
-                stop = R[:, :, STOP]
-                alive = ((stop[:, :, None] >= np.arange(1, spec.depth + 1)) & (stop[:, :, None] <= spec.depth)
-                         ).sum(axis=1).tolist()
-                drows = None   # made step by step from `alive` (a run often ends well before k_max)
-            else:
-                drows = ((),) * k_max
+            drows = ((),) * k_max
         n_bias = B * (block - 1)
         max_tokens, max_prefill, kv_blocks = self.max_tokens, self.max_prefill, self.kv_blocks
         done = 0
         finishing = False
+        observes = spec.observes_time
+        next_due = env.peek()   # the next event elsewhere (the queue changes only while this process yields)
         for k in range(k_max):
-            if prefix:
-                rows_k = spec.prefix_step(self.offset, self.kv_tokens)
-                if rows_k is None:
-                    break
-                T, acc_sum, n_dec, _, tok_sq = rows_k[:, :TOKENS_SQ + 1].sum(axis=0).tolist()
-            else:
-                T, acc_sum, n_dec, _, tok_sq = sums[k]
+            T, acc_sum, n_dec, _, tok_sq = sums[k]
             # the general loop's KV bound; where it fails, that loop makes this step (its exact check, preemption)
             need = (self.kv_tokens + n_bias) // block + T // block + n_dec
             if need > kv_blocks:
@@ -202,27 +193,20 @@ class Replica:
                 if min(max_tokens - T, max_prefill) > 0 and B < self.max_running and \
                         -(-(r.prompt_tokens + max(r.generated - 1, 0)) // block) <= kv_blocks - need:
                     break
-            if prefix:
-                tok = rows_k[:, TOKENS]
-                qk = float(int(tok.dot(ctx0)) + int(tok.dot(cum))) + 0.5 * (tok_sq + T)
-                dr = tuple(B * w for w in spec.width) if spec._stop_const else spec.draft_rows(rows_k[:, STOP])
-                spec.commit_steps(1, B)
-                cum += rows_k[:, EMIT]
-                acc_stats += rows_k[:, :ONE + 1]
-                finishing = bool((cum >= left0).any())
-            else:
-                qk = float(qk_dot[k]) + 0.5 * (tok_sq + T)
-                dr = drows[k] if drows is not None else tuple(map(operator.mul, alive[k], spec.width))
-                finishing = k == k_fin
+            qk = float(qk_dot[k]) + 0.5 * (tok_sq + T)
+            dr = drows[k] if drows is not None else tuple(map(operator.mul, alive[k], spec.width))
+            finishing = k == k_fin
             csum = self.kv_tokens
             tokens = float(T)
             st = pricer.price(tokens, float(csum + T), qk, float(n_dec), tokens, dr, csum / n_dec, n_dec)
             step_ms = st.draft_ms + st.verify_ms + st.lm_head_ms + st.overhead_ms
-            spec.observe_time(n_dec, T, st.verify_ms + st.lm_head_ms, dr, st.draft_ms, st.overhead_ms)
+            if observes:
+                spec.observe_time(n_dec, T, st.verify_ms + st.lm_head_ms, dr, st.draft_ms, st.overhead_ms)
             t0 = env.now
             end = t0 + step_ms / 1000.0   # as SimPy's timeout computes it
-            if finishing or end >= env.peek():
+            if finishing or end >= next_due:
                 yield env.timeout(step_ms / 1000.0)
+                next_due = env.peek()
             else:
                 env._now = end   # nothing is due before `end`: the timeout's effect, without its event
             self.iterations += 1
@@ -236,13 +220,9 @@ class Replica:
         if not done:
             return 0
         # the run's effect on the columns: emitted tokens (capped by what each request had left), counters
-        if prefix:
-            emitted = np.minimum(cum, left0)
-            self.stats += acc_stats
-        else:
-            spec.commit_steps(done, B)
-            emitted = np.minimum(cumE[done - 1], left0)
-            self.stats += R[:done, :, :ONE + 1].sum(axis=0)
+        spec.commit_steps(done, B)
+        emitted = np.minimum(cumE[done - 1], left0)
+        self.stats += R[:done, :, :ONE + 1].sum(axis=0)
         self.left = left0 - emitted
         self.ctx = ctx0 + emitted
         if finishing:
@@ -368,7 +348,7 @@ class Replica:
                 st = pricer.price(tokens + pre[0], kv + pre[1], qk + pre[2], seqs + pre[3], lm_rows + pre[4],
                                   draft_rows, mean_ctx, n_dec)
             step_ms = st.draft_ms + st.verify_ms + st.lm_head_ms + st.overhead_ms
-            if tok is not None and not chunks:  # a decode-only iteration: its priced times teach adaptive budgets
+            if tok is not None and not chunks and spec.observes_time:  # decode-only: teaches adaptive budgets
                 spec.observe_time(n_dec, T, st.verify_ms + st.lm_head_ms, draft_rows, st.draft_ms, st.overhead_ms)
             yield env.timeout(step_ms / 1000.0)
             self.iterations += 1

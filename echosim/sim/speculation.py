@@ -151,6 +151,8 @@ class Speculator:
         self.depth, self.k1, self.k = plan.depth, plan.k1, plan.k
         self.plain = plan.depth == 0 and policy.name == "ar"
         self.records_path = records_path
+        # whether the policy learns from priced step times (adaptive budgets); else the replica skips the call
+        self.observes_time = type(policy).observe_step is not Policy.observe_step
         self.step_index = 0
         self.mean_ctx = 512.0  # mean context of the batch being scheduled (for step-time callables)
         if records_path is not None:
@@ -225,11 +227,12 @@ class Speculator:
 
     # --- several decode steps of the same batch (the replica's decode run, echosim/sim/replica.py) ----------------
 
-    def peek_steps(self, offset: np.ndarray, k_max: int) -> np.ndarray | None:
+    def peek_steps(self, offset: np.ndarray, k_max: int, kv_sum: int = 0) -> np.ndarray | None:
         """Outcome rows [k, B, 6] of up to k_max consecutive decode steps of the same B requests, exactly as k calls
         of `step` would draw them, without consuming the draws (`commit_steps` does). k stops where `step` would
-        draw a fresh block of row indices (the next `step` makes it). None for what is decided step by step
-        (the goodput merge: `prefix_step`) and for the exact core."""
+        draw a fresh block of row indices (the next `step` makes it). None for the exact core and for goodput
+        ECHO, whose merge is decided step by step at the batch's context (`kv_sum`, unused: batching its steps
+        did not pay, docs/SIMULATOR.md)."""
         B = len(offset)
         if self.plain:
             if len(self._plain) < B:
@@ -245,21 +248,9 @@ class Speculator:
         return self._rows.take(drawn, axis=0)
 
     def commit_steps(self, k: int, batch: int) -> None:
-        """The first k steps of the last `peek_steps` (or k `prefix_step`s) happened: their draws are used."""
+        """The first k steps of the last `peek_steps` happened: their draws are used."""
         if not self.plain:
             self._draw_pos += k * batch
-
-    def prefix_step(self, offset: np.ndarray, kv_sum: int) -> np.ndarray | None:
-        """Goodput ECHO's outcome rows of one decode step of all B requests, as `step` gives them (`kv_sum`: their
-        cached tokens, summed), without consuming the draws (`commit_steps(1, B)` does); None where `step` would
-        draw a fresh block."""
-        B = len(offset)
-        pos = self._draw_pos
-        if pos + B > len(self._draws):
-            return None
-        drawn = offset + self._draws[pos:pos + B]
-        self.mean_ctx = kv_sum / B
-        return self._choose_prefix(self._rows.take(drawn, axis=0), drawn)
 
     def observe_time(self, batch_size: int, verify_tokens: int, verify_ms: float, draft_rows: tuple,
                      draft_ms: float, other_ms: float) -> None:
