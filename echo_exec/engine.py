@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from echo_exec.drafter import ModelDrafter
+from echo_exec.drafter import Eagle3Drafter, ModelDrafter
 from echo_exec.errors import ExecError
 from echo_exec.host_memory import keep_freed_memory
 from echo_exec.kv import BlockManager, attn_meta
 from echo_exec.loader import load_model
-from echo_exec.model import KVCache
+from echo_exec.model import Eagle3Head, KVCache
 from echo_exec.sampling import target_probs
 from echo_exec.tokenizer import EOS_ID
 from echo_exec.verify_torch import tree_index, tree_tensors, verify_greedy, verify_sampling
@@ -177,8 +177,11 @@ class Engine:
             dcache = KVCache(self.draft_model.cfg, int(num_kv_blocks), int(block_size), dtype=dtype,
                              device=self.device)
             # RoPE positions reach the context length plus one step's lookahead.
-            self.drafter = ModelDrafter(self.draft_model, dcache, self.blocks, self.device,
-                                        self.max_len + 2048)
+            if isinstance(self.draft_model, Eagle3Head):  # drafts from the target's hidden states
+                self.drafter = Eagle3Drafter(self.draft_model, self.target, dcache, self.blocks, self.device)
+            else:
+                self.drafter = ModelDrafter(self.draft_model, dcache, self.blocks, self.device,
+                                            self.max_len + 2048)
         # Greedy verification of a tree: "auto" runs the NumPy reference on a CPU (fewest ops for tiny trees) and
         # the torch version on other devices; "torch" always runs the torch version. Both give the same result.
         self.verify_backend = "auto"
@@ -462,7 +465,7 @@ class Engine:
         last_rows = torch.from_numpy(np.cumsum(n)[first] - 1).to(self.device)
         logits = self.target.forward_packed(tok_t, pos_t, meta, self.cache, last_rows)
         if self.drafter is not None:
-            self.drafter.prefill(meta, tok_t, pos_t)
+            self.drafter.prefill(meta, tok_t, pos_t, rows=rows, start=start, n=n)
             self.drafter.kv_len[rows] = start + n
         for r, s, k in chunks:
             r.kv_len = s + k
@@ -538,6 +541,8 @@ class Engine:
             tree_tokens = batch.num_tokens
             emitted = result.emitted(batch)
         t2 = time.perf_counter()
+        if self.drafter is not None:  # an EAGLE-3 head keeps the target's states of the accepted tokens
+            self.drafter.after_verify(rows, kv, result.accept_index)
         if self.records_path is not None and len(selection):  # bookkeeping: outside the target's time
             self._records.append(step_records(forest, batch, result, self._stats["decode_steps"],
                                               np.array([r.seq for r in ready])))
