@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from echo_exec.errors import ExecError
 from echo_exec.kv import BlockManager, attn_meta
 from echo_exec.model import AttnMeta, Eagle3Head, KVCache, Transformer, rope_cos_sin
 from echosim.spec.forest import DraftForest
@@ -188,6 +189,10 @@ class Eagle3Drafter:
     scratch_tokens = staticmethod(ModelDrafter.scratch_tokens)
 
     def __init__(self, head: Eagle3Head, target: Transformer, cache: KVCache, blocks: BlockManager, device):
+        tc, width = target.cfg, head.fc.in_features // len(head.aux_layers)
+        if max(head.aux_layers) >= tc.n_layers or width != tc.hidden_size:
+            raise ExecError(f"the EAGLE-3 head reads layers {list(head.aux_layers)} of a {width}-wide target; this "
+                            f"target has {tc.n_layers} layers of width {tc.hidden_size}", field="eagle_config")
         self.head, self.target, self.cache, self.blocks = head, target, cache, blocks
         self.device = torch.device(device)
         target.capture_layers = head.aux_layers

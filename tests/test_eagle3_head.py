@@ -141,6 +141,18 @@ def test_engine_with_the_head_is_lossless(pair, prompts, policy, config):
         assert not bad, f"{policy} batch {batch}: prompt {bad[0]} differs"
 
 
+def test_a_head_for_another_target_is_refused(pair, tmp_path):
+    from echo_exec.errors import ExecError
+
+    _, head = pair
+    small = Transformer(ModelConfig(vocab_size=V, hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    intermediate_size=64, eos_token_id=EOS))
+    small.init_weights(seed=3)
+    save_model(small, tmp_path / "t2")
+    with pytest.raises(ExecError, match="reads layers"):
+        Engine(tmp_path / "t2", head, policy="eagle3")
+
+
 def test_engine_with_the_head_survives_preemption(pair, prompts):
     """A pool that holds only a few requests: preempted requests re-prefill, the head's features restart."""
     target, head = pair
