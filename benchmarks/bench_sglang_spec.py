@@ -8,13 +8,15 @@ and SGLang's intel_amx attention (kept on this AMX-less CPU by echo's plugin, ec
 `plain` is plain SGLang with its own torch_native attention (SGLang's code only; `plain-amx`: with intel_amx, the
 kernels the speculative servers use). ECHO runs the policy settings shipped with the draft
 (tiny-draft/policy-echo.json: steps 5, topk 2, N 10), dense (SGLang's layout, pads) and ragged (echo's CPU kernels
-verify only the selected nodes); STANDALONE the same shape (steps 5, topk 2, N 10).
+verify only the selected nodes); STANDALONE the same shape (steps 5, topk 2, N 10); `eagle3` SGLang's EAGLE3 with the
+shipped EAGLE-3 head (tiny-eagle3), the same shape.
 Load: closed loop, `concurrency` requests in flight, held-out prompts (120 bytes), greedy, ignore_eos.
 "verified/request/step": tokens through the target's verify forward per request and step (N dense; ragged ECHO:
 the policy's mean tree size, from the plugin's records).
 
     python benchmarks/bench_sglang_spec.py --sglang-python VENV/bin/python [--concurrency 1,4,16]
-        [--tokens 64] [--rounds 2] [--min-requests 6] [--repeats 3] [--servers plain,standalone,echo,echo-ragged]
+        [--tokens 64] [--rounds 2] [--min-requests 6] [--repeats 3]
+        [--servers plain,standalone,echo,echo-ragged (also: plain-amx, eagle3)]
         [--echo-config FILE] [--out DIR]
 """
 
@@ -37,6 +39,7 @@ from echo_exec import sglang_cpu
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "echo_exec" / "models" / "tiny-target"
 DRAFT = ROOT / "echo_exec" / "models" / "tiny-draft"
+HEAD = ROOT / "echo_exec" / "models" / "tiny-eagle3"  # EAGLE-3 head: reads the target's hidden states
 
 
 def servers() -> dict[str, dict]:
@@ -45,6 +48,8 @@ def servers() -> dict[str, dict]:
         "plain-amx": dict(attention_backend="intel_amx"),
         "standalone": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
             "STANDALONE", DRAFT, steps=5, topk=2, num_draft_tokens=10)),
+        "eagle3": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
+            "EAGLE3", HEAD, steps=5, topk=2, num_draft_tokens=10)),
         "echo": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for("ECHO", DRAFT)),
         "echo-ragged": dict(attention_backend="intel_amx",
                             speculative=sglang_cpu.speculative_for("ECHO", DRAFT, ragged=True)),

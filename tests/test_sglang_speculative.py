@@ -1,9 +1,10 @@
 """SGLang's own server speculating on this CPU with echo's plugin and torch sgl_kernel: ECHO (an echosim.spec
-policy picks the trees inside SGLang's worker) and STANDALONE (SGLang's own tree), against plain SGLang.
+policy picks the trees inside SGLang's worker), STANDALONE (SGLang's own tree) and EAGLE3, against plain SGLang.
 
-Three servers, started once for the module and side by side (each takes ~90 s here): plain SGLang (its
+Servers started once for the module and side by side (each takes ~90 s here): plain SGLang (its
 torch_native attention, no echo code on its path), SGLang+STANDALONE and SGLang+ECHO (intel_amx attention kept by
-the plugin, echo's kernels), all on the shipped tiny target, ECHO and STANDALONE with the shipped tiny draft. Needs
+the plugin, echo's kernels), all on the shipped tiny target, ECHO and STANDALONE with the shipped tiny draft,
+SGLang+EAGLE3 with the shipped EAGLE-3 head (tiny-eagle3, which reads the target's hidden states). Needs
 an interpreter with sglang and the plugin (ECHO_SGLANG_PYTHON; make_venv.sh makes one; CI's SGLang step sets it);
 skipped elsewhere."""
 
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.skipif(SGLANG_PYTHON is None, reason="no interpreter wi
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "echo_exec" / "models" / "tiny-target"
 DRAFT = TARGET.parent / "tiny-draft"
+HEAD = TARGET.parent / "tiny-eagle3"  # the EAGLE-3 head SGLang's EAGLE3 drafts with (reads the target's states)
 NUM_PROMPTS, PROMPT_BYTES, NEW_TOKENS = 56, 120, 40
 # A static ECHO on this pair (5 x 2 beam, N 10, gated requests 4) with a gate at depth 3 strict enough that both
 # of ECHO's tiers (confident requests up to num_draft_tokens, gated ones up to remaining_num_draft_tokens) show up
@@ -54,6 +56,8 @@ def servers(tmp_path_factory):
         "standalone": dict(attention_backend="intel_amx",
                            speculative=sglang_cpu.speculative_for("STANDALONE", DRAFT, steps=5, topk=2,
                                                                   num_draft_tokens=10)),
+        "eagle3": dict(attention_backend="intel_amx",
+                       speculative=sglang_cpu.speculative_for("EAGLE3", HEAD, steps=5, topk=2, num_draft_tokens=10)),
         "echo": dict(attention_backend="intel_amx",
                      speculative=sglang_cpu.speculative_for("ECHO", DRAFT, policy="echo", policy_config=config)),
         "echo-ragged": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
@@ -100,7 +104,7 @@ def outputs(servers):
     prompts = sglang_cpu.heldout_prompts(NUM_PROMPTS, PROMPT_BYTES)
     assert len(prompts) == NUM_PROMPTS
     out = {("plain", 1): generate_all(servers["urls"]["plain"], prompts, 1)}
-    for name in ("standalone", "echo", "echo-ragged"):
+    for name in ("standalone", "eagle3", "echo", "echo-ragged"):
         for c in (1, 8):
             out[(name, c)] = generate_all(servers["urls"][name], prompts, c)
     return out
@@ -116,7 +120,7 @@ def read_records(path: Path) -> dict[str, list[tuple[int, bool, int]]]:
     return steps
 
 
-@pytest.mark.parametrize("name", ["echo", "echo-ragged", "standalone"])
+@pytest.mark.parametrize("name", ["echo", "echo-ragged", "standalone", "eagle3"])
 @pytest.mark.parametrize("concurrency", [1, 8])
 def test_speculative_sglang_is_lossless(outputs, name, concurrency):
     want = [r["output_ids"] for r in outputs[("plain", 1)]]
