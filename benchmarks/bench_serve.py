@@ -6,7 +6,11 @@ the draft directory's policy-<name>.json), all started first; then for each repe
 the policies take turns (the order rotates) on the same requests: C client threads, each sending its next request
 as soon as its previous one returns (a closed loop, the paper's "batch size"), until `--requests-per-client` x C
 requests have run. Reported: output tokens per second of wall time, per policy, and its ratio to ar, from the same
-interleaved run; the servers' mean accepted length; whether every policy returned the same tokens.
+interleaved run; echo / max(ar, eagle3) in wall time and in the CPU time the servers' engine threads spent stepping
+(Engine.stats()'s step_cpu_ms, read from /server_info around each turn), over all turns and per turn (its range):
+on a shared machine a turn's wall time carries whatever load ran beside it, its CPU time far less (with
+--threads 1 the engine's forwards run in that thread); the servers' mean accepted length; whether every policy
+returned the same tokens.
 
 Prompts: Spec-Bench's first turns (echo_exec/prompts/spec_bench.jsonl.gz, the same 480 prompts as
 ../shared/data/prompts/spec_bench.jsonl) of at most --max-prompt-bytes bytes, in a seeded order; held-out
@@ -97,6 +101,11 @@ class Server:
             self.proc.kill()
 
 
+def engine_cpu_s(server: Server) -> float:
+    """CPU seconds the server's engine thread has spent stepping (Engine.stats()'s step_cpu_ms)."""
+    return server.info()["internal_states"][0]["engine"].get("step_cpu_ms", 0.0) / 1e3
+
+
 def closed_loop(server: Server, prompts: list[dict], concurrency: int, gen_len: int) -> tuple[float, int, list]:
     """All prompts through `concurrency` client threads; (wall s, output tokens, outputs in prompt order)."""
     todo: queue.Queue = queue.Queue()
@@ -172,8 +181,8 @@ def main() -> int:
             closed_loop(s, next(iter(sets.values()))[:2], 2, 8)
         settings = {p: {k: s.info().get(k) for k in ("policy_config", "policy_config_source")}
                     for p, s in servers.items()}
-        res = {name: {c: {p: dict(wall_s=0.0, tokens=0) for p in policies} for c in args.concurrency_list}
-               for name in sets}
+        res = {name: {c: {"turns": [], **{p: dict(wall_s=0.0, cpu_s=0.0, tokens=0) for p in policies}}
+                      for c in args.concurrency_list} for name in sets}
         same = {name: {c: True for c in args.concurrency_list} for name in sets}
         turn = 0
         for rep in range(args.repeats):
@@ -184,13 +193,19 @@ def main() -> int:
                     order = policies[turn % len(policies):] + policies[:turn % len(policies)]
                     turn += 1
                     outs = {}
+                    this = {}
                     for p in order:
+                        cpu0 = engine_cpu_s(servers[p])
                         wall, tokens, outs[p] = closed_loop(servers[p], batch, c, args.gen_len)
-                        res[name][c][p]["wall_s"] += wall
-                        res[name][c][p]["tokens"] += tokens
+                        cpu = engine_cpu_s(servers[p]) - cpu0
+                        this[p] = dict(wall_s=wall, cpu_s=cpu, tokens=tokens)
+                        for k, v in this[p].items():
+                            res[name][c][p][k] += v
+                    res[name][c]["turns"].append(this)
                     same[name][c] &= all(outs[p] == outs[policies[0]] for p in policies)
-                    print(f"rep {rep} {name} C={c}: " + "  ".join(
-                        f"{p} {res[name][c][p]['tokens'] / res[name][c][p]['wall_s']:.1f} tok/s" for p in policies),
+                    print(f"rep {rep} {name} C={c} (load {os.getloadavg()[0]:.1f}): " + "  ".join(
+                        f"{p} {this[p]['tokens'] / this[p]['wall_s']:.1f} tok/s, "
+                        f"{this[p]['tokens'] / max(this[p]['cpu_s'], 1e-9):.1f} tok/cpu-s" for p in policies),
                         flush=True)
         infos = {p: s.info() for p, s in servers.items()}
     finally:
@@ -204,18 +219,34 @@ def main() -> int:
            "settings": settings, "results": {}, "accept_length": {p: infos[p].get("avg_spec_accept_length")
                                                                   for p in policies}}
     for name in sets:
-        print(f"\n{name}: output tokens/s (ratio to ar), greedy, {args.gen_len} tokens per request")
-        print("| concurrency | " + " | ".join(policies) + " | echo / max(ar, eagle3) | identical outputs |")
-        print("|---" * (len(policies) + 3) + "|")
+        print(f"\n{name}: output tokens/s (ratio to ar), greedy, {args.gen_len} tokens per request; "
+              "echo / max(ar, eagle3) in wall time and in the engine thread's CPU time; per turn: its range")
+        print("| concurrency | " + " | ".join(policies) + " | echo / max, wall | per turn | echo / max, CPU | "
+              "per turn | identical outputs |")
+        print("|---" * (len(policies) + 6) + "|")
         out["results"][name] = {}
         for c in args.concurrency_list:
-            tps = {p: res[name][c][p]["tokens"] / res[name][c][p]["wall_s"] for p in policies}
+            r = res[name][c]
+            tps = {p: r[p]["tokens"] / r[p]["wall_s"] for p in policies}
+            cps = {p: r[p]["tokens"] / max(r[p]["cpu_s"], 1e-9) for p in policies}
             base = tps.get("ar")
             cells = [f"{tps[p]:.1f}" + (f" ({tps[p] / base:.2f}x)" if base else "") for p in policies]
-            rival = max(tps[p] for p in policies if p in ("ar", "eagle3")) if {"ar", "eagle3"} & set(tps) else None
-            vs = f"{tps['echo'] / rival:.3f}" if rival and "echo" in tps else "-"
-            print(f"| {c} | " + " | ".join(cells) + f" | {vs} | {same[name][c]} |")
-            out["results"][name][c] = dict(tokens_per_s=tps, identical=same[name][c])
+            rivals = [p for p in policies if p in ("ar", "eagle3")]
+            ratio = {}
+            for key, kind in (("wall_s", "wall"), ("cpu_s", "cpu")):
+                if not rivals or "echo" not in policies:
+                    ratio[kind] = ("-", "-", [])
+                    continue
+                tot = {p: r[p]["tokens"] / max(r[p][key], 1e-9) for p in policies}
+                turns = [t["echo"]["tokens"] / max(t["echo"][key], 1e-9)
+                         / max(t[p]["tokens"] / max(t[p][key], 1e-9) for p in rivals) for t in r["turns"]]
+                ratio[kind] = (f"{tot['echo'] / max(tot[p] for p in rivals):.3f}",
+                               f"{min(turns):.2f}-{max(turns):.2f}", turns)
+            print(f"| {c} | " + " | ".join(cells) + f" | {ratio['wall'][0]} | {ratio['wall'][1]} | "
+                  f"{ratio['cpu'][0]} | {ratio['cpu'][1]} | {same[name][c]} |")
+            out["results"][name][c] = dict(tokens_per_s=tps, tokens_per_cpu_s=cps, identical=same[name][c],
+                                           echo_over_best_wall_per_turn=ratio["wall"][2],
+                                           echo_over_best_cpu_per_turn=ratio["cpu"][2], turns=r["turns"])
     for p in policies:
         st = infos[p].get("internal_states", [{}])[0].get("engine", {})
         print(f"{p}: mean accepted length {infos[p].get('avg_spec_accept_length')}"

@@ -9,13 +9,15 @@ and SGLang's intel_amx attention (kept on this AMX-less CPU by echo's plugin, ec
 kernels the speculative servers use). `echo` runs the policy settings shipped with the draft
 (tiny-draft/policy-echo.json: the online-adaptive budget around a 5 x 4 beam, N 24), dense (SGLang's layout, pads)
 and `echo-ragged` (echo's CPU kernels verify only the selected nodes); `echo-static` the same settings without the
-adaptive budget (every step drafts the full 5 x 4 beam and verifies the top 23); STANDALONE steps 5, topk 2, N 10.
+adaptive budget (every step drafts the full 5 x 4 beam and verifies the top 23); STANDALONE steps 5, topk 2, N 10;
+`eagle3` SGLang's EAGLE3 with the shipped EAGLE-3 head (tiny-eagle3), steps 5, topk 2, N 10.
 Load: closed loop, `concurrency` requests in flight, held-out prompts (120 bytes), greedy, ignore_eos.
 "verified/request/step": tokens through the target's verify forward per request and step (ECHO, from the plugin's
 records: N for a dense drafting step, the tree's size for a ragged one, 1 for a plain decoding step).
 
     python benchmarks/bench_sglang_spec.py --sglang-python VENV/bin/python [--concurrency 1,4,16]
-        [--tokens 64] [--rounds 2] [--min-requests 6] [--repeats 3] [--servers plain,standalone,echo,echo-ragged]
+        [--tokens 64] [--rounds 2] [--min-requests 6] [--repeats 3]
+        [--servers plain,standalone,echo,echo-ragged (also: plain-amx, echo-static, eagle3)]
         [--echo-config FILE] [--out DIR]
 """
 
@@ -38,6 +40,7 @@ from echo_exec import sglang_cpu
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "echo_exec" / "models" / "tiny-target"
 DRAFT = ROOT / "echo_exec" / "models" / "tiny-draft"
+HEAD = ROOT / "echo_exec" / "models" / "tiny-eagle3"  # EAGLE-3 head: reads the target's hidden states
 
 
 def static_echo_config(out: Path) -> Path:
@@ -55,6 +58,8 @@ def servers(out: Path) -> dict[str, dict]:
         "plain-amx": dict(attention_backend="intel_amx"),
         "standalone": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
             "STANDALONE", DRAFT, steps=5, topk=2, num_draft_tokens=10)),
+        "eagle3": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
+            "EAGLE3", HEAD, steps=5, topk=2, num_draft_tokens=10)),
         "echo": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for("ECHO", DRAFT)),
         "echo-static": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
             "ECHO", DRAFT, policy_config=static_echo_config(out))),

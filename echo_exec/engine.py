@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from echo_exec.drafter import ModelDrafter
+from echo_exec.drafter import Eagle3Drafter, ModelDrafter
 from echo_exec.errors import ExecError
 from echo_exec.host_memory import keep_freed_memory
 from echo_exec.kv import BlockManager, attn_meta
 from echo_exec.loader import load_model
-from echo_exec.model import KVCache
+from echo_exec.model import Eagle3Head, KVCache
 from echo_exec.sampling import target_probs
 from echo_exec.tokenizer import EOS_ID
 from echo_exec.verify_torch import tree_index, tree_tensors, verify_greedy, verify_sampling
@@ -177,8 +177,11 @@ class Engine:
             dcache = KVCache(self.draft_model.cfg, int(num_kv_blocks), int(block_size), dtype=dtype,
                              device=self.device)
             # RoPE positions reach the context length plus one step's lookahead.
-            self.drafter = ModelDrafter(self.draft_model, dcache, self.blocks, self.device,
-                                        self.max_len + 2048)
+            if isinstance(self.draft_model, Eagle3Head):  # drafts from the target's hidden states
+                self.drafter = Eagle3Drafter(self.draft_model, self.target, dcache, self.blocks, self.device)
+            else:
+                self.drafter = ModelDrafter(self.draft_model, dcache, self.blocks, self.device,
+                                            self.max_len + 2048)
         # Greedy verification of a tree: "auto" runs the NumPy reference on a CPU (fewest ops for tiny trees) and
         # the torch version on other devices; "torch" always runs the torch version. Both give the same result.
         self.verify_backend = "auto"
@@ -209,7 +212,7 @@ class Engine:
                 self.policy.bind(batched_step_time(grid))
         self._stats = dict(steps=0, decode_steps=0, prefill_tokens=0, verify_tokens=0, generated_tokens=0,
                            accepted_drafts=0, verified_accepted=0, request_verifies=0, preemptions=0, finished=0,
-                           draft_ms=0.0, target_ms=0.0, step_ms=0.0)
+                           draft_ms=0.0, target_ms=0.0, step_ms=0.0, step_cpu_ms=0.0)
 
     # ---- public API -------------------------------------------------------------------------------------------
 
@@ -247,7 +250,7 @@ class Engine:
         return bool(self._inbox or self.waiting or self.running or self._aborted)
 
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         if self.iterations is not None:
             self._it = IterationRecord(start_s=self.clock(), step_ms=0.0)
         with torch.inference_mode():
@@ -266,6 +269,8 @@ class Engine:
             other = ms - obs["draft_ms"] - obs["verify_ms"] if not self._prefilled else None
             self.policy.observe_step(**obs, other_ms=other)
         self._stats["step_ms"] += ms
+        # this thread's CPU time: a loaded machine inflates it far less than wall time (bench_serve's ratios)
+        self._stats["step_cpu_ms"] += (time.thread_time() - cpu0) * 1e3
         it = self._it
         if it is not None and (it.prefill_chunks or it.verify_tokens is not None):
             it.step_ms, it.waiting = ms, len(self.waiting)
@@ -460,7 +465,7 @@ class Engine:
         last_rows = torch.from_numpy(np.cumsum(n)[first] - 1).to(self.device)
         logits = self.target.forward_packed(tok_t, pos_t, meta, self.cache, last_rows)
         if self.drafter is not None:
-            self.drafter.prefill(meta, tok_t, pos_t)
+            self.drafter.prefill(meta, tok_t, pos_t, rows=rows, start=start, n=n)
             self.drafter.kv_len[rows] = start + n
         for r, s, k in chunks:
             r.kv_len = s + k
@@ -536,6 +541,8 @@ class Engine:
             tree_tokens = batch.num_tokens
             emitted = result.emitted(batch)
         t2 = time.perf_counter()
+        if self.drafter is not None:  # an EAGLE-3 head keeps the target's states of the accepted tokens
+            self.drafter.after_verify(rows, kv, result.accept_index)
         if self.records_path is not None and len(selection):  # bookkeeping: outside the target's time
             self._records.append(step_records(forest, batch, result, self._stats["decode_steps"],
                                               np.array([r.seq for r in ready])))

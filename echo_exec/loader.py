@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from echo_exec.errors import ExecError
-from echo_exec.model import ModelConfig, Transformer
+from echo_exec.model import EAGLE3_ARCH, Eagle3Head, ModelConfig, Transformer
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -28,8 +28,9 @@ def _weight_files(d: Path) -> list[Path]:
 
 
 def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> Transformer:
-    """A Transformer from `model_dir` (config.json + safetensors), in eval mode, on `device` in `dtype`."""
+               device: torch.device | str = "cpu") -> Transformer | Eagle3Head:
+    """A Transformer from `model_dir` (config.json + safetensors), in eval mode, on `device` in `dtype`; an
+    Eagle3Head when config.json names architectures ["LlamaForCausalLMEagle3"]."""
     from safetensors.torch import load_file
 
     d = Path(model_dir)
@@ -37,7 +38,7 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
         raise ExecError("not a model directory (no config.json)", path=str(d))
     cfg = ModelConfig.from_hf(d / "config.json")
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Eagle3Head(cfg) if cfg.extra.get("architectures") == [EAGLE3_ARCH] else Transformer(cfg)
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(d):
         state.update(load_file(str(f), device=str(device)))

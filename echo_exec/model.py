@@ -63,6 +63,7 @@ from torch import nn
 from echo_exec.errors import ExecError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+EAGLE3_ARCH = "LlamaForCausalLMEagle3"  # SGLang's (and the EAGLE-3 checkpoints') name for the head
 
 
 @dataclass
@@ -136,6 +137,9 @@ class ModelConfig:
                      "head_dim", "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps",
                      "tie_word_embeddings", "attention_bias", "mlp_bias", "max_position_embeddings",
                      "bos_token_id", "eos_token_id", "hidden_act"}
+            extra = {k: v for k, v in cfg.items() if k not in known}
+            if cfg.get("architectures") == [EAGLE3_ARCH]:  # an EAGLE-3 head (Eagle3Head) keeps its name
+                extra["architectures"] = [EAGLE3_ARCH]
             return cls(
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
@@ -156,7 +160,7 @@ class ModelConfig:
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_id=cfg.get("eos_token_id"),
-                extra={k: v for k, v in cfg.items() if k not in known},
+                extra=extra,
             )
         except KeyError as exc:
             raise ExecError("missing field", path=path, field=exc.args[0]) from None
@@ -166,7 +170,7 @@ class ModelConfig:
         arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
         out = dict(self.extra)
         out.update({
-            "architectures": [arch[self.model_type]],
+            "architectures": self.extra.get("architectures", [arch[self.model_type]]),
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -414,6 +418,10 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # RoPE frequencies stay fp32 whatever the model dtype (a plain attribute, so .to(bf16) leaves it).
         self._inv_freq = rope_inv_freq(cfg)
+        # EAGLE-3: forward_packed keeps the residual stream after these layers (0-based) in `aux_hidden`
+        # ([T, len * hidden], concatenated in this order) for a head that reads them (Eagle3Head).
+        self.capture_layers: tuple[int, ...] = ()
+        self.aux_hidden: torch.Tensor | None = None
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         if self._inv_freq.device != device:
@@ -436,22 +444,146 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (causal, positions 0..T-1)."""
+        return self.forward_aux(tokens, ())[0]
+
+    def forward_aux(self, tokens: torch.Tensor, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens [B, T] -> (logits [B, T, V], the residual stream after `layers` concatenated [B, T, n * hidden],
+        None when no layers)."""
         x = self.model.embed_tokens(tokens)
         pos = torch.arange(tokens.shape[1], device=tokens.device)
         cos, sin = rope_cos_sin(self.inv_freq(x.device), pos, x.dtype)
-        for blk in self.model.layers:
+        aux = {}
+        for i, blk in enumerate(self.model.layers):
             x = x + blk.self_attn(blk.input_layernorm(x), cos, sin)
             x = x + blk.mlp(blk.post_attention_layernorm(x))
-        return self.lm_head(self.model.norm(x))
+            if i in layers:
+                aux[i] = x
+        feats = torch.cat([aux[i] for i in layers], dim=-1) if layers else None
+        return self.lm_head(self.model.norm(x)), feats
 
     def forward_packed(self, tokens: torch.Tensor, positions: torch.Tensor, attn: AttnMeta,
                        cache: KVCache | None, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [T], positions [T] -> logits [T, V] (or [R, V] for `logits_rows`); see the module doc."""
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)
+        aux = []
         for i, blk in enumerate(self.model.layers):
             x = x + blk.self_attn.forward_packed(blk.input_layernorm(x), cos, sin, attn, cache, i)
             x = x + blk.mlp(blk.post_attention_layernorm(x))
+            if i in self.capture_layers:
+                aux.append(x)
+        if self.capture_layers:
+            self.aux_hidden = torch.cat(aux, dim=-1)
         if logits_rows is not None:
             x = x[logits_rows]
         return self.lm_head(self.model.norm(x))
+
+
+# ---- EAGLE-3 head ------------------------------------------------------------------------------------------------
+
+
+class Eagle3Layer(nn.Module):
+    """The head's one decoder layer. Its attention reads [RMSNorm(token embedding) ; RMSNorm(feature)], twice the
+    hidden width; the residual stream starts from the feature itself."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, h, kv, hd = cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.self_attn.q_proj = nn.Linear(2 * d, h * hd, bias=False)
+        self.self_attn.k_proj = nn.Linear(2 * d, kv * hd, bias=False)
+        self.self_attn.v_proj = nn.Linear(2 * d, kv * hd, bias=False)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def attn_input(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.input_layernorm(emb), self.hidden_norm(h)], dim=-1)
+
+    def finish(self, attn_out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Residual + attention, then residual + MLP: the layer's output (the next draft step's feature)."""
+        r = h + attn_out
+        return r + self.mlp(self.post_attention_layernorm(r))
+
+
+class Eagle3Head(nn.Module):
+    """An EAGLE-3 draft head (Li et al. 2025, "EAGLE-3"), in the layout SGLang's LlamaForCausalLMEagle3 loads
+    (config.json + model.safetensors, architectures ["LlamaForCausalLMEagle3"], one layer).
+
+    It drafts from the TARGET's states: `fc` maps the target's residual stream after the layers
+    `aux_layers` (low, middle, high; concatenated) to hidden width. Row t of a draft pass reads the feature of
+    position t and the embedding of the token at t + 1, sits at RoPE position t, and predicts the token at t + 2;
+    its output (pre-norm) is the feature of the next draft step, which is fed back without `fc`. The embedding
+    is the target's (SGLang replaces it with the target's at load; training keeps it frozen); `lm_head` is the
+    head's own over `draft_vocab_size` tokens (the whole byte vocabulary here, so no d2t map).
+
+    The target captures those layers with `Transformer.capture_layers = head.aux_layers` (forward_packed) or
+    `forward_aux(tokens, head.aux_layers)` (training)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.n_layers != 1:
+            raise ExecError(f"an EAGLE-3 head has one layer, not {cfg.n_layers}", field="num_hidden_layers")
+        try:
+            layers = tuple(int(i) for i in cfg.extra["eagle_config"]["eagle_aux_hidden_state_layer_ids"])
+        except (KeyError, TypeError, ValueError):
+            raise ExecError("an EAGLE-3 head needs eagle_config.eagle_aux_hidden_state_layer_ids",
+                            field="eagle_config") from None
+        vocab = int(cfg.extra.get("draft_vocab_size") or cfg.vocab_size)
+        if vocab != cfg.vocab_size:
+            raise ExecError("a reduced draft vocabulary (d2t map) is not supported", field="draft_vocab_size")
+        self.cfg, self.aux_layers = cfg, layers
+        d = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        self.fc = nn.Linear(len(layers) * int(cfg.extra.get("target_hidden_size", d)), d, bias=False)
+        self.midlayer = Eagle3Layer(cfg)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self._inv_freq = rope_inv_freq(cfg)
+
+    inv_freq = Transformer.inv_freq
+
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """Target features [..., n * target hidden] through fc; a draft output (hidden wide) unchanged."""
+        return self.fc(h) if h.shape[-1] != self.cfg.hidden_size else h
+
+    def forward_packed(self, h: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, attn: AttnMeta,
+                       cache: KVCache | None, logits_rows: torch.Tensor | None = None):
+        """Packed draft rows (as Transformer.forward_packed): h [T, n * target hidden] target features or [T, hidden]
+        draft outputs, tokens [T] (the token after each feature's position), positions [T] -> (logits [R, V],
+        outputs [R, hidden]) for `logits_rows` (default all rows)."""
+        h = self.features(h)
+        emb = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(self.inv_freq(h.device), positions, h.dtype)
+        ml = self.midlayer
+        out = ml.finish(ml.self_attn.forward_packed(ml.attn_input(emb, h), cos, sin, attn, cache, 0), h)
+        if logits_rows is not None:
+            out = out[logits_rows]
+        return self.lm_head(self.norm(out)), out
+
+    def forward_train(self, feats: torch.Tensor, tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """Training-time test: `steps` draft passes over a batch, each fed the previous pass's outputs.
+        feats [B, T, n * target hidden] (positions 0..T-1); tokens [B, T + steps] (the sequence from position 0).
+        Pass k's row t reads token t + k + 1 at RoPE position t + k and predicts token t + k + 2; it attends to
+        pass 0's rows 0..t (the target-fed context) and to row t of passes 1..k (its own draft chain), exactly
+        the keys it sees at inference. Returns the logits of each pass, [B, T, V]."""
+        B, T = feats.shape[:2]
+        ml, attn = self.midlayer, self.midlayer.self_attn
+        h = self.fc(feats)
+        causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
+        diag = torch.eye(T, dtype=torch.bool, device=h.device)
+        keys, values, logits = [], [], []
+        for k in range(steps):
+            pos = torch.arange(k, T + k, device=h.device)
+            cos, sin = rope_cos_sin(self.inv_freq(h.device), pos, h.dtype)
+            q, kk, v = attn.qkv(ml.attn_input(self.embed_tokens(tokens[:, k + 1:k + 1 + T]), h), cos, sin)
+            keys.append(kk)
+            values.append(v)
+            mask = torch.cat([causal] + [diag] * k, dim=1)  # [T, T * (k + 1)]
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), torch.cat(keys, 1).transpose(1, 2),
+                                               torch.cat(values, 1).transpose(1, 2), attn_mask=mask,
+                                               enable_gqa=True)
+            h = ml.finish(attn.o_proj(o.transpose(1, 2).flatten(2)), h)
+            logits.append(self.lm_head(self.norm(h)))
+        return logits

@@ -8,6 +8,10 @@ with --corpus wide on those plus the documentation Debian-family machines ship (
   with next-byte cross-entropy.
 - Draft: d=128, 1 layer (0.27M params), distilled from the target's logits (KL(target || draft)), which
   raises draft/target agreement far more than plain next-byte training.
+- EAGLE-3 head (--role eagle3, echo_exec/models/tiny-eagle3): model.Eagle3Head over the frozen target, fed the
+  target's residual stream after layers EAGLE3_LAYERS and the target's (frozen) embedding; trained by training-time
+  test (EAGLE3_TTT_STEPS draft passes, each fed the previous pass's outputs, weights 0.8^k) on KL(target || head)
+  at each pass's predicted position. Saved as SGLang's LlamaForCausalLMEagle3 checkpoint.
 - Sequence length 256, AdamW (0.9, 0.95, weight decay 0.1 on matrices), linear warmup, cosine decay to 10%.
   With --minutes the schedule follows wall-clock progress (so a slower machine still completes the cosine);
   with --steps it follows steps. The directory's train_meta.json records what a run did (steps, losses).
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from echo_exec.loader import load_model, save_model
-from echo_exec.model import ModelConfig, Transformer
+from echo_exec.model import EAGLE3_ARCH, Eagle3Head, ModelConfig, Transformer
 from echo_exec.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, write_hf_tokenizer
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -49,6 +53,57 @@ def target_config() -> ModelConfig:
 def draft_config() -> ModelConfig:
     return ModelConfig(vocab_size=VOCAB_SIZE, hidden_size=128, n_layers=1, n_heads=4, n_kv_heads=2,
                        intermediate_size=384, **COMMON)
+
+
+# The target layers (0-based) whose outputs the head reads: low, middle, high. SGLang captures a layer's INPUT
+# (its `layers_to_capture` is these ids + 1), so the last layer's output cannot be read; 4 is the last it can.
+EAGLE3_LAYERS = (1, 3, 4)
+EAGLE3_TTT_STEPS = 3
+
+
+def eagle3_config(target: ModelConfig) -> ModelConfig:
+    """The head for `target`: its width, heads, MLP and vocabulary (SGLang gives the head the target's embedding),
+    one layer."""
+    return ModelConfig(vocab_size=target.vocab_size, hidden_size=target.hidden_size, n_layers=1,
+                       n_heads=target.n_heads, n_kv_heads=target.n_kv_heads, head_dim=target.head_dim,
+                       intermediate_size=target.intermediate_size, **COMMON,
+                       extra={"architectures": [EAGLE3_ARCH], "draft_vocab_size": target.vocab_size,
+                              "target_hidden_size": target.hidden_size,
+                              "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(EAGLE3_LAYERS),
+                                               "use_aux_hidden_state": True}})
+
+
+def init_weights(model: torch.nn.Module, seed: int, n_layers: int, std: float = 0.02) -> None:
+    """Transformer.init_weights for any module of the same parameter names (the EAGLE-3 head)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            torch.nn.init.ones_(p) if name.endswith("norm.weight") else torch.nn.init.zeros_(p)
+        else:
+            s = std / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * s)
+
+
+@torch.no_grad()
+def warm_start_eagle3(head: Eagle3Head, target: Transformer, seed: int) -> None:
+    """Start the head as the target's last layer applied to the highest captured stream: fc passes that stream
+    through (the other blocks small random), the hidden half of q/k/v, o, the norms and the MLP are the target's
+    last layer, norm and lm_head the target's; the embedding half of q/k/v stays small random. On a shared CPU
+    this saves most of the steps a random start spends finding the target's output space."""
+    init_weights(head, seed, 1)
+    d, last = target.cfg.hidden_size, target.model.layers[-1]
+    head.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
+    head.fc.weight[:, -d:] = torch.eye(d)
+    ml = head.midlayer
+    ml.hidden_norm.weight.copy_(last.input_layernorm.weight)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(ml.self_attn, name).weight[:, d:] = getattr(last.self_attn, name).weight
+    ml.self_attn.o_proj.weight.copy_(last.self_attn.o_proj.weight)
+    ml.post_attention_layernorm.weight.copy_(last.post_attention_layernorm.weight)
+    ml.mlp.load_state_dict(last.mlp.state_dict())
+    head.norm.weight.copy_(target.model.norm.weight)
+    head.lm_head.weight.copy_(target.lm_head.weight)
 
 
 def stdlib_files() -> tuple[Path, list[Path]]:
@@ -148,7 +203,7 @@ def encode_files(files: list[Path]) -> np.ndarray:
 
 @dataclass
 class TrainArgs:
-    role: str  # "target" or "draft"
+    role: str  # "target", "draft" or "eagle3"
     out_dir: Path
     minutes: float | None = None
     steps: int | None = None
@@ -158,7 +213,7 @@ class TrainArgs:
     lr: float = 1e-3
     warmup_steps: int = 100
     threads: int = 1
-    teacher_dir: Path | None = None  # draft only: distil from this target
+    teacher_dir: Path | None = None  # draft / eagle3: distil from this target (eagle3: and read its states)
     corpus: str = "stdlib"           # stdlib (the shipped pair) | wide (+ Debian documentation, corpus_split)
     doc_bytes: int = 8_000_000       # wide: most bytes of documentation added
     save_every_min: float = 10.0
@@ -172,9 +227,10 @@ def lr_at(progress: float, step: int, args: TrainArgs) -> float:
     return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def make_optimizer(model: Transformer, lr: float) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    other = [p for p in model.parameters() if p.ndim < 2]
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    other = [p for p in params if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.95))
 
@@ -206,9 +262,46 @@ def eval_loss(model: Transformer, held: np.ndarray, teacher: Transformer | None,
     return out
 
 
+@torch.no_grad()
+def eval_eagle3(head: Eagle3Head, teacher: Transformer, held: np.ndarray, seq: int, steps: int) -> dict:
+    """On fixed held-out windows: the head's cross-entropy against the data at pass 0 and its argmax agreement
+    with the target at each training-time-test pass (pass k: k draft tokens already fed back)."""
+    head.eval()
+    rng = np.random.default_rng(12345)
+    T = seq - steps
+    ce, agree = 0.0, np.zeros(steps)
+    for _ in range(4):
+        x = batch(held, rng, 16, seq)
+        t_logits, feats = teacher.forward_aux(x[:, :-1], head.aux_layers)
+        out = head.forward_train(feats[:, :T], x[:, :T + steps], steps)
+        ce += F.cross_entropy(out[0].flatten(0, 1), x[:, 2:T + 2].flatten()).item() / 4
+        for k, lg in enumerate(out):
+            agree[k] += (lg.argmax(-1) == t_logits[:, k + 1:k + 1 + T].argmax(-1)).float().mean().item() / 4
+    head.train()
+    return {"eval_ce_nats": round(ce, 4), "eval_argmax_agreement": round(float(agree[0]), 4),
+            "eval_argmax_agreement_per_pass": [round(float(a), 4) for a in agree]}
+
+
+def eagle3_loss(head: Eagle3Head, teacher: Transformer, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """Training-time-test loss of one batch x [B, seq + 1]: sum over passes k of 0.8^k KL(target || head) at the
+    position pass k predicts, normalised by the weights."""
+    seq = x.shape[1] - 1
+    T = seq - steps
+    with torch.no_grad():
+        t_logits, feats = teacher.forward_aux(x[:, :-1], head.aux_layers)
+        t_logp = F.log_softmax(t_logits, -1)
+    loss, wsum = 0.0, 0.0
+    for k, lg in enumerate(head.forward_train(feats[:, :T], x[:, :T + steps], steps)):
+        w = 0.8 ** k
+        loss = loss + w * F.kl_div(F.log_softmax(lg, -1).flatten(0, 1), t_logp[:, k + 1:k + 1 + T].flatten(0, 1),
+                                   log_target=True, reduction="batchmean")
+        wsum += w
+    return loss / wsum
+
+
 def train(args: TrainArgs, log=print) -> dict:
-    if args.role not in ("target", "draft"):
-        raise ValueError(f"role must be target or draft, not {args.role!r}")
+    if args.role not in ("target", "draft", "eagle3"):
+        raise ValueError(f"role must be target, draft or eagle3, not {args.role!r}")
     if args.minutes is None and args.steps is None:
         raise ValueError("give --minutes or --steps")
     torch.set_num_threads(args.threads)
@@ -220,15 +313,20 @@ def train(args: TrainArgs, log=print) -> dict:
         f"held out ({len(held) / 1e6:.2f}M bytes), python {platform.python_version()}")
 
     teacher = None
-    if args.role == "draft":
+    if args.role in ("draft", "eagle3"):
         if args.teacher_dir is None:
-            raise ValueError("the draft is distilled from a target: give --teacher")
+            raise ValueError(f"the {args.role} is distilled from a target: give --teacher")
         teacher = load_model(args.teacher_dir)
         for p in teacher.parameters():
             p.requires_grad_(False)
-    cfg = target_config() if args.role == "target" else draft_config()
-    model = Transformer(cfg)
-    model.init_weights(args.seed)
+    if args.role == "eagle3":
+        model = Eagle3Head(eagle3_config(teacher.cfg))
+        warm_start_eagle3(model, teacher, args.seed)
+        # the target's embedding stays frozen: SGLang swaps the target's in at load anyway
+        model.embed_tokens.weight.requires_grad_(False)
+    else:
+        model = Transformer(target_config() if args.role == "target" else draft_config())
+        model.init_weights(args.seed)
     model.train()
     log(f"{args.role}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
         f"batch {args.batch_size} x {args.seq_len}, lr {args.lr}, threads {args.threads}")
@@ -247,9 +345,16 @@ def train(args: TrainArgs, log=print) -> dict:
             "stored_dtype": str(args.save_dtype).removeprefix("torch."),
             "objective": "cross-entropy" if teacher is None else "KL(teacher || draft), teacher " +
             str(args.teacher_dir.name)}
+    if args.role == "eagle3":
+        meta.update(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    objective=f"training-time test, {EAGLE3_TTT_STEPS} passes weighted 0.8^k, KL(teacher || head) "
+                              f"per pass, teacher {args.teacher_dir.name}, features after target layers "
+                              f"{list(EAGLE3_LAYERS)}, target embedding frozen, warm start from the target's "
+                              f"last layer (warm_start_eagle3)")
 
     def checkpoint(final: bool):
-        stats = eval_loss(model, held, teacher, args.seq_len)
+        stats = (eval_eagle3(model, teacher, held, args.seq_len, EAGLE3_TTT_STEPS) if args.role == "eagle3"
+                 else eval_loss(model, held, teacher, args.seq_len))
         meta.update(stats, steps=step, tokens=step * args.batch_size * args.seq_len,
                     wall_min=round((time.time() - t0) / 60, 1), train_loss_ema=round(loss_ema or 0.0, 4),
                     finished=final)
@@ -269,10 +374,13 @@ def train(args: TrainArgs, log=print) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         x = batch(data, rng, args.batch_size, args.seq_len)
-        logits = model(x[:, :-1])
-        if teacher is None:
+        if args.role == "eagle3":
+            loss = eagle3_loss(model, teacher, x, EAGLE3_TTT_STEPS)
+        elif teacher is None:
+            logits = model(x[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         else:
+            logits = model(x[:, :-1])
             with torch.no_grad():
                 t_logp = F.log_softmax(teacher(x[:, :-1]), -1).flatten(0, 1)
             loss = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), t_logp, log_target=True,

@@ -70,3 +70,5 @@ def test_engine_profiles_its_step_as_the_cost_prior(models):  # noqa: F811
         assert (np.diff(eng.policy.step_time(np.arange(b, 17 * b), b)) >= -1e-9).all()
     eng.generate([[1, 2, 3]], SamplingParams(max_new_tokens=12))
     assert eng.policy.verify_cost.samples > 0  # and the measured steps fit it
+    st = eng.stats()  # the engine thread's CPU time (bench_serve's load-robust ratios): spent, never above wall
+    assert 0 < st["step_cpu_ms"] <= st["step_ms"] + 1.0

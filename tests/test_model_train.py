@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from echo_exec.loader import load_model
+from echo_exec.model import Eagle3Head
 from echo_exec.tokenizer import VOCAB_SIZE
 from echo_exec.train_tiny import MODELS_DIR, split_files
 from echosim.cli import main
@@ -35,6 +36,12 @@ def test_train_tiny_cli_runs_and_writes_a_loadable_model(tmp_path, capsys):
     assert main(["train-tiny", "--role", "draft", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
                  "--teacher", str(out), "--out", str(tmp_path / "d")]) == 0
     assert "eval_argmax_agreement" in json.loads((tmp_path / "d" / "train_meta.json").read_text())
+    # The EAGLE-3 head reads that target's hidden states (training-time test: one agreement per pass).
+    assert main(["train-tiny", "--role", "eagle3", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                 "--teacher", str(out), "--out", str(tmp_path / "e")]) == 0
+    meta = json.loads((tmp_path / "e" / "train_meta.json").read_text())
+    assert meta["steps"] == 2 and len(meta["eval_argmax_agreement_per_pass"]) == 3
+    assert isinstance(load_model(tmp_path / "e"), Eagle3Head)
 
 
 def test_train_tiny_user_errors(tmp_path, capsys):

@@ -333,8 +333,11 @@ def test_adaptive_policy_runs_adaptive(monkeypatch, tmp_path):
     monkeypatch.delenv("ECHO_SGLANG_POLICY_CONFIG", raising=False)
     dense = policy_from_env(str(draft), 24)
     assert isinstance(dense, Adaptive) and dense.name == "echo"
-    flat = dense.step_time(np.array([1.0, 24.0, 96.0]), 4)
-    assert flat[0] == flat[1] == flat[2] > dense.step_time(np.array([1.0]), 2)[0]
+    # batch 4: a drafting step costs the same whatever it selects (5..96 tokens), more than a plain step (4 roots)
+    # and more than a drafting step of a smaller batch
+    flat = dense.step_time(np.array([5.0, 24.0, 96.0]), 4)
+    assert flat[0] == flat[1] == flat[2] > dense.step_time(np.array([4.0]), 4)[0]
+    assert flat[0] > dense.step_time(np.array([5.0]), 2)[0]
     ragged = policy_from_env(str(draft), 24, ragged=True)
     assert isinstance(ragged, Adaptive) and ragged.step_time is None
     monkeypatch.setenv("ECHO_SGLANG_POLICY_CONFIG", '{"steps": 5, "topk": 2, "num_draft_tokens": 6, '

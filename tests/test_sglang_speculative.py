@@ -1,11 +1,12 @@
 """SGLang's own server speculating on this CPU with echo's plugin and torch sgl_kernel: ECHO (an echosim.spec
-policy picks the trees inside SGLang's worker) and STANDALONE (SGLang's own tree), against plain SGLang.
+policy picks the trees inside SGLang's worker), STANDALONE (SGLang's own tree) and EAGLE3, against plain SGLang.
 
 Servers started once for the module and side by side (each takes ~90 s here): plain SGLang (its torch_native
-attention, no echo code on its path), SGLang+STANDALONE and SGLang+ECHO (intel_amx attention kept by the plugin,
-echo's kernels): a static ECHO dense and ragged and the shipped online-adaptive ECHO (policy-echo.json); the eagle3
-and ddd policies through ECHO in a slow test of their own; all on the shipped tiny target, the speculative ones with
-the shipped tiny draft. Needs
+attention, no echo code on its path), SGLang+STANDALONE, SGLang+EAGLE3 and SGLang+ECHO (intel_amx attention kept
+by the plugin, echo's kernels): a static ECHO dense and ragged and the shipped online-adaptive ECHO
+(policy-echo.json); the eagle3 and ddd policies through ECHO in a slow test of their own; all on the shipped
+tiny target, ECHO and STANDALONE with the shipped tiny draft, EAGLE3 with the shipped EAGLE-3 head (tiny-eagle3,
+which reads the target's hidden states). Needs
 an interpreter with sglang and the plugin (ECHO_SGLANG_PYTHON; make_venv.sh makes one; CI's SGLang step sets it);
 skipped elsewhere."""
 
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.skipif(SGLANG_PYTHON is None, reason="no interpreter wi
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "echo_exec" / "models" / "tiny-target"
 DRAFT = TARGET.parent / "tiny-draft"
+HEAD = TARGET.parent / "tiny-eagle3"  # the EAGLE-3 head SGLang's EAGLE3 drafts with (reads the target's states)
 NUM_PROMPTS, PROMPT_BYTES, NEW_TOKENS = 56, 120, 40
 # A static ECHO on this pair (5 x 2 beam, N 10, gated requests 4) with a gate at depth 3 strict enough that both
 # of ECHO's tiers (confident requests up to num_draft_tokens, gated ones up to remaining_num_draft_tokens) show up
@@ -90,6 +92,8 @@ def servers(tmp_path_factory):
         "standalone": dict(attention_backend="intel_amx",
                            speculative=sglang_cpu.speculative_for("STANDALONE", DRAFT, steps=5, topk=2,
                                                                   num_draft_tokens=10)),
+        "eagle3": dict(attention_backend="intel_amx",
+                       speculative=sglang_cpu.speculative_for("EAGLE3", HEAD, steps=5, topk=2, num_draft_tokens=10)),
         "echo": dict(attention_backend="intel_amx",
                      speculative=sglang_cpu.speculative_for("ECHO", DRAFT, policy="echo", policy_config=config)),
         "echo-ragged": dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
@@ -118,7 +122,7 @@ def outputs(servers):
     prompts = sglang_cpu.heldout_prompts(NUM_PROMPTS, PROMPT_BYTES)
     assert len(prompts) == NUM_PROMPTS
     out = {("plain", 1): generate_all(servers["urls"]["plain"], prompts, 1)}
-    for name in ("standalone", "echo", "echo-ragged", "echo-adaptive"):
+    for name in ("standalone", "eagle3", "echo", "echo-ragged", "echo-adaptive"):
         for c in (1, 8):
             out[(name, c)] = generate_all(servers["urls"][name], prompts, c)
     return out
@@ -134,7 +138,7 @@ def read_records(path: Path) -> dict[str, list[tuple[int, bool, int]]]:
     return steps
 
 
-@pytest.mark.parametrize("name", ["echo", "echo-ragged", "echo-adaptive", "standalone"])
+@pytest.mark.parametrize("name", ["echo", "echo-ragged", "echo-adaptive", "standalone", "eagle3"])
 @pytest.mark.parametrize("concurrency", [1, 8])
 def test_speculative_sglang_is_lossless(outputs, name, concurrency):
     want = [r["output_ids"] for r in outputs[("plain", 1)]]
@@ -223,7 +227,8 @@ def test_adaptive_echo_runs_its_budget_live(servers, outputs):
     assert sum(state["trials_by_depth"]) > 0 and state["per_drafting_request_step"] is not None
     # the step-cost fits moved off their priors (measured times reached the policy)
     assert state["draft_ms_model"] != {"base": 0.2, "per_depth": 0.5, "per_row": 0.005}
-    assert state["verify_ms_model"] != {"prior_scale": 1.0, "base": 0.0} and state["fixed_ms"] > 0
+    assert state["verify_ms_model"] != {"prior_scale": 1.0, "prior_scale_drafts": 1.0, "base": 0.0}
+    assert state["fixed_ms"] > 0
     for r in responses:
         meta = r["meta_info"]
         mine = steps[meta["id"]]

@@ -161,6 +161,33 @@ def test_step_cost_fit_follows_measured_times():
     assert abs(d - 7.9) < 0.5
 
 
+def test_plain_steps_price_plain_decoding_while_drafting():
+    """While drafting pays, every plain_every-th step is plain; the cost fit gives the plain step and the drafts
+    scales of their own, so a tree whose drafts cost twice the profile's no longer makes plain decoding look
+    twice as dear (one scale, learnt from tree steps alone, charged the surplus to plain steps too)."""
+    prior = flat_step(0.5, 10.0)
+    policy = make_policy("eagle3", dict(steps=3, topk=2, num_draft_tokens=7, adaptive={"plain_every": 4}), prior)
+    drafter = ConstDrafter(0.9)
+    rng = np.random.default_rng(3)
+    B, plain = 4, []
+    for _ in range(60):
+        forest, sel, _ = run_step(policy, drafter, B, rng, keys=np.arange(B), accept_p=0.9)
+        T = B + len(sel)
+        true_ms = 10.0 + 0.5 * B + 1.0 * (T - B)  # each draft costs twice what the prior says
+        policy.observe_step(B, T, true_ms, draft_depths=int(forest.stop_depth.max(initial=0)), draft_rows=4.0,
+                            draft_ms=1.0, other_ms=0.0)
+        plain.append(len(sel) == 0)
+    assert policy.state()["drafting"] is True
+    share = np.mean(plain[10:])
+    assert 0.1 < share < 0.35  # about one step in five: a plain one
+    v = policy._verify_ms(np.array([B, B + 10.0]), B)
+    assert abs(v[0] - 12.0) < 1.0  # the plain step's price: what plain steps cost
+    assert abs((v[1] - v[0]) / 10 - 1.0) < 0.15  # a draft's: twice the prior's
+    off = make_policy("eagle3", dict(steps=3, topk=2, num_draft_tokens=7, adaptive={"plain_every": 0}), prior)
+    kept = [len(run_step(off, drafter, B, rng, keys=np.arange(B), accept_p=0.9)[1]) > 0 for _ in range(20)]
+    assert all(kept)  # plain_every 0: no plain steps while drafting pays
+
+
 def test_settings_and_errors():
     p = make_policy("echo", {"adaptive": True})
     assert isinstance(p, Adaptive) and p.name == "echo"
@@ -170,6 +197,8 @@ def test_settings_and_errors():
         make_policy("echo", {"adaptive": {"bogus": 1}})
     with pytest.raises(ConfigError, match="forget"):
         make_policy("eagle3", {"adaptive": {"forget": 1.5}})
+    with pytest.raises(ConfigError, match="plain_every"):
+        make_policy("eagle3", {"adaptive": {"plain_every": -1}})
     with pytest.raises(ConfigError, match="must be an object"):
         make_policy("eagle3", {"adaptive": 3})
     with pytest.raises(ConfigError, match="num_draft_tokens"):  # the inner policy's own checks still apply

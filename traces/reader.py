@@ -189,7 +189,7 @@ class TraceReader:
                     self.stats.examples.append(f"{where}: {message}")
 
         out = TraceArrays(t[ok].astype(np.float64), prompt[ok].astype(np.int64), output[ok].astype(np.int64),
-                          format=self.format)
+                          format=self.format, line=raw.lines[ok].astype(np.int64))
         rows = np.flatnonzero(ok)
         for name, col in extras.items():
             if name == "priority":

@@ -50,6 +50,7 @@ class TraceArrays:
     hash_ids: list | None = None         # list of tuple[int, ...] or None per row
     format: str = "native"
     stats: ReadStats | None = None
+    line: np.ndarray | None = None       # int64 source line of each row (files read by TraceReader), for messages
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -82,7 +83,8 @@ class TraceArrays:
 
         return TraceArrays(self.arrival_s[index], self.prompt_tokens[index], self.output_tokens[index],
                            pick(self.id), pick(self.dataset), pick(self.prompt), pick(self.priority),
-                           pick(self.hash_ids), self.format, self.stats)
+                           pick(self.hash_ids), self.format, self.stats,
+                           self.line[index] if self.line is not None else None)
 
     def with_arrivals(self, arrival_s: np.ndarray) -> TraceArrays:
         """The same requests at other arrival times (time scaling, re-timing by a generator)."""
@@ -116,6 +118,8 @@ class TraceArrays:
                           np.concatenate([p.prompt_tokens for p in parts]),
                           np.concatenate([p.output_tokens for p in parts]),
                           format=format or parts[0].format)
+        if all(p.line is not None for p in parts):
+            out.line = np.concatenate([p.line for p in parts])
         for name in _OPTIONAL:
             cols = [getattr(p, name) for p in parts]
             if all(c is None for c in cols):

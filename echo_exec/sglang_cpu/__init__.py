@@ -10,6 +10,7 @@ directory on PYTHONPATH). SGLang itself is not a dependency of the project: `pyt
 
     python -m echo_exec.sglang_cpu --python VENV/bin/python --model echo_exec/models/tiny-target --port 30000 \
         [--speculative ECHO [--policy echo] [--policy-config FILE] [--ragged-verify]]
+    python -m echo_exec.sglang_cpu ... --speculative EAGLE3 [--draft echo_exec/models/tiny-eagle3]
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-total-tokens", type=int, default=65536, help="KV capacity in tokens")
     p.add_argument("--speculative", default=None, metavar="ALGO",
                    help="ECHO (echo's plugin: an echosim.spec policy picks the trees), STANDALONE, EAGLE or EAGLE3")
-    p.add_argument("--draft", default=None, help="draft model directory (default: tiny-draft beside --model)")
+    p.add_argument("--draft", default=None, help="draft model directory (default beside --model: tiny-eagle3 for "
+                                                  "EAGLE3, else tiny-draft)")
     p.add_argument("--policy", default=None, help="ECHO: the echosim.spec policy (default echo)")
     p.add_argument("--policy-config", default=None, help="ECHO: the policy's JSON config file")
     p.add_argument("--steps", type=int, default=None)
@@ -198,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec = None
     if args.speculative:
-        draft = Path(args.draft) if args.draft else Path(args.model).resolve().parent / "tiny-draft"
+        # EAGLE3 drafts with an EAGLE-3 head (it reads the target's hidden states): the shipped one is tiny-eagle3
+        default = "tiny-eagle3" if args.speculative.upper() == "EAGLE3" else "tiny-draft"
+        draft = Path(args.draft) if args.draft else Path(args.model).resolve().parent / default
         if not (draft / "config.json").is_file():
             print(f"error: {draft}: no config.json (--draft is the draft model's directory)", file=sys.stderr)
             return 2

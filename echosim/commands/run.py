@@ -85,7 +85,7 @@ def add_parser(subparsers) -> None:
                    help="prefill tokens per iteration per replica, as SGLang's --chunked-prefill-size (default: "
                         "what --max-batched-tokens leaves after the verify trees)")
     c.add_argument("--block-tokens", "--block-size", dest="block_tokens", type=int, default=16,
-                   help="KV-cache block size (tokens)")
+                   help="KV-cache block size (tokens, 1 to 1024)")
     c.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     c.add_argument("--kv-blocks", "--num-kv-blocks", dest="kv_blocks", type=int, default=None,
                    help="KV capacity per replica in blocks (none = from GPU memory minus weights)")

@@ -56,6 +56,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (none = runs/validate-<policy>)")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots (measured against simulated)")
+    b = p.add_argument_group("the real backend (--backend sglang: SGLang's own server with echo's plugin)")
+    b.add_argument("--backend", choices=("engine", "sglang"), default="engine",
+                   help="what the simulator is set against: our PyTorch engine, or SGLang+ECHO (the policy runs in "
+                        "SGLang's worker through --speculative-algorithm ECHO; plain SGLang for ar)")
+    b.add_argument("--sglang-python", default=None,
+                   help="an interpreter with sglang and the plugin (none = $ECHO_SGLANG_PYTHON; "
+                        "echo_exec/sglang_cpu/make_venv.sh makes one)")
+    b.add_argument("--url", default=None,
+                   help="with --backend sglang: a running SGLang server instead of one started here (started with "
+                        "SGLANG_LOG_MS=1, --decode-log-interval 1 and ECHO_SGLANG_RECORDS; docs/VALIDATION.md)")
+    b.add_argument("--server-log", default=None, help="with --url: the server's log")
+    b.add_argument("--server-records", default=None, help="with --url: the server's ECHO_SGLANG_RECORDS file")
+    b.add_argument("--ragged-verify", action="store_true",
+                   help="with --backend sglang: ECHO verifies only the selected nodes (echo's CPU kernels)")
     r = p.add_argument_group("validating an existing replay (--replay)")
     r.add_argument("--replay", default=None,
                    help="an echosim replay folder (requests.csv, summary.json), or a bench_serving / vLLM result file "
@@ -133,16 +147,28 @@ def run(args) -> int:
                          block_size=args.block_size, max_prefill_tokens=args.max_prefill_tokens,
                          device=args.device, threads=args.threads,
                          seed=args.seed)
-    out = Path(args.out) if args.out else Path("runs") / f"validate-{policy}"
+    sglang = args.backend == "sglang"
+    if not sglang and (args.url or args.server_log or args.server_records or args.ragged_verify):
+        raise UserError("--url, --server-log, --server-records and --ragged-verify go with --backend sglang")
+    if sglang and args.device != "cpu":
+        raise UserError("--backend sglang runs SGLang on this CPU (--device cpu)", field="device")
+    out = Path(args.out) if args.out else Path("runs") / f"validate-{'sglang-' if sglang else ''}{policy}"
     if out.exists() and not out.is_dir():
         raise UserError("the run folder is a file", path=str(out))
-    result = crossval(cfg, out)
+    if sglang:
+        from echosim.validate import sglang_backend
+
+        opts = sglang_backend.SglangOptions(python=args.sglang_python, url=args.url, server_log=args.server_log,
+                                            server_records=args.server_records, ragged=args.ragged_verify)
+        result = sglang_backend.run(cfg, out, opts)
+    else:
+        result = crossval(cfg, out)
     if not args.no_plots:
         from echosim.plots import plot_validate
 
         plot_validate(out)
     print(format_comparison(result["metrics"]))
-    print("\nsteps, engine against simulator:")
+    print(f"\nsteps, {'SGLang' if sglang else 'engine'} against simulator:")
     print(format_breakdown(result["steps"]))
     drift = result.get("replay_steps_over_priced")
     if drift is not None and abs(drift - 1.0) > DRIFT_WARN:

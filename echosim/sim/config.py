@@ -17,6 +17,9 @@ from echosim.sim.errors import SimError
 ROUTERS = ("round_robin", "least_outstanding", "least_kv", "prefix")
 PREFILL_FORWARDS = ("mixed", "separate")
 CORE_MODES = ("auto", "exact", "table")
+# KV-cache block (page) size cap: vLLM offers 1 to 128 tokens per block, SGLang's page size is 1 to a few hundred;
+# a block past this is a typo (and with the KV capacity in blocks, a huge block hides that nothing fits)
+MAX_BLOCK_TOKENS = 1024
 # hardware where cost_model "auto" uses the H100 fit (carried by datasheet ratios off the H100): where it was checked
 FIT_CARRIES_TO = ("h100-sxm", "h200")
 
@@ -65,6 +68,9 @@ class SimConfig:
         for name in ("tp", "replicas", "max_running", "max_batched_tokens", "block_tokens"):
             if int(getattr(c, name)) < 1:
                 raise SimError(f"{name} must be >= 1, got {getattr(c, name)}", field=name)
+        if int(c.block_tokens) > MAX_BLOCK_TOKENS:
+            raise SimError(f"block_tokens (--block-tokens) must be at most {MAX_BLOCK_TOKENS} (engines page the KV "
+                           f"cache in blocks of 1 to a few hundred tokens), got {c.block_tokens}", field="block_tokens")
         if c.max_prefill_tokens is not None and int(c.max_prefill_tokens) < 1:
             raise SimError(f"max_prefill_tokens must be >= 1, got {c.max_prefill_tokens}", field="max_prefill_tokens")
         for name in ("step_overhead_ms", "overhead_per_token_ms", "overhead_per_draft_row_ms",

@@ -15,14 +15,19 @@ Running requests live in NumPy columns, so an iteration is a few vector operatio
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 
 import numpy as np
 
 from echosim.sim.errors import SimError
 from echosim.sim.prefix_cache import PrefixCache
-from echosim.sim.speculation import EMIT, ONE, TOKENS, TOKENS_SQ
+from echosim.sim.speculation import EMIT, ONE, STOP, TOKENS, TOKENS_SQ
 from echosim.sim.workload import Request
+
+# the longest decode run (`Replica._decode_run`) prepared at once: steps until the next event on this trace are
+# ~5-30; a longer preparation is mostly wasted, a run ending early (0 = every iteration through the general loop)
+FAST_STEPS = 16
 
 # per running request: tokens in its KV cache, prefix tokens still to prefill, output tokens left, latents,
 # admission order; and `stats` [n, 3], its counters since admission in the outcome rows' first columns
@@ -51,6 +56,7 @@ class Replica:
         self.preemptions = 0
         self.iterations = 0
         self._wake = None
+        self._last_step_s = 0.0   # the last decode run's last step (s): sizes the next run's preparation
         # prefix cache (SGLang's radix cache): only requests with prefix keys (hash_ids or text) look it up
         self.cache = PrefixCache(kv_blocks * self.block) if getattr(cluster, "prefix_cache", False) else None
         self.process = env.process(self.run())
@@ -124,6 +130,112 @@ class Replica:
         self.preemptions += 1
         self.waiting.appendleft(r)
 
+    # --- decode runs ------------------------------------------------------------------------------------------
+
+    def _decode_run(self):
+        """Consecutive decode-only iterations of the same batch (no prefill running, no admission possible), the
+        same iterations as the general loop below computes, bit for bit, with its per-iteration NumPy work done
+        once for the run: the steps' outcome rows are drawn together (`Speculator.peek_steps`), their sums,
+        contexts and first finishing step come from a few vector operations over [steps, batch], and the columns
+        are updated once at the end. Per iteration remain the price, the KV and admission checks (scalars) and
+        the metrics. Where no other event falls before an iteration's end, the clock is moved there directly
+        instead of through a SimPy timeout (nothing else could have run in between: the same order of events).
+        A run ends at a request's finish, at an admission becoming possible, at a KV shortfall, or when the
+        table's current block of draws is used up; it returns how many iterations it made (0: none, the general
+        loop goes on). Tabled policies and AR only: the exact core and goodput ECHO (its merge is decided step by
+        step at the batch's context) take the general loop."""
+        env, spec, pricer, block, metrics = self.env, self.spec, self.pricer, self.block, self.metrics
+        B = len(self.reqs)
+        ctx0, left0 = self.ctx, self.left
+        # steps to prepare: up to the first possible finish, and about as many as fit before the next event
+        # elsewhere (an arrival usually ends the run), from the last step's length; any choice gives the
+        # same iterations, this one wastes the least preparation
+        k_max = min(FAST_STEPS, int(left0.min()))
+        gap_s = env.peek() - env.now
+        if self._last_step_s > 0 and gap_s < k_max * self._last_step_s:
+            k_max = min(k_max, int(gap_s / self._last_step_s) + 2)
+        kv_sum = self.kv_tokens
+        R = spec.peek_steps(self.offset, k_max, kv_sum)
+        if R is None:
+            return 0
+        k_max = len(R)
+        E = R[:, :, EMIT]
+        cumE = np.cumsum(E, axis=0)  # [k, B]: tokens emitted by the end of each step (before capping)
+        sums = R[:, :, :TOKENS_SQ + 1].sum(axis=1).tolist()
+        # each step's tok . ctx, ctx being the context at that step's start (no capping before a finish)
+        qk_dot = (R[:, :, TOKENS] * (ctx0 + (cumE - E))).sum(axis=1).tolist()
+        fin = (cumE >= left0).any(axis=1)
+        k_fin = int(np.argmax(fin)) if fin[-1] else k_max   # the step where a request finishes, if any
+        if spec._stop_const:
+            drows = (tuple(B * w for w in spec.width),) * k_max
+        elif spec.depth:
+            # rows per depth as speculation.draft_rows computes them: requests that drafted depth d or deeper
+            stop = R[:, :, STOP]
+            alive = ((stop[:, :, None] >= np.arange(1, spec.depth + 1)) & (stop[:, :, None] <= spec.depth)
+                     ).sum(axis=1).tolist()
+            drows = None   # made step by step from `alive` (a run often ends well before k_max)
+        else:
+            drows = ((),) * k_max
+        n_bias = B * (block - 1)
+        max_tokens, max_prefill, kv_blocks = self.max_tokens, self.max_prefill, self.kv_blocks
+        done = 0
+        finishing = False
+        observes = spec.observes_time
+        next_due = env.peek()   # the next event elsewhere (the queue changes only while this process yields)
+        for k in range(k_max):
+            T, acc_sum, n_dec, _, tok_sq = sums[k]
+            # the general loop's KV bound; where it fails, that loop makes this step (its exact check, preemption)
+            need = (self.kv_tokens + n_bias) // block + T // block + n_dec
+            if need > kv_blocks:
+                break
+            if self.waiting:  # could the queue's head be admitted at this step? then the general loop runs it
+                r = self.waiting[0]
+                if min(max_tokens - T, max_prefill) > 0 and B < self.max_running and \
+                        -(-(r.prompt_tokens + max(r.generated - 1, 0)) // block) <= kv_blocks - need:
+                    break
+            qk = float(qk_dot[k]) + 0.5 * (tok_sq + T)
+            dr = drows[k] if drows is not None else tuple(map(operator.mul, alive[k], spec.width))
+            finishing = k == k_fin
+            csum = self.kv_tokens
+            tokens = float(T)
+            st = pricer.price(tokens, float(csum + T), qk, float(n_dec), tokens, dr, csum / n_dec, n_dec)
+            step_ms = st.draft_ms + st.verify_ms + st.lm_head_ms + st.overhead_ms
+            if observes:
+                spec.observe_time(n_dec, T, st.verify_ms + st.lm_head_ms, dr, st.draft_ms, st.overhead_ms)
+            t0 = env.now
+            end = t0 + step_ms / 1000.0   # as SimPy's timeout computes it
+            if finishing or end >= next_due:
+                yield env.timeout(step_ms / 1000.0)
+                next_due = env.peek()
+            else:
+                env._now = end   # nothing is due before `end`: the timeout's effect, without its event
+            self.iterations += 1
+            self.kv_tokens += acc_sum + n_dec
+            self._last_step_s = step_ms / 1000.0
+            done = k + 1
+            if finishing:
+                break
+            metrics.iteration(env.now, t0, self.index, n_dec, 0, T, acc_sum, st, self.kv_tokens,
+                              len(self.waiting))
+        if not done:
+            return 0
+        # the run's effect on the columns: emitted tokens (capped by what each request had left), counters
+        spec.commit_steps(done, B)
+        emitted = np.minimum(cumE[done - 1], left0)
+        self.stats += R[:done, :, :ONE + 1].sum(axis=0)
+        self.left = left0 - emitted
+        self.ctx = ctx0 + emitted
+        if finishing:
+            now = env.now
+            ended = self.left <= 0
+            finished_reqs = [self.reqs[i] for i in np.flatnonzero(ended).tolist()]
+            self._keep(~ended)
+            metrics.iteration(now, t0, self.index, n_dec, 0, T, acc_sum, st, self.kv_tokens, len(self.waiting))
+            for r in finished_reqs:
+                metrics.request(r, now, self.index)
+                self.on_finish(r)
+        return done
+
     # --- the loop ---------------------------------------------------------------------------------------------
 
     def run(self):
@@ -132,6 +244,8 @@ class Replica:
             if not self.reqs and not self.waiting:
                 self._wake = env.event()
                 yield self._wake
+            if self.n_prefilling == 0 and self.reqs and FAST_STEPS and (yield from self._decode_run()):
+                continue
             t0 = env.now
 
             # 1-2. decode outcomes, then make room in the KV cache (recompute the newest request) if needed
@@ -234,7 +348,7 @@ class Replica:
                 st = pricer.price(tokens + pre[0], kv + pre[1], qk + pre[2], seqs + pre[3], lm_rows + pre[4],
                                   draft_rows, mean_ctx, n_dec)
             step_ms = st.draft_ms + st.verify_ms + st.lm_head_ms + st.overhead_ms
-            if tok is not None and not chunks:  # a decode-only iteration: its priced times teach adaptive budgets
+            if tok is not None and not chunks and spec.observes_time:  # decode-only: teaches adaptive budgets
                 spec.observe_time(n_dec, T, st.verify_ms + st.lm_head_ms, draft_rows, st.draft_ms, st.overhead_ms)
             yield env.timeout(step_ms / 1000.0)
             self.iterations += 1

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import simpy
 
 from echosim.metrics import Metrics, write_json
@@ -117,7 +118,8 @@ def simulate(config: SimConfig, workload: WorkloadSpec, out_dir: Path | None = N
     except OSError as exc:
         raise SimError(f"cannot write the run folder ({exc.strerror or exc})", path=str(out_dir)) from None
     env = simpy.Environment()
-    chunks = request_chunks(workload, config.seed, reader)
+    chunks = _fitting(request_chunks(workload, config.seed, reader), kv_blocks, c.block_tokens,
+                      reader.path if reader is not None and workload.kind == "trace" else None)
     bar = _progress(progress, workload)
     finished = [0]
 
@@ -189,6 +191,29 @@ def simulate(config: SimConfig, workload: WorkloadSpec, out_dir: Path | None = N
         write_json(out_dir / "summary.json", {k: v for k, v in summary.items() if k != "sim"} | {
             "speculation": {k: v for k, v in summary["speculation"].items() if k != "table_build_s"}})
     return RunResult(summary, cfg, out_dir, wall)
+
+
+def _fitting(chunks, kv_blocks: int, block: int, path):
+    """The chunks, checked up front: a request whose prompt and output cannot fit one replica's KV cache could
+    never run; say so naming its trace line and field (a whole chunk in a few vector operations)."""
+    from traces.formats import FORMATS
+
+    for chunk in chunks:
+        need = -(-(chunk.prompt_tokens + chunk.output_tokens) // block)
+        over = np.flatnonzero(need > kv_blocks)
+        if len(over):
+            i = int(over[0])
+            p, o = int(chunk.prompt_tokens[i]), int(chunk.output_tokens[i])
+            fmt = FORMATS.get(chunk.format)
+            prompt_only = -(-p // block) > kv_blocks
+            field = (fmt.prompt_field if prompt_only else fmt.output_field) if fmt is not None else \
+                ("prompt_tokens" if prompt_only else "output_tokens")
+            line = int(chunk.line[i]) if chunk.line is not None and path is not None else None
+            raise SimError(f"a request of {p:,} prompt + {o:,} output tokens needs {int(need[i]):,} KV blocks of "
+                           f"{block} tokens, more than a replica holds ({kv_blocks:,}); use a larger GPU, more TP, "
+                           "or drop it from the trace", path=str(path) if line is not None else None, line=line,
+                           field=field)
+        yield chunk
 
 
 def _progress(enabled: bool, workload: WorkloadSpec):

@@ -151,6 +151,8 @@ class Speculator:
         self.depth, self.k1, self.k = plan.depth, plan.k1, plan.k
         self.plain = plan.depth == 0 and policy.name == "ar"
         self.records_path = records_path
+        # whether the policy learns from priced step times (adaptive budgets); else the replica skips the call
+        self.observes_time = type(policy).observe_step is not Policy.observe_step
         self.step_index = 0
         self.mean_ctx = 512.0  # mean context of the batch being scheduled (for step-time callables)
         if records_path is not None:
@@ -222,6 +224,33 @@ class Speculator:
             self.mean_ctx = float(kv_len.mean())
             rows = outcome_rows(*self._run_core(difficulty, dataset, kv_len, request_ids))
         return StepOutcome(rows, self.draft_rows(rows[:, STOP]))
+
+    # --- several decode steps of the same batch (the replica's decode run, echosim/sim/replica.py) ----------------
+
+    def peek_steps(self, offset: np.ndarray, k_max: int, kv_sum: int = 0) -> np.ndarray | None:
+        """Outcome rows [k, B, 6] of up to k_max consecutive decode steps of the same B requests, exactly as k calls
+        of `step` would draw them, without consuming the draws (`commit_steps` does). k stops where `step` would
+        draw a fresh block of row indices (the next `step` makes it). None for the exact core and for goodput
+        ECHO, whose merge is decided step by step at the batch's context (`kv_sum`, unused: batching its steps
+        did not pay, docs/SIMULATOR.md)."""
+        B = len(offset)
+        if self.plain:
+            if len(self._plain) < B:
+                self._plain = outcome_rows(np.ones(2 * B), np.zeros(2 * B), np.zeros(2 * B))
+            return np.broadcast_to(self._plain[:B], (k_max, B, 6))
+        if self.core != "table" or self.prefix:
+            return None
+        k = min(k_max, (len(self._draws) - self._draw_pos) // B)
+        if k <= 0:
+            return None
+        pos = self._draw_pos
+        drawn = self._draws[pos:pos + k * B].reshape(k, B) + offset
+        return self._rows.take(drawn, axis=0)
+
+    def commit_steps(self, k: int, batch: int) -> None:
+        """The first k steps of the last `peek_steps` happened: their draws are used."""
+        if not self.plain:
+            self._draw_pos += k * batch
 
     def observe_time(self, batch_size: int, verify_tokens: int, verify_ms: float, draft_rows: tuple,
                      draft_ms: float, other_ms: float) -> None:

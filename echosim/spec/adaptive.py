@@ -57,6 +57,7 @@ class AdaptiveConfig:
     forget: float = 0.995          # per-step weight of the past, acceptance and step-cost fits alike
     probe_every: int = 8           # first interval (steps) between full-depth probes while drafting less
     probe_max: int = 64            # the interval doubles up to this while probing changes nothing
+    plain_every: int = 32          # while drafting, a plain step this often prices plain decoding (0: never)
     max_requests: int = 4096       # per-request estimates kept (the oldest forgotten first)
 
     def check(self) -> None:
@@ -66,6 +67,8 @@ class AdaptiveConfig:
             raise ConfigError(f"adaptive forget must be in (0, 1], not {self.forget}")
         if self.probe_every < 1 or self.probe_max < self.probe_every or self.max_requests < 1:
             raise ConfigError("adaptive needs 1 <= probe_every <= probe_max and max_requests >= 1")
+        if self.plain_every < 0:
+            raise ConfigError(f"adaptive plain_every must be >= 0, not {self.plain_every}")
 
 
 class AcceptanceTable:
@@ -174,18 +177,26 @@ def batched_step_time(grid: dict) -> StepTimeFn:
 
 
 def _verify_features(step_time: StepTimeFn | None, tokens: np.ndarray, batch_size: int) -> np.ndarray:
-    """[n, 2] features of verify_ms = theta . x: (the prior's ms, 1) with a prior step-time model, so the fit only
-    rescales and shifts the profiled shape (flat, then linear); (tokens, 1) without one. No separate per-request
-    term: under closed-loop load the batch size moves with the token count, and such a term soaks up what
-    tokens cost, making verification look free at high load."""
+    """[n, 3] features of verify_ms = theta . x: (the prior's ms for the batch's roots alone, what the drafts add
+    to it, 1) with a prior step-time model, so the fit only rescales and shifts the profiled shape (flat, then
+    linear); (roots, drafts, 1) in tokens without one. The plain step and the drafts get scales of their own: a
+    tree's tokens cost more than the causal profile's (tree masks, longer contexts than the profile's), and with
+    one scale that surplus, learnt from tree steps alone, was charged to plain decoding too (+20% in CPU time
+    against ar's measured steps on Spec-Bench at 16 requests: docs/ADAPTIVE.md). No per-request term: under
+    closed-loop load the batch size moves with the token count, and such a term soaks up what tokens cost,
+    making verification look free at high load."""
     t = np.asarray(tokens, np.float64)
-    base = np.asarray(step_time(t, batch_size), np.float64) if step_time is not None else t
-    return np.column_stack([base, np.ones_like(t)])
+    b = np.full_like(t, float(max(batch_size, 1)))
+    if step_time is None:
+        return np.column_stack([b, t - b, np.ones_like(t)])
+    plain = np.asarray(step_time(b, batch_size), np.float64)
+    full = np.asarray(step_time(t, batch_size), np.float64)
+    return np.column_stack([plain, np.maximum(full - plain, 0.0), np.ones_like(t)])
 
 
 def _verify_prior(step_time: StepTimeFn | None) -> np.ndarray:
-    """theta0: the prior model itself (scale 1), or a generic 10 ms step whose token costs 1% of it."""
-    return np.array([1.0, 0.0]) if step_time is not None else np.array([0.1, 10.0])
+    """theta0: the prior model itself (scales 1), or a generic 10 ms step whose token costs 1% of it."""
+    return np.array([1.0, 1.0, 0.0]) if step_time is not None else np.array([0.1, 0.1, 10.0])
 
 
 class Adaptive(Policy):
@@ -205,7 +216,7 @@ class Adaptive(Policy):
         c = self.config
         c.check()
         self.table = AcceptanceTable(c.prior_trials, c.forget)
-        self.verify_cost = LinearCost(_verify_prior(self.step_time), [4.0, 4.0], c.forget)
+        self.verify_cost = LinearCost(_verify_prior(self.step_time), [4.0, 4.0, 4.0], c.forget)
         # draft_ms = e * (drafted at all) + f * depths + g * draft rows; generic prior: 0.5 ms a depth
         self.draft_cost = LinearCost(np.array([0.2, 0.5, 0.005]), [2.0, 2.0, 2.0], c.forget)
         self.fixed_ms = 0.0
@@ -215,6 +226,7 @@ class Adaptive(Policy):
         self.drafting: np.ndarray | None = None
         self.drafts = True  # the plan: draft this step (the inner policy's full plan, gated) or decode plainly
         self.probe_interval, self.since_probe, self.probing = c.probe_every, 0, False
+        self.since_plain, self.plain_probe = 0, False  # plain steps taken while drafting, to price plain decoding
         self.steps = 0
         self.rate_per_ms = 0.0  # predicted batch tokens per ms of the chosen plan: sets a verified token's price
         self.last: dict = {}
@@ -231,7 +243,7 @@ class Adaptive(Policy):
     def bind(self, step_time: StepTimeFn | None) -> Policy:
         self.inner.bind(step_time)
         self.step_time = step_time
-        self.verify_cost = LinearCost(_verify_prior(step_time), [4.0, 4.0], self.config.forget)
+        self.verify_cost = LinearCost(_verify_prior(step_time), [4.0, 4.0, 4.0], self.config.forget)
         return self
 
     # ---- the backend's side --------------------------------------------------------------------------------
@@ -298,6 +310,13 @@ class Adaptive(Policy):
 
     def plan(self, batch_size: int) -> DraftPlan:
         full = self.inner.plan(batch_size)
+        # while drafting pays, a plain step now and then: the cost fit sees what plain decoding costs (else it
+        # only extrapolates it from tree steps) and the drafting-or-not decision compares two measured prices
+        every = self.config.plain_every
+        self.plain_probe = bool(self.drafts and not self.probing and not self._has_new and every > 0
+                                and self.since_plain >= every)
+        if self.plain_probe:
+            return DraftPlan(0, 0, 0)
         # a request never seen drafting gets its chance: its own estimates start there
         return full if self.drafts or self.probing or self._has_new else DraftPlan(0, 0, 0)
 
@@ -454,6 +473,8 @@ class Adaptive(Policy):
                 min(2 * self.probe_interval, self.config.probe_max)
             self.probing = False
         self.drafts = drafts
+        self.since_plain = 0 if self.plain_probe or not drafts else self.since_plain + 1
+        self.plain_probe = False
         self.since_probe += 1
         if not drafts and self.since_probe >= self.probe_interval:
             self.probing, self.since_probe = True, 0
@@ -473,7 +494,8 @@ class Adaptive(Policy):
             "steps": self.steps, "drafting": self.drafts, "probing": self.probing,
             "probe_interval": int(self.probe_interval), "max_depth": int(D),
             "tokens_per_ms_predicted": round(self.rate_per_ms, 4),
-            "verify_ms_model": dict(zip(("prior_scale" if self.step_time is not None else "per_token", "base"),
+            "verify_ms_model": dict(zip(("prior_scale", "prior_scale_drafts", "base") if self.step_time is not None
+                                        else ("per_root", "per_draft", "base"),
                                         np.round(self.verify_cost.theta, 4).tolist(), strict=True)),
             "draft_ms_model": dict(zip(("base", "per_depth", "per_row"),
                                        np.round(self.draft_cost.theta, 4).tolist(), strict=True)),

@@ -257,54 +257,66 @@ def records_shape(cfg: CrossValConfig) -> dict | None:
     return {"steps": plan.depth, "topk": plan.k, "num_draft_tokens": min(1 + drafted_candidates(plan), 64)}
 
 
+def engine_decode(cfg: CrossValConfig, eng, prompts: list[list[int]], cost, prompt_len: int,
+                  log) -> tuple[list, float]:
+    """The calibration prompts in bursts of each calibration batch size, streamed through our engine's server: the
+    engine's step log and its MAT."""
+    from echo_exec.engine import SamplingParams
+    from echo_exec.replay import ReplayItem, replay
+
+    bind_budget(eng, cost, None, prompt_len + cfg.max_output_tokens / 2)
+    eng.generate(prompts[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
+    eng.iterations.clear()
+    t0 = time.perf_counter()
+    texts = [bytes(p).decode("utf-8", errors="ignore") for p in prompts]
+    with served(eng, eng.policy.name) as url:
+        for b in cfg.batches():
+            for i in range(0, len(texts), b):
+                burst = [ReplayItem(j, f"cal-{b}-{j}", 0.0, texts[j], len(prompts[j]), cfg.max_output_tokens)
+                         for j in range(i, min(i + b, len(texts)))]
+                failed = [r.error for r in asyncio.run(replay(url, burst)) if not r.ok]
+                if failed:
+                    raise ValidationError(f"a calibration request failed: {failed[0]}")
+    eng.close()
+    mat = eng.stats()["avg_accept_length"]
+    log(f"calibration ({eng.policy.name}): {len(prompts)} prompts at batch {cfg.batches()}, "
+        f"{len(eng.iterations)} steps in {time.perf_counter() - t0:.1f} s, MAT {mat:.2f}")
+    return list(eng.iterations), mat
+
+
 def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_len: int, log):
     """Engine runs on calibration prompts at each calibration batch size: per-node records -> acceptance model,
     per-step times of the policy -> overheads. Returns (acceptance path, Overheads, the calibration steps)."""
-    from echo_exec.engine import SamplingParams
-    from echo_exec.replay import ReplayItem, replay
-    from echosim.sim.acceptance_fit import fit_records
-    from echosim.spec.records import read_records
-
     prompts = calibration_prompts(files, cfg.calibration_prompts, prompt_len, cfg.seed + 1)
-
-    def decode(eng) -> tuple[list, float]:
-        """The calibration prompts in bursts of each calibration batch size, streamed through the server: the
-        engine's step log and its MAT."""
-        bind_budget(eng, cost, None, prompt_len + cfg.max_output_tokens / 2)
-        eng.generate(prompts[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
-        eng.iterations.clear()
-        t0 = time.perf_counter()
-        texts = [bytes(p).decode("utf-8", errors="ignore") for p in prompts]
-        with served(eng, eng.policy.name) as url:
-            for b in cfg.batches():
-                for i in range(0, len(texts), b):
-                    burst = [ReplayItem(j, f"cal-{b}-{j}", 0.0, texts[j], len(prompts[j]), cfg.max_output_tokens)
-                             for j in range(i, min(i + b, len(texts)))]
-                    failed = [r.error for r in asyncio.run(replay(url, burst)) if not r.ok]
-                    if failed:
-                        raise ValidationError(f"a calibration request failed: {failed[0]}")
-        eng.close()
-        mat = eng.stats()["avg_accept_length"]
-        log(f"calibration ({eng.policy.name}): {len(prompts)} prompts at batch {cfg.batches()}, "
-            f"{len(eng.iterations)} steps in {time.perf_counter() - t0:.1f} s, MAT {mat:.2f}")
-        return list(eng.iterations), mat
-
-    records = out / "calibration_records.jsonl" if cfg.policy != "ar" else None
-    shape = records_shape(cfg)
-    records_mat = 0.0
-    if records is not None:  # a run of its own: writing per-node records costs step time the replay never pays
-        _, records_mat = decode(make_engine(cfg, policy="eagle3" if shape else None, policy_config=shape,
-                                            records=records))
-    its, _ = decode(make_engine(cfg))
+    acc_path = acceptance_from_engine(cfg, prompts, cost, out, prompt_len, log)
+    its, _ = engine_decode(cfg, make_engine(cfg), prompts, cost, prompt_len, log)
     write_iterations(out / "calibration_iterations.csv", its, t_origin=its[0].start_s if its else 0.0)
     over = fit_overheads(cost, its)
+    log_overheads(over, log)
+    return acc_path, over, its
+
+
+def log_overheads(over: Overheads, log) -> None:
     log(f"engine overheads: {over.step_overhead_ms:.3f} ms/step + {over.overhead_per_token_ms:.4f} ms/token + "
         f"{over.overhead_per_draft_row_ms:.4f} ms/draft row + {over.overhead_per_request_ms:.4f} ms/request + "
         f"{over.overhead_per_draft_depth_ms:.3f} ms/draft depth "
         f"(fitted forwards explain "
         f"{over.forward_share:.0%} of step time; per-step median error {over.median_ape_pct}%)")
-    if records is None:
-        return None, over, its
+
+
+def acceptance_from_engine(cfg: CrossValConfig, prompts: list[list[int]], cost, out: Path, prompt_len: int,
+                           log) -> Path | None:
+    """The acceptance model, fitted to per-node records of our engine on the calibration prompts (a run of its
+    own: writing records costs step time the replay never pays); None for plain decoding."""
+    from echosim.sim.acceptance_fit import fit_records
+    from echosim.spec.records import read_records
+
+    if cfg.policy == "ar":
+        return None
+    records = out / "calibration_records.jsonl"
+    shape = records_shape(cfg)
+    _, records_mat = engine_decode(cfg, make_engine(cfg, policy="eagle3" if shape else None, policy_config=shape,
+                                                    records=records), prompts, cost, prompt_len, log)
     rec = read_records(records)
     # the records' own draft distribution is kept when they show every candidate (docs/ACCEPTANCE.md)
     marginal = "empirical" if verifies_every_candidate("eagle3", shape or cfg.policy_config) else "logit-normal"
@@ -327,7 +339,7 @@ def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_le
     model.save(acc_path)
     log(f"acceptance model fitted to {len(rec):,} calibration records"
         + (f" (eagle3 {shape})" if shape is not None else "") + f", {marginal} draft marginal" + note)
-    return acc_path, over, its
+    return acc_path
 
 
 def bind_budget(engine, cost, over: Overheads | None, mean_ctx: float) -> None:
@@ -550,44 +562,63 @@ def format_breakdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
+def replay_plan(cfg: CrossValConfig, out: Path, header: dict) -> tuple[list[Path], list, int, float]:
+    """Check the config, start the run folder (config.json with `header`) and cut the replay's prompts: (the
+    calibration files, the replay items, the median prompt length, the mean context the budgets are priced at)."""
     from echo_exec.replay import plan_from_trace
 
     cfg.check()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"command": "echosim validate", **asdict(cfg)}, indent=2) + "\n")
-    t_start = time.perf_counter()
+    (out / "config.json").write_text(json.dumps({**header, **asdict(cfg)}, indent=2) + "\n")
     cal_files, replay_files = prompt_files()
     prompt_set = out / "replay_prompts.jsonl"
     prompt_set.write_text("".join(json.dumps({"prompt": _text(f)}) + "\n" for f in replay_files))
     items = plan_from_trace(cfg.trace, time_scale=cfg.time_scale, limit=cfg.limit, prompt_set=prompt_set,
                             max_prompt_tokens=cfg.max_prompt_tokens, max_output_tokens=cfg.max_output_tokens)
     prompt_len = int(np.median([it.target_prompt_tokens for it in items]))
-    mean_ctx = prompt_len + cfg.max_output_tokens / 2
+    return cal_files, items, prompt_len, prompt_len + cfg.max_output_tokens / 2
 
+
+def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
+    t_start = time.perf_counter()
+    cal_files, items, prompt_len, mean_ctx = replay_plan(cfg, out, {"command": "echosim validate"})
     fit_path = profile_and_fit(cfg, out, log)
     cost = step_predictor(cfg, fit_path)
     acc_path, over, cal_steps = calibrate(cfg, cal_files, cost, out, prompt_len, log)
-    first_over = None
-    if over.suspect:  # the profile ran at another speed than the engine now runs: profile once more
-        first_over = over
-        log(f"the profiled forwards explain {over.forward_share:.0%} of the calibration steps' time (median error "
-            f"{over.median_ape_pct}%): the machine's speed moved since profiling; profiling again")
-        fit_path = profile_and_fit(cfg, out, log)
-        cost = step_predictor(cfg, fit_path)
-        over = fit_overheads(cost, cal_steps)
-        log(f"engine overheads, refitted: forwards explain {over.forward_share:.0%}, per-step median error "
-            f"{over.median_ape_pct}%" + (" (still suspect: step prices unreliable; run again on a quieter machine)"
-                                         if over.suspect else ""))
-    (out / "overheads.json").write_text(json.dumps(asdict(over), indent=2) + "\n")
-    set_draft_depth_overhead(fit_path, over.overhead_per_draft_depth_ms)
-    cost = step_predictor(cfg, fit_path)  # now with the engine's cost per draft depth, as the simulator sees it
+    fit_path, cost, over, first_over = settle_overheads(cfg, out, fit_path, over, cal_steps, log)
     eng = make_engine(cfg)  # goodput budgets see the step time the simulator will use, overheads included
     bind_budget(eng, step_predictor(cfg, fit_path, over.step_overhead_ms), over, mean_ctx)
     engine = replay_engine(cfg, items, eng, out / "engine", log)
     reruns = [replay_engine(cfg, items, eng, out / f"engine_rerun{i}", log)["summary"]
               for i in range(1, cfg.engine_runs)]
     sim = simulate_same(cfg, engine["records"], fit_path, acc_path, over, mean_ctx, out / "sim")
+    return report(out, engine, reruns, sim, cost, over, first_over, t_start)
+
+
+def settle_overheads(cfg: CrossValConfig, out: Path, fit_path: Path, over: Overheads, cal_steps: list, log):
+    """When the profile ran at another speed than the engine now runs (Overheads.suspect), profile once more and
+    refit the overheads on the same calibration steps; then store them (overheads.json, and the per-depth cost in
+    the step-time fit). Returns (fit path, cost model as the simulator sees it, overheads, the first fit or None)."""
+    first_over = None
+    if over.suspect:
+        first_over = over
+        log(f"the profiled forwards explain {over.forward_share:.0%} of the calibration steps' time (median error "
+            f"{over.median_ape_pct}%): the machine's speed moved since profiling; profiling again")
+        fit_path = profile_and_fit(cfg, out, log)
+        over = fit_overheads(step_predictor(cfg, fit_path), cal_steps)
+        log(f"engine overheads, refitted: forwards explain {over.forward_share:.0%}, per-step median error "
+            f"{over.median_ape_pct}%" + (" (still suspect: step prices unreliable; run again on a quieter machine)"
+                                         if over.suspect else ""))
+    (out / "overheads.json").write_text(json.dumps(asdict(over), indent=2) + "\n")
+    set_draft_depth_overhead(fit_path, over.overhead_per_draft_depth_ms)
+    # now with the engine's cost per draft depth, as the simulator sees it
+    return fit_path, step_predictor(cfg, fit_path), over, first_over
+
+
+def report(out: Path, engine: dict, reruns: list[dict], sim: dict, cost, over: Overheads,
+           first_over: Overheads | None, t_start: float, extra: dict | None = None) -> dict:
+    """Compare the engine's replay (its summary, requests and steps) with the simulator's and write
+    validation.json and validation.md."""
     rows = compare(engine["summary"], sim, reruns)
     priced = priced_steps_ms(cost, over, engine["iterations"])
     drift = replay_drift(engine["iterations"], priced)
@@ -596,7 +627,8 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
               "sim": {k: v for k, v in sim.items() if k != "sim"}, "engine_reruns": reruns,
               "overheads": asdict(over), "overheads_suspect": over.suspect,
               "overheads_before_reprofile": asdict(first_over) if first_over else None,
-              "replay_steps_over_priced": drift, "wall_s": round(time.perf_counter() - t_start, 1)}
+              "replay_steps_over_priced": drift, **(extra or {}),
+              "wall_s": round(time.perf_counter() - t_start, 1)}
     (out / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
     table = format_comparison(rows)
     if over.suspect:
