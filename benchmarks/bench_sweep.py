@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from echosim.sim.speculation import clear_table_cache
 from echosim.sweep import parse_spec, run_sweep
 from echosim.sweep.runner import default_jobs
 
@@ -43,6 +44,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for b in backends:
+                # each round as a fresh `echosim sweep` process starts: no acceptance tables kept from the last
+                # round (the pool's and Ray's workers are new processes every round)
+                clear_table_cache()
                 cpu0 = _cpu_s()
                 t0 = time.perf_counter()
                 res = run_sweep(spec, Path(tmp) / f"{b}{r}", backend=b, jobs=jobs, progress=False, plots=False)
