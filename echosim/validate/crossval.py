@@ -112,8 +112,12 @@ def prompt_files() -> tuple[list[Path], list[Path]]:
     return held[0::2], held[1::2]
 
 
-def _text(path: Path, limit: int = 8192) -> str:
-    return path.read_bytes()[:limit].decode("utf-8", errors="ignore")
+def _window(path: Path, need: int, rng: np.random.Generator, limit: int = 8192) -> str:
+    """Up to `limit` bytes of a file from a seeded offset that leaves `need` bytes after it: a replay prompt cut as
+    the calibration prompts are (a file's first bytes, its licence and docstring, read unlike its code)."""
+    data = path.read_bytes()
+    start = int(rng.integers(0, len(data) - need)) if len(data) > need else 0
+    return data[start:start + limit].decode("utf-8", errors="ignore")
 
 
 def calibration_prompts(files: list[Path], n: int, prompt_len: int, seed: int) -> list[list[int]]:
@@ -572,7 +576,9 @@ def replay_plan(cfg: CrossValConfig, out: Path, header: dict) -> tuple[list[Path
     (out / "config.json").write_text(json.dumps({**header, **asdict(cfg)}, indent=2) + "\n")
     cal_files, replay_files = prompt_files()
     prompt_set = out / "replay_prompts.jsonl"
-    prompt_set.write_text("".join(json.dumps({"prompt": _text(f)}) + "\n" for f in replay_files))
+    rng = np.random.default_rng(cfg.seed + 2)
+    prompt_set.write_text("".join(json.dumps({"prompt": _window(f, cfg.max_prompt_tokens, rng)}) + "\n"
+                                  for f in replay_files))
     items = plan_from_trace(cfg.trace, time_scale=cfg.time_scale, limit=cfg.limit, prompt_set=prompt_set,
                             max_prompt_tokens=cfg.max_prompt_tokens, max_output_tokens=cfg.max_output_tokens)
     prompt_len = int(np.median([it.target_prompt_tokens for it in items]))
