@@ -28,6 +28,17 @@ from echo_exec.model import AttnMeta, Eagle3Head, KVCache, Transformer, rope_cos
 from echosim.spec.forest import DraftForest
 
 
+def in_request_order(expand, forest: DraftForest, depth: int, rows: np.ndarray, parents: np.ndarray,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`expand` over rows sorted by request (a drafter's packed batch goes request by request), its answers put
+    back in the caller's order."""
+    order = np.argsort(rows, kind="stable")
+    tok, lp = expand(forest, depth, rows[order], parents[order], k)
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    return tok[inv], lp[inv]
+
+
 class LeanForward:
     """Transformer.forward_packed of `model` (same weights, same results up to float rounding), in fewer ops."""
 
@@ -116,12 +127,8 @@ class ModelDrafter:
         parents = np.asarray(parents, np.int64)
         if len(rows) == 0:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        if len(rows) > 1 and (np.diff(rows) < 0).any():  # the packed batch goes request by request
-            order = np.argsort(rows, kind="stable")
-            tok, lp = self.expand(forest, depth, rows[order], parents[order], k)
-            inv = np.empty_like(order)
-            inv[order] = np.arange(len(order))
-            return tok[inv], lp[inv]
+        if len(rows) > 1 and (np.diff(rows) < 0).any():
+            return in_request_order(self.expand, forest, depth, rows, parents, k)
         trow = self._rows[rows]
         kv = self._kv_len[rows]
         if depth == 1:
@@ -233,12 +240,8 @@ class Eagle3Drafter:
         parents = np.asarray(parents, np.int64)
         if len(rows) == 0:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        if len(rows) > 1 and (np.diff(rows) < 0).any():  # the packed batch goes request by request
-            order = np.argsort(rows, kind="stable")
-            tok, lp = self.expand(forest, depth, rows[order], parents[order], k)
-            inv = np.empty_like(order)
-            inv[order] = np.arange(len(order))
-            return tok[inv], lp[inv]
+        if len(rows) > 1 and (np.diff(rows) < 0).any():
+            return in_request_order(self.expand, forest, depth, rows, parents, k)
         dev, trow, kv = self.device, self._rows[rows], self._kv_len[rows]
         B, S = forest.token.shape
         if depth == 1:
