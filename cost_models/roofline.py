@@ -295,6 +295,7 @@ class _Forward:
         """Fold shapes and rates into per-GEMM coefficients: comp = c * (t + ramp), mem = m0 + m1 * t."""
         self._gemm_memo: dict = {}  # t -> _gemms_ms(t), for scalar t (cleared with the constants)
         self._lm_memo: dict = {}    # rows -> lm_head_ms(rows), for scalar rows
+        self._shape_memo: dict = {}  # (t, seqs) -> what layers_scalar needs of them alone
         b = self.b
         self.dense_c = [(2.0 * k * n / self.pc, b * k * n / self.bm, b * (k + n) / self.bm) for k, n in self.dense]
         self.moe_c = [(2.0 * k * n / self.pc, b * k * n / self.bm, b * (k + n) / self.bm) for k, n in self.moe]
@@ -361,6 +362,64 @@ class _Forward:
             layer = layer + 2.0 * (self.ar_lat_ms + t * self.ar_c)
         return self.layers * layer * (t > 0)
 
+    def _shape_terms(self, t: float, seqs: float) -> tuple:
+        """What one forward's price takes from (tokens, sequences) alone, computed as layers_ms computes it."""
+        layer = self._gemm_memo.get(t)
+        if layer is None:
+            if len(self._gemm_memo) > 65536:
+                self._gemm_memo.clear()
+            layer = self._gemm_memo[t] = self._gemms_ms(t)
+        if self.key_ms > 0:
+            blocks = self.heads_blk * hmax(hmax(seqs, t * self.rows_c), 1.0)
+            splits = 1.0 + self.split * (hmax(1.0, self.units / blocks) - 1.0)
+            waves = hmax(1.0, blocks * splits / self.units)
+        else:
+            splits = waves = 0.0
+        if len(self._shape_memo) > 65536:
+            self._shape_memo.clear()
+        terms = self._shape_memo[(t, seqs)] = (layer, t * self.attn_q_c, hmax(seqs, 1.0), splits, waves,
+                                               self.seq_ms * seqs,
+                                               seqs / self.cover_seqs if self.blend and self.cover_seqs > 0 else 0.0)
+        return terms
+
+    def layers_scalar(self, t: float, kv: float, qk: float, seqs: float) -> float:
+        """layers_ms on Python floats, the same value bit for bit (the same operations in the same order) at a
+        fraction of its cost: what depends on (t, seqs) alone is memoized, the rest is inlined (no helper calls,
+        no type checks). The simulator prices every iteration through this."""
+        terms = self._shape_memo.get((t, seqs))
+        if terms is None:
+            terms = self._shape_terms(t, seqs)
+        layer, tq, s1, splits, waves, seq_term, seq_cover = terms
+        pa = self.pa_p
+        comp = qk * self.attn_comp_c
+        mem = kv * self.attn_kv_c + tq
+        if self.key_ms > 0:
+            blk = self.kv_block
+            serial = -(-(kv / s1 / splits) // blk) * blk * self.key_ms * waves
+            w = 0.0
+            if self.blend:
+                if self.cover_keys <= 0 or self.cover_seqs <= 0:
+                    w = 1.0
+                else:   # coverage_weight, inlined
+                    a = kv / self.cover_keys
+                    x = 0.5 * (a + seq_cover + abs(a - seq_cover))
+                    w = 0.0 if x <= 1.0 else min(1.0, math.log(x) / self.cover_span)
+            if w > 0:
+                serial = serial * self.key_ratio**w
+                mem = mem * self.bw_ratio**w
+                comp = comp * self.flop_ratio**w
+                attn = (comp**pa + mem**pa + serial**pa) ** (1.0 / pa)
+                hard = (comp**HARD_P + mem**HARD_P + serial**HARD_P) ** (1.0 / HARD_P)
+                attn = attn ** (1.0 - w) * hard**w
+            else:
+                attn = (comp**pa + mem**pa + serial**pa) ** (1.0 / pa)
+        else:
+            attn = (comp**pa + mem**pa) ** (1.0 / pa)
+        layer = layer + attn + seq_term
+        if self.tp > 1:
+            layer = layer + 2.0 * (self.ar_lat_ms + t * self.ar_c)
+        return self.layers * layer * (t > 0)
+
     def lm_head_ms(self, rows: Num) -> Num:
         if type(rows) is float or type(rows) is int:
             ms = self._lm_memo.get(rows)
@@ -424,6 +483,13 @@ class RooflineCostModel:
                 lm = lm + dr.lm_head_ms(r)
                 overhead = overhead + per * (r > 0)
         return StepTime(draft, verify, lm, overhead)
+
+    def target_parts(self, tokens: float, kv: float, qk: float, seqs: float, lm_rows: float) -> tuple:
+        """step_time of a batch that drafts nothing, on Python floats: (verify_ms, lm_head_ms, overhead_ms), the
+        same values bit for bit (draft_ms is 0), without the StepBatch / StepTime round trip."""
+        tg = self._target
+        verify = tg.layers_scalar(tokens, kv, qk, seqs)
+        return verify, tg.lm_head_ms(lm_rows), self.params.step_overhead_ms + 0.0 * verify
 
     def verify_ms(self, tokens_total: Num, kv_tokens_total: Num, num_seqs: Num) -> Num:
         t = tokens_total

@@ -92,7 +92,9 @@ class Metrics:
         self.request_steps = self.verified_tokens = self.accepted = self.prefill_tokens = 0
         self.draft_ms = self.verify_ms = self.lm_head_ms = self.overhead_ms = 0.0
 
-    def iteration(self, end_s, start_s, replica, batch, prefill_tokens, verified, accepted, st, kv_tokens, waiting):
+    def iteration(self, end_s, start_s, replica, batch, prefill_tokens, verified, accepted, draft_ms, verify_ms,
+                  lm_head_ms, overhead_ms, kv_tokens, waiting):
+        """One iteration; its step time in parts (ms), as cost_models' StepTime splits it."""
         self.iterations += 1
         if batch:
             self.decode_iterations += 1
@@ -100,7 +102,7 @@ class Metrics:
             self.verified_tokens += verified
             self.accepted += accepted
         self.prefill_tokens += prefill_tokens
-        d, v, h, o = float(st.draft_ms), float(st.verify_ms), float(st.lm_head_ms), float(st.overhead_ms)
+        d, v, h, o = float(draft_ms), float(verify_ms), float(lm_head_ms), float(overhead_ms)
         self.draft_ms += d
         self.verify_ms += v
         self.lm_head_ms += h

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from cost_models.interface import StepBatch, StepTime
+from cost_models.roofline import RooflineCostModel
 
 CTX_BUCKET = 16
 
@@ -31,6 +32,9 @@ class StepPricer:
         self._depth: dict[tuple, tuple[float, float, float]] = {}   # (depth, rows, seqs, bucket) -> parts
         # the per-iteration overhead an empty batch still pays (counted once, with the target forward)
         self._base_overhead = float(cost.step_time(StepBatch(0.0, 0.0, 0.0, 0.0, 0.0)).overhead_ms)
+        # the roofline's scalar fast path, unless a subclass prices steps its own way
+        self._target_parts = cost.target_parts if isinstance(cost, RooflineCostModel) and \
+            type(cost).step_time is RooflineCostModel.step_time else None
 
     def price(self, tokens: float, kv: float, qk: float, seqs: float, lm_rows: float, draft_rows: tuple,
               mean_ctx: float, decoding: float = 0.0, prefill: tuple | None = None) -> StepTime:
@@ -51,6 +55,28 @@ class StepPricer:
             return st
         d = self._draft_cached(draft_rows, mean_ctx)
         return StepTime(d[0], st.verify_ms, st.lm_head_ms + d[1], st.overhead_ms + d[2])
+
+    def price_parts(self, tokens: float, kv: float, qk: float, seqs: float, lm_rows: float, draft_rows: tuple,
+                    mean_ctx: float, decoding: float = 0.0) -> tuple[float, float, float, float]:
+        """`price` of an iteration in one forward, as (draft_ms, verify_ms, lm_head_ms, overhead_ms): the same
+        floats bit for bit, through the cost model's scalar path where it has one (the roofline's
+        `target_parts`: no StepBatch / StepTime objects, the attention term's shape part memoized)."""
+        target = self._target_parts
+        if target is None:
+            st = self.price(tokens, kv, qk, seqs, lm_rows, draft_rows, mean_ctx, decoding)
+            return st.draft_ms, st.verify_ms, st.lm_head_ms, st.overhead_ms
+        verify, lm, overhead = target(tokens, kv, qk, seqs, lm_rows)
+        extra = self.per_token_ms * tokens + self.per_request_ms * decoding
+        if self.per_draft_row_ms and draft_rows:
+            extra += self.per_draft_row_ms * sum(draft_rows)
+        if extra:
+            overhead += extra
+        if not draft_rows:
+            return 0.0 * verify, verify, lm, overhead
+        d = self._draft.get((draft_rows, int(mean_ctx) // CTX_BUCKET))
+        if d is None:
+            d = self._draft_cached(draft_rows, mean_ctx)
+        return d[0], verify, lm + d[1], overhead + d[2]
 
     def budget_step_ms(self, tokens, batch_size: int, mean_ctx: float, draft_rows: tuple) -> np.ndarray:
         """Step time (ms) for each candidate total of verified tokens (roots included, array) of a batch of

@@ -198,10 +198,10 @@ class Replica:
             finishing = k == k_fin
             csum = self.kv_tokens
             tokens = float(T)
-            st = pricer.price(tokens, float(csum + T), qk, float(n_dec), tokens, dr, csum / n_dec, n_dec)
-            step_ms = st.draft_ms + st.verify_ms + st.lm_head_ms + st.overhead_ms
+            st = pricer.price_parts(tokens, float(csum + T), qk, float(n_dec), tokens, dr, csum / n_dec, n_dec)
+            step_ms = st[0] + st[1] + st[2] + st[3]
             if observes:
-                spec.observe_time(n_dec, T, st.verify_ms + st.lm_head_ms, dr, st.draft_ms, st.overhead_ms)
+                spec.observe_time(n_dec, T, st[1] + st[2], dr, st[0], st[3])
             t0 = env.now
             end = t0 + step_ms / 1000.0   # as SimPy's timeout computes it
             if finishing or end >= next_due:
@@ -215,7 +215,7 @@ class Replica:
             done = k + 1
             if finishing:
                 break
-            metrics.iteration(env.now, t0, self.index, n_dec, 0, T, acc_sum, st, self.kv_tokens,
+            metrics.iteration(env.now, t0, self.index, n_dec, 0, T, acc_sum, *st, self.kv_tokens,
                               len(self.waiting))
         if not done:
             return 0
@@ -230,7 +230,7 @@ class Replica:
             ended = self.left <= 0
             finished_reqs = [self.reqs[i] for i in np.flatnonzero(ended).tolist()]
             self._keep(~ended)
-            metrics.iteration(now, t0, self.index, n_dec, 0, T, acc_sum, st, self.kv_tokens, len(self.waiting))
+            metrics.iteration(now, t0, self.index, n_dec, 0, T, acc_sum, *st, self.kv_tokens, len(self.waiting))
             for r in finished_reqs:
                 metrics.request(r, now, self.index)
                 self.on_finish(r)
@@ -343,13 +343,14 @@ class Replica:
                 pre[4] += 1
             prefill_tokens = int(pre[0])
             if self.separate_prefill and tok is not None and chunks:
-                st = pricer.price(tokens, kv, qk, seqs, lm_rows, draft_rows, mean_ctx, n_dec, prefill=tuple(pre))
+                p = pricer.price(tokens, kv, qk, seqs, lm_rows, draft_rows, mean_ctx, n_dec, prefill=tuple(pre))
+                st = (p.draft_ms, p.verify_ms, p.lm_head_ms, p.overhead_ms)
             else:
-                st = pricer.price(tokens + pre[0], kv + pre[1], qk + pre[2], seqs + pre[3], lm_rows + pre[4],
-                                  draft_rows, mean_ctx, n_dec)
-            step_ms = st.draft_ms + st.verify_ms + st.lm_head_ms + st.overhead_ms
+                st = pricer.price_parts(tokens + pre[0], kv + pre[1], qk + pre[2], seqs + pre[3], lm_rows + pre[4],
+                                        draft_rows, mean_ctx, n_dec)
+            step_ms = st[0] + st[1] + st[2] + st[3]
             if tok is not None and not chunks and spec.observes_time:  # decode-only: teaches adaptive budgets
-                spec.observe_time(n_dec, T, st.verify_ms + st.lm_head_ms, draft_rows, st.draft_ms, st.overhead_ms)
+                spec.observe_time(n_dec, T, st[1] + st[2], draft_rows, st[0], st[3])
             yield env.timeout(step_ms / 1000.0)
             self.iterations += 1
 
@@ -389,7 +390,7 @@ class Replica:
                 done = self.left <= 0
                 finished_reqs = [self.reqs[i] for i in np.flatnonzero(done).tolist()]
                 self._keep(~done)
-            self.metrics.iteration(now, t0, self.index, n_dec, prefill_tokens, T, acc_sum, st, self.kv_tokens,
+            self.metrics.iteration(now, t0, self.index, n_dec, prefill_tokens, T, acc_sum, *st, self.kv_tokens,
                                    len(self.waiting))
             if finished:
                 for r in finished_reqs:
