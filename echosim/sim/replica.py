@@ -150,23 +150,36 @@ class Replica:
         # steps to prepare: up to the first possible finish, and about as many as fit before the next event
         # elsewhere (an arrival usually ends the run), from the last step's length; any choice gives the
         # same iterations, this one wastes the least preparation
-        k_max = min(FAST_STEPS, int(left0.min()))
+        fewest_left = int(left0.min())
+        k_max = min(FAST_STEPS, fewest_left)
         gap_s = env.peek() - env.now
         if self._last_step_s > 0 and gap_s < k_max * self._last_step_s:
             k_max = min(k_max, int(gap_s / self._last_step_s) + 2)
         kv_sum = self.kv_tokens
-        R = spec.peek_steps(self.offset, k_max, kv_sum)
+        if spec.plain:
+            # plain decoding: every request-step verifies and emits one token, so the run's sums are scalars:
+            # each step's outcome sums (tokens, accepted, decoding, emitted, tokens^2), its tok . ctx (the KV sum
+            # at its start) and the first finish (the fewest tokens left) need no arrays
+            R = None
+            sums = ((B, 0, B, B, B),) * k_max
+            qk_dot = range(kv_sum, kv_sum + k_max * B, B)
+            k_fin = k_max - 1 if k_max == fewest_left else k_max
+            drows = ((),) * k_max
+        else:
+            R = spec.peek_steps(self.offset, k_max, kv_sum)
+            if R is None:
+                return 0
+            k_max = len(R)
+            E = R[:, :, EMIT]
+            cumE = np.cumsum(E, axis=0)  # [k, B]: tokens emitted by the end of each step (before capping)
+            sums = R[:, :, :TOKENS_SQ + 1].sum(axis=1).tolist()
+            # each step's tok . ctx, ctx being the context at that step's start (no capping before a finish)
+            qk_dot = (R[:, :, TOKENS] * (ctx0 + (cumE - E))).sum(axis=1).tolist()
+            fin = (cumE >= left0).any(axis=1)
+            k_fin = int(np.argmax(fin)) if fin[-1] else k_max   # the step where a request finishes, if any
         if R is None:
-            return 0
-        k_max = len(R)
-        E = R[:, :, EMIT]
-        cumE = np.cumsum(E, axis=0)  # [k, B]: tokens emitted by the end of each step (before capping)
-        sums = R[:, :, :TOKENS_SQ + 1].sum(axis=1).tolist()
-        # each step's tok . ctx, ctx being the context at that step's start (no capping before a finish)
-        qk_dot = (R[:, :, TOKENS] * (ctx0 + (cumE - E))).sum(axis=1).tolist()
-        fin = (cumE >= left0).any(axis=1)
-        k_fin = int(np.argmax(fin)) if fin[-1] else k_max   # the step where a request finishes, if any
-        if spec._stop_const:
+            pass
+        elif spec._stop_const:
             drows = (tuple(B * w for w in spec.width),) * k_max
         elif spec.depth:
             # rows per depth as speculation.draft_rows computes them: requests that drafted depth d or deeper
@@ -181,50 +194,68 @@ class Replica:
         done = 0
         finishing = False
         observes = spec.observes_time
+        price, iteration, index, width = pricer.price_parts, metrics.iteration, self.index, spec.width
+        kv = self.kv_tokens     # kept in a local; written back before every yield (the router reads it)
+        step_s = self._last_step_s
+        # the admission check's parts that change only while this process yields (the queue)
+        admit_ok = B < self.max_running
+        head_blocks = n_wait = 0
+
+        def queue_state():
+            w = self.waiting
+            r = w[0] if w else None
+            return len(w), -(-(r.prompt_tokens + max(r.generated - 1, 0)) // block) if r is not None else 0
+
+        n_wait, head_blocks = queue_state()
         next_due = env.peek()   # the next event elsewhere (the queue changes only while this process yields)
         for k in range(k_max):
             T, acc_sum, n_dec, _, tok_sq = sums[k]
             # the general loop's KV bound; where it fails, that loop makes this step (its exact check, preemption)
-            need = (self.kv_tokens + n_bias) // block + T // block + n_dec
+            need = (kv + n_bias) // block + T // block + n_dec
             if need > kv_blocks:
                 break
-            if self.waiting:  # could the queue's head be admitted at this step? then the general loop runs it
-                r = self.waiting[0]
-                if min(max_tokens - T, max_prefill) > 0 and B < self.max_running and \
-                        -(-(r.prompt_tokens + max(r.generated - 1, 0)) // block) <= kv_blocks - need:
-                    break
+            # could the queue's head be admitted at this step? then the general loop runs it
+            if n_wait and admit_ok and min(max_tokens - T, max_prefill) > 0 and head_blocks <= kv_blocks - need:
+                break
             qk = float(qk_dot[k]) + 0.5 * (tok_sq + T)
-            dr = drows[k] if drows is not None else tuple(map(operator.mul, alive[k], spec.width))
+            dr = drows[k] if drows is not None else tuple(map(operator.mul, alive[k], width))
             finishing = k == k_fin
-            csum = self.kv_tokens
             tokens = float(T)
-            st = pricer.price_parts(tokens, float(csum + T), qk, float(n_dec), tokens, dr, csum / n_dec, n_dec)
+            st = price(tokens, float(kv + T), qk, float(n_dec), tokens, dr, kv / n_dec, n_dec)
             step_ms = st[0] + st[1] + st[2] + st[3]
             if observes:
                 spec.observe_time(n_dec, T, st[1] + st[2], dr, st[0], st[3])
-            t0 = env.now
-            end = t0 + step_ms / 1000.0   # as SimPy's timeout computes it
+            t0 = env._now
+            step_s = step_ms / 1000.0
+            end = t0 + step_s   # as SimPy's timeout computes it
             if finishing or end >= next_due:
-                yield env.timeout(step_ms / 1000.0)
+                self.kv_tokens = kv
+                yield env.timeout(step_s)
                 next_due = env.peek()
+                n_wait, head_blocks = queue_state()
             else:
                 env._now = end   # nothing is due before `end`: the timeout's effect, without its event
-            self.iterations += 1
-            self.kv_tokens += acc_sum + n_dec
-            self._last_step_s = step_ms / 1000.0
+            kv += acc_sum + n_dec
             done = k + 1
             if finishing:
                 break
-            metrics.iteration(env.now, t0, self.index, n_dec, 0, T, acc_sum, *st, self.kv_tokens,
-                              len(self.waiting))
+            iteration(end, t0, index, n_dec, 0, T, acc_sum, *st, kv, n_wait)
+        self.kv_tokens = kv
+        self.iterations += done
+        self._last_step_s = step_s
         if not done:
             return 0
         # the run's effect on the columns: emitted tokens (capped by what each request had left), counters
-        spec.commit_steps(done, B)
-        emitted = np.minimum(cumE[done - 1], left0)
-        self.stats += R[:done, :, :ONE + 1].sum(axis=0)
-        self.left = left0 - emitted
-        self.ctx = ctx0 + emitted
+        if R is None:   # plain: one token per request-step, none finished before the last step
+            self.stats += (done, 0, done)
+            self.left = left0 - done
+            self.ctx = ctx0 + done
+        else:
+            spec.commit_steps(done, B)
+            emitted = np.minimum(cumE[done - 1], left0)
+            self.stats += R[:done, :, :ONE + 1].sum(axis=0)
+            self.left = left0 - emitted
+            self.ctx = ctx0 + emitted
         if finishing:
             now = env.now
             ended = self.left <= 0
