@@ -491,6 +491,16 @@ class RooflineCostModel:
         verify = tg.layers_scalar(tokens, kv, qk, seqs)
         return verify, tg.lm_head_ms(lm_rows), self.params.step_overhead_ms + 0.0 * verify
 
+    def draft_depth_parts(self, rows: float, kv: float, qk: float, seqs: float) -> tuple:
+        """step_time of a batch that only drafts one depth (no target tokens), on Python floats: (draft_ms,
+        lm_head_ms, overhead_ms), the same values bit for bit."""
+        if self._draft is None:
+            raise CostModelError("the batch drafts tokens but the cost model has no draft model")
+        tg, dr = self._target, self._draft
+        verify = tg.layers_scalar(0.0, 0.0, 0.0, 0.0)   # an empty target forward: 0 ms
+        return (0.0 * verify + dr.layers_scalar(rows, kv, qk, seqs), tg.lm_head_ms(0.0) + dr.lm_head_ms(rows),
+                self.params.step_overhead_ms + 0.0 * verify + self.params.draft_depth_overhead_ms * (rows > 0))
+
     def verify_ms(self, tokens_total: Num, kv_tokens_total: Num, num_seqs: Num) -> Num:
         t = tokens_total
         s = np.maximum(num_seqs, 1) if isinstance(num_seqs, np.ndarray) else max(num_seqs, 1)

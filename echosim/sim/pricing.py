@@ -33,8 +33,9 @@ class StepPricer:
         # the per-iteration overhead an empty batch still pays (counted once, with the target forward)
         self._base_overhead = float(cost.step_time(StepBatch(0.0, 0.0, 0.0, 0.0, 0.0)).overhead_ms)
         # the roofline's scalar fast path, unless a subclass prices steps its own way
-        self._target_parts = cost.target_parts if isinstance(cost, RooflineCostModel) and \
-            type(cost).step_time is RooflineCostModel.step_time else None
+        scalar = isinstance(cost, RooflineCostModel) and type(cost).step_time is RooflineCostModel.step_time
+        self._target_parts = cost.target_parts if scalar else None
+        self._depth_parts = cost.draft_depth_parts if scalar and cost.draft is not None else None
 
     def price(self, tokens: float, kv: float, qk: float, seqs: float, lm_rows: float, draft_rows: tuple,
               mean_ctx: float, decoding: float = 0.0, prefill: tuple | None = None) -> StepTime:
@@ -125,9 +126,12 @@ class StepPricer:
             part = self._depth.get(key)
             if part is None:
                 c = ctx + d + 1
-                st = self.cost.step_time(StepBatch(0.0, 0.0, 0.0, 0.0, 0.0, (r,), (s * c,), (r * c,), (s,)))
-                part = self._depth[key] = (float(st.draft_ms), float(st.lm_head_ms),
-                                           float(st.overhead_ms) - self._base_overhead)
+                if self._depth_parts is not None:
+                    dm, lm, om = self._depth_parts(r, s * c, r * c, s)
+                else:
+                    st = self.cost.step_time(StepBatch(0.0, 0.0, 0.0, 0.0, 0.0, (r,), (s * c,), (r * c,), (s,)))
+                    dm, lm, om = st.draft_ms, st.lm_head_ms, st.overhead_ms
+                part = self._depth[key] = (float(dm), float(lm), float(om) - self._base_overhead)
             total[0] += part[0]
             total[1] += part[1]
             total[2] += part[2]

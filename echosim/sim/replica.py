@@ -27,7 +27,7 @@ from echosim.sim.workload import Request
 
 # the longest decode run (`Replica._decode_run`) prepared at once: steps until the next event on this trace are
 # ~5-30; a longer preparation is mostly wasted, a run ending early (0 = every iteration through the general loop)
-FAST_STEPS = 16
+FAST_STEPS = 48
 
 # per running request: tokens in its KV cache, prefix tokens still to prefill, output tokens left, latents,
 # admission order; and `stats` [n, 3], its counters since admission in the outcome rows' first columns
