@@ -22,7 +22,7 @@ import numpy as np
 
 from echosim.sim.errors import SimError
 from echosim.sim.prefix_cache import PrefixCache
-from echosim.sim.speculation import EMIT, ONE, STOP, TOKENS, TOKENS_SQ
+from echosim.sim.speculation import ACCEPTED, EMIT, ONE, STOP, TOKENS, TOKENS_SQ
 from echosim.sim.workload import Request
 
 # the longest decode run (`Replica._decode_run`) prepared at once: steps until the next event on this trace are
@@ -160,7 +160,7 @@ class Replica:
             # plain decoding: every request-step verifies and emits one token, so the run's sums are scalars:
             # each step's outcome sums (tokens, accepted, decoding, emitted, tokens^2), its tok . ctx (the KV sum
             # at its start) and the first finish (the fewest tokens left) need no arrays
-            R = None
+            R, tau = None, 0
             sums = ((B, 0, B, B, B),) * k_max
             qk_dot = range(kv_sum, kv_sum + k_max * B, B)
             k_fin = k_max - 1 if k_max == fewest_left else k_max
@@ -172,9 +172,15 @@ class Replica:
             k_max = len(R)
             E = R[:, :, EMIT]
             cumE = np.cumsum(E, axis=0)  # [k, B]: tokens emitted by the end of each step (before capping)
-            sums = R[:, :, :TOKENS_SQ + 1].sum(axis=1).tolist()
-            # each step's tok . ctx, ctx being the context at that step's start (no capping before a finish)
-            qk_dot = (R[:, :, TOKENS] * (ctx0 + (cumE - E))).sum(axis=1).tolist()
+            tau = spec.tokens_const
+            if tau:
+                # a fixed tree (EAGLE-3): only the accepted drafts vary; a step's tok . ctx is tau x its KV sum
+                sums = [(B * tau, a, B, a + B, B * tau * tau) for a in R[:, :, ACCEPTED].sum(axis=1).tolist()]
+                qk_dot = None
+            else:
+                sums = R[:, :, :TOKENS_SQ + 1].sum(axis=1).tolist()
+                # each step's tok . ctx, ctx being the context at that step's start (no capping before a finish)
+                qk_dot = (R[:, :, TOKENS] * (ctx0 + (cumE - E))).sum(axis=1).tolist()
             fin = (cumE >= left0).any(axis=1)
             k_fin = int(np.argmax(fin)) if fin[-1] else k_max   # the step where a request finishes, if any
         if R is None:
@@ -217,7 +223,7 @@ class Replica:
             # could the queue's head be admitted at this step? then the general loop runs it
             if n_wait and admit_ok and min(max_tokens - T, max_prefill) > 0 and head_blocks <= kv_blocks - need:
                 break
-            qk = float(qk_dot[k]) + 0.5 * (tok_sq + T)
+            qk = float(qk_dot[k] if qk_dot is not None else tau * kv) + 0.5 * (tok_sq + T)
             dr = drows[k] if drows is not None else tuple(map(operator.mul, alive[k], width))
             finishing = k == k_fin
             tokens = float(T)

@@ -166,6 +166,7 @@ class Speculator:
         self._edges: list[np.ndarray] = []
         self._rows = np.zeros((0, 6), np.int64)  # outcome rows; row stratum * rows_per_bin + r
         self._stop_const = False  # every tabled row drafts to full depth (no gating): rows per depth are fixed
+        self.tokens_const = 0     # every tabled row verifies this many tokens (a fixed tree; 0 = they differ)
         self.width = depth_widths(self.depth, self.k1, self.k)
         self._draws = np.zeros(0, np.int64)  # row draws, made 65,536 at a time
         self._plain = np.zeros((0, 6), np.int64)  # AR: every request verifies its root, accepts nothing
@@ -409,6 +410,8 @@ class Speculator:
             self._acc_rank = np.concatenate([self._acc_rank, acc_rank])
             self._confident = np.concatenate([self._confident, confident])
         self._stop_const = bool((self._rows[:, STOP] == self.depth).all())
+        tokens = self._rows[:, TOKENS]
+        self.tokens_const = int(tokens[0]) if len(tokens) and bool((tokens == tokens[0]).all()) else 0
         if self.prefix:
             self._prefix_keys()
         self._edges.append(edges)
