@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.special import ndtr
 
 from echosim.sim.errors import SimError
 from echosim.spec.drafting import draft
@@ -341,6 +340,8 @@ class SyntheticDrafter:
         if self._conf_shift is not None:
             x1 += self._conf_shift[rows][:, None]
         if m.conf_q is not None:  # a normal score: the records' logit at that quantile
+            from scipy.special import ndtr  # here, not at import: SciPy's import alone is ~0.4 s of CPU
+
             p = ndtr(x1).ravel()
             x1 = np.interp(p, QUANTILE_PROBS, m.conf_q[d]).astype(np.float32)[:, None]
             if m.conf_q_off is not None and depth > 1:  # below a parent that is not the target's token:
@@ -387,6 +388,8 @@ class SyntheticDrafter:
         runner-up gets about a quarter of what is left, not all of it), and never more than the rank above."""
         F, k1 = noise.shape
         q0 = np.exp(top[:, 0].astype(np.float64))
+        from scipy.special import ndtr  # here, not at import: SciPy's import alone is ~0.4 s of CPU
+
         u = ndtr(noise.astype(np.float64))
         xs = np.empty_like(u)
         b = np.searchsorted(SHARE_EDGES, q0)
