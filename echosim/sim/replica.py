@@ -31,8 +31,10 @@ FAST_STEPS = 48
 
 # per running request: tokens in its KV cache, prefix tokens still to prefill, output tokens left, latents,
 # admission order; and `stats` [n, 3], its counters since admission in the outcome rows' first columns
-# (tokens verified incl. roots, drafts accepted, decode steps), so one `+=` updates all three
-_COLUMNS = ("ctx", "prefill_left", "left", "difficulty", "dataset", "offset", "rid", "admitted")
+# (tokens verified incl. roots, drafts accepted, decode steps), so one `+=` updates all three. The integer
+# columns and the counters are rows of one state array [10, n] (the names are views of it: a request joins or
+# leaves with one NumPy call, not ten); the difficulty latent is a float column of its own.
+_COLUMNS = ("ctx", "prefill_left", "left", "dataset", "offset", "rid", "admitted")
 
 
 class Replica:
@@ -47,9 +49,9 @@ class Replica:
         self.metrics, self.on_finish = metrics, on_finish
         self.waiting: deque[Request] = deque()
         self.reqs: list[Request] = []          # running requests, aligned with the columns
-        for name in _COLUMNS:
-            setattr(self, name, np.zeros(0, np.float64 if name == "difficulty" else np.int64))
-        self.stats = np.zeros((0, 3), np.int64)
+        self._state = np.zeros((len(_COLUMNS) + 3, 0), np.int64)
+        self.difficulty = np.zeros(0, np.float64)
+        self._views()
         self.n_prefilling = 0
         self.admit_counter = 0
         self.kv_tokens = 0                      # tokens in the KV cache (sum of ctx), kept up to date
@@ -88,19 +90,25 @@ class Replica:
 
     # --- membership changes -----------------------------------------------------------------------------------
 
+    def _views(self) -> None:
+        """Name the state array's rows (views: in-place updates through a name write the state)."""
+        state = self._state
+        self.ctx, self.prefill_left, self.left, self.dataset, self.offset, self.rid, self.admitted = \
+            state[:len(_COLUMNS)]
+        self.stats = state[len(_COLUMNS):].T
+
     def _append(self, new: list[Request]) -> None:
         rows = []
         for r in new:
             prefix = r.prompt_tokens + max(r.generated - 1, 0)  # a preempted request recomputes its tokens
             hit = r.cached_tokens  # prompt tokens found in the prefix cache: in the KV cache already
-            rows.append((hit, prefix - hit, r.output_tokens - r.generated, r.difficulty, r.dataset, r.offset,
-                         r.index, self.admit_counter))
+            rows.append((hit, prefix - hit, r.output_tokens - r.generated, r.dataset, r.offset, r.index,
+                         self.admit_counter, 0, 0, 0))
             self.admit_counter += 1
             self.kv_tokens += hit
-        for name, values in zip(_COLUMNS, zip(*rows, strict=True), strict=True):
-            old = getattr(self, name)
-            setattr(self, name, np.concatenate([old, np.asarray(values, old.dtype)]))
-        self.stats = np.concatenate([self.stats, np.zeros((len(new), 3), np.int64)])
+        self._state = np.concatenate([self._state, np.array(rows, np.int64).T], axis=1)
+        self.difficulty = np.concatenate([self.difficulty, np.array([r.difficulty for r in new], np.float64)])
+        self._views()
         self.reqs.extend(new)
         self.n_prefilling += len(new)
 
@@ -113,9 +121,9 @@ class Replica:
             r.steps += steps
             r.accepted += accepted
             r.verified += verified - steps  # drafts only: roots excluded
-        for name in _COLUMNS:
-            setattr(self, name, getattr(self, name)[keep])
-        self.stats = self.stats[keep]
+        self._state = self._state[:, keep]
+        self.difficulty = self.difficulty[keep]
+        self._views()
         self.reqs = [r for r, k in zip(self.reqs, keep.tolist(), strict=True) if k]
         self.n_prefilling = int(np.count_nonzero(self.prefill_left))
         self.kv_tokens = int(self.ctx.sum())
@@ -254,14 +262,14 @@ class Replica:
         # the run's effect on the columns: emitted tokens (capped by what each request had left), counters
         if R is None:   # plain: one token per request-step, none finished before the last step
             self.stats += (done, 0, done)
-            self.left = left0 - done
-            self.ctx = ctx0 + done
+            left0 -= done   # in place: the names are views of the state array
+            ctx0 += done
         else:
             spec.commit_steps(done, B)
             emitted = np.minimum(cumE[done - 1], left0)
             self.stats += R[:done, :, :ONE + 1].sum(axis=0)
-            self.left = left0 - emitted
-            self.ctx = ctx0 + emitted
+            left0 -= emitted
+            ctx0 += emitted
         if finishing:
             now = env.now
             ended = self.left <= 0
