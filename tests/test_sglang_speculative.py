@@ -23,6 +23,7 @@ import pytest
 from test_server_support import post
 
 from echo_exec import sglang_cpu
+from echo_exec.errors import ExecError
 from echosim.cli import main as echosim
 from echosim.spec.policies import load_policy
 
@@ -39,11 +40,26 @@ NUM_PROMPTS, PROMPT_BYTES, NEW_TOKENS = 56, 120, 40
 # in a short test. Explicit rather than the shipped policy-echo.json: that one is online-adaptive (its own server).
 ECHO_TEST_CONFIG = {"policy": "echo", "steps": 5, "topk": 2, "num_draft_tokens": 10, "remaining_num_draft_tokens": 4,
                     "gates": [[3, 0.3]], "budget": {"kind": "goodput", "tokens": 9}}
-# Other policies of echosim.spec through ECHO, in STANDALONE's shape (5 x 2 beam, N 10): eagle3 is SGLang's own tree
-# rule (per request the top N-1 by path score); ddd stops a request's drafting when its beam loses its mass.
-OTHER_POLICIES = {"eagle3": {"policy": "eagle3", "steps": 5, "topk": 2, "num_draft_tokens": 10},
-                  "ddd": {"policy": "ddd", "steps": 5, "topk": 2, "num_draft_tokens": 10, "theta": -1.0,
-                          "check_depths": [2, 3, 4]}}
+# Every other policy of echosim.spec.policies through ECHO (the slow test), in STANDALONE's shape where the policy
+# has one (5 x 2 beam, N 10): eagle3 is SGLang's own tree rule (per request the top N-1 by path score); ddd stops a
+# request's drafting when its beam loses its mass; eagle2 the top 9 drafts a request; echo_dense / echo_fixed ECHO's
+# gate ablations; opt_tree grows depth while the best tree's expected acceptance grows; tetris the batch's top 8 a
+# request wherever they are (up to the whole 5 x 2 beam for one request: N 19); smartspec one chain for the batch
+# (topk 1, its length from the acceptance it measures, 0 = a plain decoding step); echo-ragged the test's static ECHO
+# with ragged verify. ar drafts nothing: refused as an ECHO server (test_ar_is_refused_as_echo).
+OTHER_POLICIES = {
+    "eagle3": {"policy": "eagle3", "steps": 5, "topk": 2, "num_draft_tokens": 10},
+    "ddd": {"policy": "ddd", "steps": 5, "topk": 2, "num_draft_tokens": 10, "theta": -1.0, "check_depths": [2, 3, 4]},
+    "eagle2": {"policy": "eagle2", "total_tokens": 9, "depth": 5, "top_k": 2},
+    "echo_dense": dict(ECHO_TEST_CONFIG, policy="echo_dense"),
+    "echo_fixed": dict(ECHO_TEST_CONFIG, policy="echo_fixed"),
+    "opt_tree": {"policy": "opt_tree", "num_nodes": 9, "topk": 2, "max_depth": 5, "delta": 0.1},
+    "tetris": {"policy": "tetris", "steps": 5, "topk": 2, "budget": {"kind": "per_request", "tokens": 8}},
+    "smartspec": {"policy": "smartspec", "max_k": 5},
+    "echo-ragged": ECHO_TEST_CONFIG,
+}
+SHAPES = {"smartspec": dict(steps=5, topk=1, num_draft_tokens=6)}  # its plan(1) may draft less than max_k
+
 
 
 def free_port() -> int:
@@ -239,30 +255,136 @@ def test_adaptive_echo_runs_its_budget_live(servers, outputs):
     assert len(set(sizes)) > 2 and min(sizes) < 24  # the budget chose, step by step
 
 
+def walk_trees(output_ids: list[int], steps: list[dict]) -> str | None:
+    """None when the request's output is exactly what verifying the policy's recorded trees gives, step by step:
+    each step's root is the last token so far, the drafts SGLang accepted are a root path of that tree (token by
+    token), and the target's next (bonus) token is no child the tree holds at the path's end (so SGLang verified
+    the whole tree, no less). Else what broke."""
+    pos = 1  # the first output token comes from the prefill
+    for i, st in enumerate(steps):
+        tree, acc = st["tree"], st["accepted"]
+        if len(tree["nodes"]) + 1 != st["n"]:
+            return f"step {i}: {len(tree['nodes'])} nodes recorded for a {st['n']}-token tree"
+        if tree["root"] != -1 and tree["root"] != output_ids[pos - 1]:
+            return f"step {i}: root {tree['root']}, last output token {output_ids[pos - 1]}"
+        children: dict[int, dict[int, int]] = {}
+        for slot, parent, token in tree["nodes"]:
+            children.setdefault(parent, {})[token] = slot
+        at = -1
+        for t in output_ids[pos:pos + acc]:
+            if t not in children.get(at, {}):
+                return f"step {i}: accepted token {t} is no child of node {at} in the policy's tree"
+            at = children[at][t]
+        if pos + acc < len(output_ids) and output_ids[pos + acc] in children.get(at, {}):
+            return f"step {i}: bonus token {output_ids[pos + acc]} is in the tree below node {at}: not accepted"
+        pos += acc + 1
+    if pos < len(output_ids):
+        return f"the steps account for {pos} of {len(output_ids)} output tokens"
+    return None
+
+
+def read_step_trees(path: Path) -> dict[str, list[dict]]:
+    """Per request id, in order: tree size, gated, accepted drafts and the selected tree of each verify step."""
+    steps: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        for rid, n, gated, acc, tree in zip(rec["rids"], rec["tree_tokens"], rec["gated"], rec["accepted"],
+                                            rec["trees"], strict=True):
+            steps.setdefault(rid, []).append({"n": n, "gated": gated, "accepted": acc, "tree": tree})
+    return steps
+
+
+def policy_failures(name: str, out: dict[int, list[dict]], want: list[list[int]], records: Path) -> list[str]:
+    """What one policy server got wrong: outputs vs plain SGLang at each concurrency, SGLang's per-request counts
+    vs the plugin's records of the policy's choices, the trees walked (walk_trees), the policy's own bounds."""
+    cfg = OTHER_POLICIES[name]
+    policy = load_policy_dict(cfg)
+    bad = []
+    steps = read_step_trees(records)
+    every = []
+    for c, responses in out.items():
+        diff = [i for i, (r, w) in enumerate(zip(responses, want, strict=True)) if r["output_ids"] != w]
+        if diff:
+            bad.append(f"{name} at {c}: {len(diff)} of {NUM_PROMPTS} prompts differ from plain SGLang, "
+                       f"first {diff[:5]}")
+        meta = [r["meta_info"] for r in responses]
+        if sum(m["completion_tokens"] for m in meta) / max(sum(m["spec_verify_ct"] for m in meta), 1) <= 1.5:
+            bad.append(f"{name} at {c}: no more than 1.5 tokens per verify step")
+        for r in responses:
+            m, mine = r["meta_info"], steps.get(r["meta_info"]["id"], [])
+            if len(mine) != m["spec_verify_ct"] or sum(s["accepted"] for s in mine) != m["spec_num_correct_drafts"]:
+                bad.append(f"{name} at {c}: request {m['id']}: {len(mine)} steps / "
+                           f"{sum(s['accepted'] for s in mine)} accepted recorded, SGLang counted "
+                           f"{m['spec_verify_ct']} / {m['spec_num_correct_drafts']}")
+                continue
+            why = walk_trees(r["output_ids"], mine)
+            if why:
+                bad.append(f"{name} at {c}: request {m['id']}: {why}")
+            every += mine
+    most = policy.max_tree_tokens()
+    if most is not None and any(s["n"] > most for s in every):
+        bad.append(f"{name}: a tree above the policy's {most} tokens")
+    if name.startswith("echo") and any(s["n"] > (cfg["remaining_num_draft_tokens"] if s["gated"]
+                                                 else cfg["num_draft_tokens"]) for s in every):
+        bad.append(f"{name}: a tree above its tier's size (num_draft_tokens, or remaining_ when gated)")
+    if name == "eagle3" and not all(s["n"] == cfg["num_draft_tokens"] and not s["gated"] for s in every):
+        bad.append("eagle3: a tree other than N tokens, or a gated request")
+    if name in ("ddd", "echo-ragged") and not (any(s["gated"] for s in every) and not all(s["gated"] for s in every)):
+        bad.append(f"{name}: the gate never or always stopped a request")
+    if name == "smartspec":
+        chains = all(len({p for _, p, _ in s["tree"]["nodes"]}) == len(s["tree"]["nodes"]) for s in every)
+        if not chains or any(s["n"] > cfg["max_k"] + 1 for s in every):
+            bad.append("smartspec: a tree that is not one chain of at most max_k drafts")
+    return bad
+
+
+def load_policy_dict(cfg: dict):
+    from echosim.spec.policies import make_policy
+    cfg = dict(cfg)
+    return make_policy(cfg.pop("policy"), cfg)
+
+
+def test_ar_is_refused_as_echo():
+    """ar (plain decoding) drafts nothing: as an ECHO server it is refused with a message, not started."""
+    with pytest.raises(ExecError, match="drafts nothing"):
+        sglang_cpu.speculative_for("ECHO", DRAFT, policy="ar")
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(tmp_path_factory) -> list[list[int]]:
+    """Plain SGLang's greedy outputs on the held-out prompts (its server stopped before the policy servers start)."""
+    tmp = tmp_path_factory.mktemp("sglang-plain")
+    with running(tmp, {"plain": dict(attention_backend="torch_native")}, {}) as urls:
+        want = [r["output_ids"] for r in generate_all(urls["plain"], sglang_cpu.heldout_prompts(
+            NUM_PROMPTS, PROMPT_BYTES), 1)]
+    assert all(len(w) == NEW_TOKENS for w in want)
+    return want
+
+
+POLICY_GROUPS = [list(OTHER_POLICIES)[i:i + 3] for i in range(0, len(OTHER_POLICIES), 3)]  # 3 servers at a time
+
+
 @pytest.mark.slow
-def test_other_policies_through_echo_are_lossless(tmp_path):
-    """eagle3 and ddd (echosim.spec.policies) through ECHO, in STANDALONE's shape: greedy outputs equal plain
-    SGLang's on the held-out prompts at concurrency 8; each picks its own trees: eagle3 (SGLang's own rule, the top
-    N-1 a request) verifies N every step, ddd stops some requests' drafting when their beam loses its mass. Slow:
-    three more servers (their start dominates), so not in CI's SGLang step; run with ECHO_SGLANG_PYTHON and
-    `-m slow`."""
-    records = {name: tmp_path / f"{name}-records.jsonl" for name in OTHER_POLICIES}
-    kinds = {"plain": dict(attention_backend="torch_native")}
-    for name, cfg in OTHER_POLICIES.items():
-        path = tmp_path / f"policy-{name}.json"
-        path.write_text(json.dumps(cfg))
-        kinds[name] = dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
-            "ECHO", DRAFT, policy=name, policy_config=path))
+@pytest.mark.parametrize("group", POLICY_GROUPS, ids=["+".join(g) for g in POLICY_GROUPS])
+def test_every_policy_through_echo_is_lossless_and_verified_as_selected(plain_outputs, group, tmp_path,
+                                                                         monkeypatch):
+    """Every other policy of echosim.spec.policies through `--speculative-algorithm ECHO --speculative-echo-policy
+    NAME` (OTHER_POLICIES, three servers at a time): greedy outputs equal plain SGLang's on the held-out prompts at
+    concurrency 1 and 8, and SGLang verified exactly the trees the policy selected (per request its verify steps
+    and accepted drafts are the plugin's records; the accepted tokens walk the recorded trees; see walk_trees),
+    each within its own rule. Slow: ten servers in all (their start dominates), so not in CI's SGLang step; run
+    with ECHO_SGLANG_PYTHON and `-m slow`."""
+    monkeypatch.setenv("ECHO_SGLANG_RECORD_TREES", "1")
     prompts = sglang_cpu.heldout_prompts(NUM_PROMPTS, PROMPT_BYTES)
+    kinds, records = {}, {}
+    for name in group:
+        path = tmp_path / f"policy-{name}.json"
+        path.write_text(json.dumps(OTHER_POLICIES[name]))
+        records[name] = tmp_path / f"{name}-records.jsonl"
+        kinds[name] = dict(attention_backend="intel_amx", speculative=sglang_cpu.speculative_for(
+            "ECHO", DRAFT, policy=OTHER_POLICIES[name]["policy"], policy_config=path,
+            ragged=name.endswith("-ragged"), **SHAPES.get(name, {})))
     with running(tmp_path, kinds, records) as urls:
-        want = [r["output_ids"] for r in generate_all(urls["plain"], prompts, 8)]
-        got = {name: generate_all(urls[name], prompts, 8) for name in OTHER_POLICIES}
-    for name, out in got.items():
-        diff = [i for i, (r, w) in enumerate(zip(out, want, strict=True)) if r["output_ids"] != w]
-        assert not diff, f"{name}: {len(diff)} of {NUM_PROMPTS} prompts differ from plain SGLang, first {diff[:5]}"
-        meta = [r["meta_info"] for r in out]
-        assert sum(m["completion_tokens"] for m in meta) / sum(m["spec_verify_ct"] for m in meta) > 2.0
-    eagle3 = [s for r in got["eagle3"] for s in read_records(records["eagle3"])[r["meta_info"]["id"]]]
-    assert all(n == OTHER_POLICIES["eagle3"]["num_draft_tokens"] and not g for n, g, _ in eagle3)
-    ddd = [s for r in got["ddd"] for s in read_records(records["ddd"])[r["meta_info"]["id"]]]
-    assert any(g for _, g, _ in ddd) and not all(g for _, g, _ in ddd)
+        got = {name: {c: generate_all(urls[name], prompts, c) for c in (1, 8)} for name in group}
+    bad = [b for name in group for b in policy_failures(name, got[name], plain_outputs, records[name])]
+    assert not bad, "\n".join(bad[:40])

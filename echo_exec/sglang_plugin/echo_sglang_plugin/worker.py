@@ -19,7 +19,9 @@ Per decode step (one batch), in EchoDraftWorker.draft:
    runs here, the same code as in echo's engine and the simulator.
 No policy logic lives here. With ECHO_SGLANG_RECORDS=PATH each step appends one JSON line: request ids, the tree
 size the policy selected (root included), whether it was gated, the drafts SGLang accepted, and for an adaptive
-policy its step summary (Adaptive.last).
+policy its step summary (Adaptive.last). With ECHO_SGLANG_RECORD_TREES=1 too, each request's selected tree itself:
+its root token and the selected nodes as [forest slot, parent slot (-1: the root), token] (tests check that
+SGLang's accepted tokens walk exactly these trees).
 """
 
 from __future__ import annotations
@@ -200,6 +202,16 @@ def accepted_nodes(step: PendingStep, accept_index: np.ndarray, accept_lens: np.
     return np.sort(step.node[(step.qo_indptr[:B, None] + local)[hit]])
 
 
+def selected_trees(forest: DraftForest, selection: np.ndarray) -> list[dict]:
+    """Per request the tree handed to SGLang (records only): root token and [slot, parent slot, token] of each
+    selected node, in slot order."""
+    B, S = forest.token.shape
+    req, slot = selection // S, selection % S
+    rows = np.stack([slot, forest.parent[req, slot], forest.token[req, slot]], axis=1).tolist()
+    bounds = np.searchsorted(req, np.arange(B + 1))
+    return [{"root": int(forest.root_token[b]), "nodes": rows[bounds[b]:bounds[b + 1]]} for b in range(B)]
+
+
 @dataclass
 class RaggedPlan:
     """A step's packed layout for ragged verify: which of the dense B*N tokens are real tree nodes (in order), each
@@ -216,6 +228,7 @@ class EchoDraftWorker(StandaloneDraftWorker):
     policy: Policy
     records: Path | None = None
     last_step: dict | None = None
+    record_trees: bool = False
     ragged: bool = False
     ragged_plan: RaggedPlan | None = None
     pending: PendingStep | None = None
@@ -324,6 +337,8 @@ class EchoDraftWorker(StandaloneDraftWorker):
                               "stop_depth": forest.stop_depth.tolist()}
             if isinstance(self.policy, Adaptive):
                 self.last_step["adaptive"] = dict(self.policy.last) if forest.stop_depth.max(initial=0) else None
+            if self.record_trees:
+                self.last_step["trees"] = selected_trees(forest, selection)
         if self.ragged:  # the verify forward runs only the real nodes (EchoWorker.verify)
             self.ragged_plan = RaggedPlan(keep=torch.from_numpy(np.flatnonzero(~dense.is_pad.ravel())).to(dev),
                                           lens=torch.from_numpy(batch_r.tree_sizes).to(dev),
@@ -393,6 +408,7 @@ class EchoWorker(StandaloneWorkerV2):
         check_shape(draft.policy, self.speculative_num_steps, self.topk, self.speculative_num_draft_tokens)
         path = os.environ.get("ECHO_SGLANG_RECORDS")
         draft.records = Path(path) if path else None
+        draft.record_trees = draft.records is not None and os.environ.get("ECHO_SGLANG_RECORD_TREES") == "1"
         logger.info("ECHO: policy %s", json.dumps(draft.policy.describe()))
         self.warm_shapes: set[tuple[int, int]] = set()
         # plain decoding steps (the plan drafts nothing for the whole batch) through SGLang's own 0-step state
@@ -472,6 +488,8 @@ class EchoWorker(StandaloneWorkerV2):
             with open(draft.records, "a") as f:
                 f.write(json.dumps({"rids": [r.rid for r in batch.reqs], "tree_tokens": [1] * B,
                                     "gated": [False] * B, "stop_depth": [0] * B, "adaptive": None, "plain": True,
+                                    # a plain step verifies each root alone (root token not at hand: -1)
+                                    **({"trees": [{"root": -1, "nodes": []}] * B} if draft.record_trees else {}),
                                     "accepted": (accept_lens - 1).tolist(), "draft_ms": 0.0,
                                     "verify_ms": round(self.verify_ms, 3)}) + "\n")
         return PendingStep(forest=forest, selection=selection, node=np.zeros(0, np.int64),
