@@ -344,6 +344,25 @@ def load_policy_dict(cfg: dict):
     return make_policy(cfg.pop("policy"), cfg)
 
 
+def test_walk_trees_catches_a_tree_sglang_did_not_verify():
+    """The slow test's check can fail: a tree (root 7; 1 -> 2 -> 3 and 1 -> 4; 5) walked by outputs that accept
+    along it passes; an accepted token off the tree, a bonus token the tree held (SGLang verified less than the
+    policy's tree), a wrong root, a size or token count that does not add up each fail."""
+    tree = {"root": 7, "nodes": [[0, -1, 1], [1, -1, 5], [2, 0, 2], [3, 0, 4], [6, 2, 3]]}
+
+    def step(acc, t=tree, n=6):
+        return {"n": n, "gated": False, "accepted": acc, "tree": t}
+
+    plain = {"n": 1, "gated": False, "accepted": 0, "tree": {"root": -1, "nodes": []}}
+    assert walk_trees([7, 1, 2, 9], [step(2)]) is None          # accepts 1, 2; the target's bonus 9
+    assert walk_trees([7, 1, 2, 9, 8], [step(2), plain]) is None
+    assert "no child" in walk_trees([7, 1, 6, 9], [step(2)])       # 6 is no child of 1
+    assert "bonus token 2" in walk_trees([7, 1, 2, 9], [step(1)])  # the target agreed on 2: the tree held it
+    assert "root" in walk_trees([8, 1, 2, 9], [step(2)])
+    assert "nodes recorded" in walk_trees([7, 1, 2, 9], [step(2, n=5)])
+    assert "account for" in walk_trees([7, 1, 2, 9, 8], [step(2)])
+
+
 def test_ar_is_refused_as_echo():
     """ar (plain decoding) drafts nothing: as an ECHO server it is refused with a message, not started."""
     with pytest.raises(ExecError, match="drafts nothing"):
