@@ -5,7 +5,7 @@ Servers started once for the module and side by side (each takes ~90 s here): pl
 attention, no echo code on its path), SGLang+STANDALONE, SGLang+EAGLE3 and SGLang+ECHO (intel_amx attention kept
 by the plugin, echo's kernels): a static ECHO dense and ragged and the shipped online-adaptive ECHO
 (policy-echo.json); every other policy of echosim.spec.policies through ECHO in a slow test of its own (three
-servers at a time: 22.6 min at load 6-11 on two cores); all on the shipped tiny target, ECHO and STANDALONE with
+servers at a time: 22.6 min at load 4-11 on two cores); all on the shipped tiny target, ECHO and STANDALONE with
 the shipped tiny draft, EAGLE3 with the shipped EAGLE-3 head (tiny-eagle3, which reads the target's hidden
 states). Needs an interpreter with sglang and the plugin (ECHO_SGLANG_PYTHON; make_venv.sh makes one; CI's SGLang
 step sets it); skipped elsewhere."""
