@@ -250,3 +250,82 @@ def test_the_batched_prior_spreads_tokens_over_requests():
     for b in (1, 3, 8, 20, 32, 100):
         y = f(np.arange(b, 20 * b, dtype=float), b)
         assert (np.diff(y) >= -1e-9).all()
+
+
+SHIPPED_ECHO = dict(steps=5, topk=4, num_draft_tokens=24, remaining_num_draft_tokens=24, gates=[],
+                    budget={"kind": "per_request", "tokens": 23})  # echo_exec/models/tiny-draft/policy-echo.json
+PRIOR_GRID = {1: {1: 10.0, 4: 10.5, 16: 14.0, 64: 40.0}, 8: {1: 12.0, 4: 20.0, 16: 56.0},
+              32: {1: 20.0, 4: 50.0, 16: 170.0}}
+
+
+def _walk_accept(forest, sel, rng, p_scale):
+    """The target's verdict on a selection: down each request's selected tree, the first child (by rank) that
+    passes a coin of probability p_scale * its draft probability; returns (accept_len, accepted flat nodes)."""
+    B, S = forest.token.shape
+    accept_len, accepted = np.zeros(B, np.int64), []
+    if len(sel) == 0:
+        return accept_len, np.zeros(0, np.int64)
+    req, slot = sel // S, sel % S
+    par = forest.parent[req, slot]
+    for b in range(B):
+        mine, cur = req == b, -1
+        while True:
+            kids = slot[mine & (par == cur)]
+            kids = kids[np.argsort(forest.slot_rank[kids], kind="stable")]
+            nxt = next((s for s in kids.tolist() if rng.random() < p_scale * np.exp(forest.logp[b, s])), None)
+            if nxt is None:
+                break
+            accepted.append(b * S + nxt)
+            accept_len[b] += 1
+            cur = nxt
+    return accept_len, np.array(sorted(accepted), np.int64)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(which=st.integers(0, len(INNER)), seed=st.integers(0, 10_000), max_b=st.integers(1, 16),
+       prior=st.sampled_from(["grid", "flat", "none"]), p_scale=st.floats(0.0, 1.2),
+       max_requests=st.sampled_from([3, 4096]), plain_every=st.sampled_from([0, 3, 32]))
+def test_same_decisions_as_the_reference_implementation(which, seed, max_b, prior, p_scale, max_requests,
+                                                        plain_every):
+    """The adaptive budget's per-step cost was cut (tables, cached rates, per-request arrays); its decisions must
+    not change. The code from before (tests/adaptive_reference.py) and today's run side by side on the same
+    closed loop (requests leave and join, random acceptance, measured times), with identical drafters: every
+    plan, start, gate (the forest each drafts), selection and the final state must be equal."""
+    from tests.adaptive_reference import ReferenceAdaptive
+
+    name, cfg = ("echo", SHIPPED_ECHO) if which == len(INNER) else INNER[which]
+    step_time = {"grid": batched_step_time(PRIOR_GRID), "flat": flat_step(0.3), "none": None}[prior]
+    acfg = AdaptiveConfig(probe_every=2, probe_max=8, plain_every=plain_every, max_requests=max_requests)
+    new = make_policy(name, dict(cfg, adaptive=vars(acfg)), step_time)
+    old = ReferenceAdaptive(make_policy(name, cfg, step_time), acfg, step_time)
+    drafters = [RandomDrafter(vocab_size=50, concentration=0.4, seed=seed) for _ in range(2)]
+    rng = np.random.default_rng(seed)
+    keys, next_key = list(range(max_b)), max_b
+    for _ in range(14):
+        B = len(keys)
+        out = []
+        for pol, drafter in zip((new, old), drafters, strict=True):
+            pol.set_batch(np.array(keys))
+            forest = draft(drafter, pol, np.zeros(B, np.int64), np.full(B, 32, np.int64))
+            out.append((forest, pol.select(forest)))
+        (fn, sn), (fo, so) = out
+        for field in ("stop_depth", "gated", "valid", "token"):
+            assert np.array_equal(getattr(fn, field), getattr(fo, field)), field
+        assert np.array_equal(sn, so)
+        accept_len, accepted = _walk_accept(fn, sn, rng, p_scale)
+        T = B + len(sn)
+        ms = 10.0 + 0.4 * T + float(rng.normal(0.0, 0.5))
+        depth = int(fn.stop_depth.max(initial=0))
+        for pol, forest in ((new, fn), (old, fo)):
+            pol.observe(forest, sn, accept_len, accepted)
+            pol.observe_step(B, T, ms, draft_depths=depth, draft_rows=4.0 * depth * B, draft_ms=0.5 * depth,
+                             other_ms=1.0)
+        # some requests finish, new ones join (the batch size moves)
+        keys = [k for k in keys if rng.random() > 0.3]
+        while len(keys) < max_b and rng.random() < 0.8:
+            keys.append(next_key)
+            next_key += 1
+        keys = keys or [next_key]
+        next_key += 1
+    assert new.state() == old.state()
+    assert new.last == old.last

@@ -48,6 +48,11 @@ PROB_CENTRES = np.r_[0.025, 0.5 * (PROB_EDGES[:-1] + PROB_EDGES[1:]), 0.985]
 MAX_DEPTH = 16
 RETRY_STEPS = 4  # steps a request whose best depth-1 draft did not pay sits out of drafting
 _EPS = 1e-6
+_PLAIN = DraftPlan(0, 0, 0)
+# np.linalg.solve's own LAPACK kernel without its Python wrapper (error-state set-up: 4x the cost of a 3 x 3
+# solve, twice a step); np.linalg.solve remains the fallback, and the kernel's result is the same
+_solve = getattr(getattr(np.linalg, "_umath_linalg", None), "solve1", None)
+_NEW_REQUEST = np.array([0.0, 0.0, np.nan, -1.0])  # estimates of a request not seen drafting yet
 
 
 @dataclass
@@ -78,25 +83,47 @@ class AcceptanceTable:
         self.prior_trials, self.forget = prior_trials, forget
         self.hits = np.zeros((MAX_DEPTH, len(PROB_CENTRES)))
         self.trials = np.zeros((MAX_DEPTH, len(PROB_CENTRES)))
+        self._rates: np.ndarray | None = None  # cached between updates (read several times a step)
+        self._best: np.ndarray | None = None
 
     def rates(self) -> np.ndarray:
-        """[MAX_DEPTH, bins]: posterior mean, strictly inside (0, 1) so gains strictly decrease along a path."""
-        n0 = self.prior_trials
-        r = (self.hits + n0 * PROB_CENTRES) / (self.trials + n0)
-        return np.clip(r, _EPS, 1.0 - _EPS)
+        """[MAX_DEPTH, bins]: posterior mean, strictly inside (0, 1) so gains strictly decrease along a path.
+        Cached until the next update: read it, never write it."""
+        if self._rates is None:
+            n0 = self.prior_trials
+            r = (self.hits + n0 * PROB_CENTRES) / (self.trials + n0)
+            self._rates = np.clip(r, _EPS, 1.0 - _EPS)
+        return self._rates
+
+    def best(self) -> np.ndarray:
+        """[MAX_DEPTH]: each depth's highest rate (the best a node's child could do)."""
+        if self._best is None:
+            self._best = self.rates().max(axis=1)
+        return self._best
+
+    @staticmethod
+    def bins(logp: np.ndarray) -> np.ndarray:
+        return np.searchsorted(PROB_EDGES, np.exp(logp, dtype=np.float64), side="right")
 
     @staticmethod
     def cell(depth: np.ndarray, logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         d = np.minimum(np.asarray(depth, np.int64), MAX_DEPTH) - 1
-        return d, np.searchsorted(PROB_EDGES, np.exp(np.asarray(logp, np.float64)), side="right")
+        return d, AcceptanceTable.bins(logp)
 
     def update(self, depth: np.ndarray, logp: np.ndarray, hit: np.ndarray) -> None:
+        if len(depth):
+            self.update_cells(*self.cell(depth, logp), hit)
+        else:
+            self.update_cells(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
+
+    def update_cells(self, d: np.ndarray, b: np.ndarray, hit: np.ndarray) -> None:
+        """One step's trials, by cell (`cell`'s output): forget the past a step's worth, then count them."""
         self.hits *= self.forget
         self.trials *= self.forget
-        if len(depth):
-            d, b = self.cell(depth, logp)
+        if len(d):
             np.add.at(self.hits, (d, b), hit.astype(np.float64))
             np.add.at(self.trials, (d, b), 1.0)
+        self._rates = self._best = None
 
 
 class LinearCost:
@@ -110,18 +137,24 @@ class LinearCost:
         n = len(self.theta0)
         self.xx, self.xy = np.zeros((n, n)), np.zeros(n)
         self.theta = self.theta0.copy()
+        self.coef = self.theta.tolist()  # theta as Python floats, for scalar predictions
         self.samples = 0
+        self._prior_xy = self.prior @ self.theta0
 
     def update(self, x: np.ndarray, y: float) -> None:
         x = np.asarray(x, np.float64)
-        self.xx = self.forget * self.xx + np.outer(x, x)
+        self.xx = self.forget * self.xx + x[:, None] * x[None, :]
         self.xy = self.forget * self.xy + x * y
         self.samples += 1
-        try:
-            theta = np.linalg.solve(self.xx + self.prior, self.xy + self.prior @ self.theta0)
-        except np.linalg.LinAlgError:
-            return
+        a, b = self.xx + self.prior, self.xy + self._prior_xy
+        theta = _solve(a, b) if _solve is not None else None  # (xx + prior) is positive definite: solvable
+        if theta is None or not np.isfinite(theta).all():
+            try:
+                theta = np.linalg.solve(a, b)
+            except np.linalg.LinAlgError:
+                return
         self.theta = np.maximum(theta, 0.0)
+        self.coef = self.theta.tolist()
 
 
 def convex_step_time(table: dict) -> StepTimeFn:
@@ -201,7 +234,12 @@ def _verify_prior(step_time: StepTimeFn | None) -> np.ndarray:
 
 class Adaptive(Policy):
     """The online-adaptive budget around an inner policy (see the module docstring). Same name as the inner
-    policy; `describe()` adds the `adaptive` settings, `state()` the live estimates."""
+    policy; `describe()` adds the `adaptive` settings, `state()` the live estimates.
+
+    Per step it runs a few dozen small NumPy operations, none per request in Python: the verify-cost features
+    of every token count a step may verify are tabled per batch size (the prior does not move; only the fit's
+    coefficients do), the acceptance rates are recomputed only when the table changes, and the per-request
+    estimates live in arrays keyed by a sorted array of request ids."""
 
     config_cls = AdaptiveConfig
     needs_step_time = True  # backends bind a profile of their own step as the cost prior when they have none
@@ -221,6 +259,11 @@ class Adaptive(Policy):
         self.draft_cost = LinearCost(np.array([0.2, 0.5, 0.005]), [2.0, 2.0, 2.0], c.forget)
         self.fixed_ms = 0.0
         self.full = self.inner.plan(1)
+        f = self.full
+        # cumulative draft rows per drafting request by depth (the root's row at depth 1, its beam below)
+        self._rows_cum = np.cumsum(([1.0, float(min(f.k, f.k1))] + [float(f.k)] * max(f.depth - 2, 0))[:f.depth])
+        # the most drafts one request may verify (the inner policy's cap, else every drafted slot)
+        self._cap = self.inner.max_tree_tokens() or 1 + f.k1 + (f.depth - 1) * f.k
         # running means, per request-step of the steps that drafted: expected accepted drafts of the chosen nodes,
         # verified drafts, draft depths and draft rows (per request); None until a step has drafted
         self.drafting: np.ndarray | None = None
@@ -230,28 +273,45 @@ class Adaptive(Policy):
         self.steps = 0
         self.rate_per_ms = 0.0  # predicted batch tokens per ms of the chosen plan: sets a verified token's price
         self.last: dict = {}
-        # per-request estimates, by the keys the backend gives (set_batch); row order of the current batch
-        # key -> [observed hits, predicted hits, best depth-1 gain (running mean), step it last drafted]
-        self._req: dict[int, np.ndarray] = {}
+        # per-request estimates, by the keys the backend gives (set_batch): ids sorted, with rows of
+        # [observed hits, predicted hits, best depth-1 gain (running mean), step it last drafted] and the order of
+        # their last update (the least recently updated are forgotten first past max_requests)
+        self._req_keys = np.zeros(0, np.int64)
+        self._req_est = np.zeros((0, 4))
+        self._req_seq = np.zeros(0, np.int64)
+        self._seq = 0
         self._keys: np.ndarray | None = None
         self._has_new = False
         self._planned = False
         self._factor = np.ones(0)
-        self._gain: np.ndarray | None = None
+        self._best1 = np.zeros(0)
+        self._gain: np.ndarray | None = None  # [B, S] gains of this step's forest, valid up to _gain_depth
         self._gain_depth = 0
+        self._features: dict[int, np.ndarray] = {}  # batch size -> verify features by verified drafts
+        self._base = np.zeros((0, 1), np.int64)
+        self._step_drafted: tuple[int, float] | None = None  # select's _drafted, for observe (the same forest)
 
     def bind(self, step_time: StepTimeFn | None) -> Policy:
         self.inner.bind(step_time)
         self.step_time = step_time
         self.verify_cost = LinearCost(_verify_prior(step_time), [4.0, 4.0, 4.0], self.config.forget)
+        self._features = {}
         return self
 
     # ---- the backend's side --------------------------------------------------------------------------------
 
+    def _lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row in the per-request arrays, known) of each key."""
+        known = self._req_keys
+        pos = np.searchsorted(known, keys)
+        if len(known) == 0:
+            return pos, np.zeros(len(keys), bool)
+        return pos, known[np.minimum(pos, len(known) - 1)] == keys
+
     def set_batch(self, keys) -> None:
         """Stable ids of the requests about to step, in batch row order (per-request estimates follow them)."""
         self._keys = np.asarray(keys, np.int64)
-        self._has_new = any(k not in self._req for k in self._keys.tolist())
+        self._has_new = not self._lookup(self._keys)[1].all()
         self.inner.set_batch(keys)
 
     def observe_step(self, batch_size: int, verify_tokens: int, verify_ms: float, draft_depths: int = 0,
@@ -259,15 +319,29 @@ class Adaptive(Policy):
         """A finished step's measured (or priced) times: the verify forward of `verify_tokens` tokens (roots
         included) for `batch_size` requests, the drafting of `draft_depths` depths over `draft_rows` rows in all,
         and the rest of the step (`other_ms`, when the step held nothing else, e.g. no prefill)."""
-        x = _verify_features(self.step_time, np.array([float(verify_tokens)]), batch_size)[0]
+        drafts = verify_tokens - batch_size
+        if drafts >= 0 and drafts == int(drafts):
+            x = self._feature_rows(batch_size, int(drafts))[int(drafts)]
+        else:
+            x = _verify_features(self.step_time, np.array([float(verify_tokens)]), batch_size)[0]
         self.verify_cost.update(x, float(verify_ms))
         if draft_depths > 0:
-            self.draft_cost.update([1.0, draft_depths, draft_rows], float(draft_ms))
+            self.draft_cost.update(np.array([1.0, draft_depths, draft_rows], np.float64), float(draft_ms))
         if other_ms is not None and other_ms >= 0:
             w = 0.1 if self.steps > 10 else 0.5
             self.fixed_ms = (1 - w) * self.fixed_ms + w * float(other_ms)
 
     # ---- cost predictions ------------------------------------------------------------------------------------
+
+    def _feature_rows(self, batch_size: int, drafts: int) -> np.ndarray:
+        """Verify features [n, 3] of batch_size + 0, 1, ... n-1 tokens (n > drafts), tabled per batch size: the
+        prior is a fixed function, so a step only multiplies rows of this table by the fitted coefficients."""
+        tab = self._features.get(batch_size)
+        if tab is None or len(tab) <= drafts:
+            n = max(drafts + 1, batch_size * (self._cap - 1) + 1, 2 * len(tab) if tab is not None else 0)
+            tab = _verify_features(self.step_time, batch_size + np.arange(n, dtype=np.float64), batch_size)
+            self._features[batch_size] = tab
+        return tab
 
     def _verify_ms(self, tokens: np.ndarray, batch_size: int) -> np.ndarray:
         return _verify_features(self.step_time, tokens, batch_size) @ self.verify_cost.theta
@@ -275,7 +349,11 @@ class Adaptive(Policy):
     def _token_ms(self, batch_size: int, tokens: float) -> float:
         """The marginal verify cost of a draft token around `tokens` verified drafts (the batch together)."""
         n = max(tokens, 1.0)
-        v = self._verify_ms(np.array([batch_size, batch_size + n]), batch_size)
+        if n == int(n):
+            tab = self._feature_rows(batch_size, int(n))
+            v = tab[[0, int(n)]] @ self.verify_cost.theta
+        else:
+            v = self._verify_ms(np.array([batch_size, batch_size + n]), batch_size)
         return float(v[1] - v[0]) / n
 
     def _draft_ms(self, depths: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -283,21 +361,35 @@ class Adaptive(Policy):
         depths = np.asarray(depths, np.float64)
         return np.where(depths > 0, e + f * depths + g * np.asarray(rows, np.float64), 0.0)
 
+    def _draft_ms_one(self, depths: float, rows: float) -> float:
+        """_draft_ms of one step, in Python floats (the same operations)."""
+        e, f, g = self.draft_cost.coef
+        return e + f * float(depths) + g * float(rows) if depths > 0 else 0.0
+
     def _rows_per_request(self) -> np.ndarray:
         """Cumulative draft rows per drafting request by depth (the root's row at depth 1, its beam below)."""
-        f = self.full
-        widths = [1.0, float(min(f.k, f.k1))] + [float(f.k)] * max(f.depth - 2, 0)
-        return np.cumsum(widths[:f.depth])
+        return self._rows_cum
 
     def _plan_goodput(self, batch_size: int) -> tuple[float, float]:
         """Predicted batch tokens per ms of (plain decoding, drafting as the last drafting steps did)."""
         B = float(batch_size)
-        plain = B / max(self.fixed_ms + float(self._verify_ms(np.array([B]), batch_size)[0]), _EPS)
+        tab = self._feature_rows(batch_size, 0)
+        theta = self.verify_cost.theta
+        plain = B / max(self.fixed_ms + float((tab[:1] @ theta)[0]), _EPS)
         if self.drafting is None:
             return plain, np.inf
-        gain, tokens, depths, rows = self.drafting
-        ms = self.fixed_ms + float(self._draft_ms(np.array([depths]), np.array([rows * B]))[0]) + \
-            float(self._verify_ms(np.array([B * (1.0 + tokens)]), batch_size)[0])
+        gain, tokens, depths, rows = self.drafting.tolist()
+        t = B * (1.0 + tokens)
+        if t == int(t) and t >= B:  # whole tokens: a row of the table
+            j = int(t) - batch_size
+            x = self._feature_rows(batch_size, j)[j:j + 1]
+        elif self.step_time is None:
+            x = _verify_features(None, np.array([t]), batch_size)
+        else:  # the plain step's price from the table, what the drafts add from the prior
+            p = tab[0, 0]
+            full = float(np.asarray(self.step_time(np.array([t]), batch_size), np.float64)[0])
+            x = np.array([[p, max(full - p, 0.0), 1.0]])
+        ms = self.fixed_ms + self._draft_ms_one(depths, rows * B) + float((x @ theta)[0])
         return plain, B * (1.0 + gain) / max(ms, _EPS)
 
     # ---- the scheduler contract -----------------------------------------------------------------------------
@@ -316,32 +408,32 @@ class Adaptive(Policy):
         self.plain_probe = bool(self.drafts and not self.probing and not self._has_new and every > 0
                                 and self.since_plain >= every)
         if self.plain_probe:
-            return DraftPlan(0, 0, 0)
+            return _PLAIN
         # a request never seen drafting gets its chance: its own estimates start there
-        return full if self.drafts or self.probing or self._has_new else DraftPlan(0, 0, 0)
+        return full if self.drafts or self.probing or self._has_new else _PLAIN
 
     def _factors(self, batch_size: int) -> np.ndarray:
         keys = self._keys
         if keys is None or len(keys) != batch_size:
             return np.ones(batch_size)
         n0 = self.config.request_trials
-        st = np.array([self._req.get(int(k), (0.0, 0.0, np.nan, -1.0)) for k in keys.tolist()]).reshape(batch_size, 4)
+        pos, known = self._lookup(keys)
+        st = self._req_est[np.where(known, pos, 0)] if len(self._req_est) else np.zeros((batch_size, 4))
+        st = np.where(known[:, None], st, _NEW_REQUEST)
         # a request left out of drafting gets a new chance a few steps later (its text may have become easier)
         self._best1 = np.where(self.steps - st[:, 3] < RETRY_STEPS, st[:, 2], np.nan)
         return (st[:, 0] + n0) / (st[:, 1] + n0)
 
     def start(self, batch_size: int) -> np.ndarray:
         self._factor = self._factors(batch_size)
-        self._gain, self._gain_depth = None, 0
+        self._gain_depth = 0
         # the expected accepted tokens a verified draft must bring: its time (the mean over all the drafts the
         # inner policy may verify, a lenient price under a convex step cost) at the step's predicted rate
-        cap = self.inner.max_tree_tokens() or 1 + self.full.k1 + (self.full.depth - 1) * self.full.k
-        self._price = self.rate_per_ms * self._token_ms(batch_size, float(batch_size * (cap - 1)))
+        self._price = self.rate_per_ms * self._token_ms(batch_size, float(batch_size * (self._cap - 1)))
         self._planned = True  # this step's plan drafts (observe reads it: a plan that drafted nobody counts)
         want = self.inner.start(batch_size)
-        if not self.probing and self.steps > 0 and len(getattr(self, "_best1", ())) == batch_size:
-            best1 = self._best1
-            want = want & ~(best1 < self._price)  # NaN (new request): draft
+        if not self.probing and self.steps > 0 and len(self._best1) == batch_size:
+            want = want & ~(self._best1 < self._price)  # NaN (new request): draft
         return want
 
     def _gains_upto(self, forest: DraftForest, depth: int) -> np.ndarray:
@@ -349,66 +441,94 @@ class Adaptive(Policy):
         B, S = forest.token.shape
         if self._gain is None or self._gain.shape != (B, S):
             self._gain, self._gain_depth = np.zeros((B, S)), 0
-        rates = self.table.rates()
-        f = self._factor if len(self._factor) == B else np.ones(B)
-        off = forest.depth_offsets
         g = self._gain
-        for d in range(self._gain_depth + 1, min(depth, forest.max_depth) + 1):
-            lo, hi = int(off[d - 1]), int(off[d])
-            dd, bb = self.table.cell(np.full(hi - lo, d), forest.logp[:, lo:hi])
-            cond = np.minimum(rates[dd[None, :], bb] * f[:, None], 1.0 - _EPS)
-            par = forest.parent[:, lo:hi]
-            parent_gain = np.where(par >= 0, np.take_along_axis(g, np.maximum(par, 0).astype(np.int64), axis=1), 1.0)
-            g[:, lo:hi] = np.where(forest.valid[:, lo:hi], cond * parent_gain, 0.0)
-        self._gain_depth = max(self._gain_depth, min(depth, forest.max_depth))
+        top = min(depth, forest.max_depth)
+        if self._gain_depth >= top:
+            return g
+        rates = self.table.rates()
+        f = self._factor[:, None] if len(self._factor) == B else None
+        off = forest.depth_offsets.tolist()
+        flat = g.ravel()
+        for d in range(self._gain_depth + 1, top + 1):
+            lo, hi = off[d - 1], off[d]
+            cond = rates[min(d, MAX_DEPTH) - 1][AcceptanceTable.bins(forest.logp[:, lo:hi])]
+            if f is not None:
+                cond = np.minimum(cond * f, 1.0 - _EPS)
+            if d > 1:  # times the parent's gain (a drafted node's parent is drafted, one depth up; an undrafted
+                # slot's parent -1 reads some other slot, and the slot is zeroed below)
+                cond *= flat[self._row_base(B, S) + forest.parent[:, lo:hi]]
+            np.multiply(cond, forest.valid[:, lo:hi], out=g[:, lo:hi])  # 0 where undrafted
+        self._gain_depth = top
         return g
+
+    def _row_base(self, B: int, S: int) -> np.ndarray:
+        """[B, 1]: each row's first flat index in a [B, S] array."""
+        base = self._base
+        if base.shape[0] != B or base[1:2, 0].tolist() not in ([], [S]):
+            base = self._base = np.arange(B, dtype=np.int64)[:, None] * S
+        return base
 
     def gate(self, depth, rows, beam_scores, forest):
         keep = np.asarray(self.inner.gate(depth, rows, beam_scores, forest), dtype=bool)
         if self.probing or depth >= forest.max_depth:
             return keep
         g = self._gains_upto(forest, depth)
-        beam = forest.beam_slot[rows, depth - 1]  # [n, k], -1 where the beam is short
-        bg = np.where(beam >= 0, np.take_along_axis(g[rows], np.maximum(beam, 0), axis=1), 0.0)
-        top_next = float(self.table.rates()[min(depth, MAX_DEPTH - 1)].max())
-        f = self._factor[rows] if len(self._factor) == len(forest.root_token) else np.ones(len(rows))
-        child = bg * np.minimum(top_next * f, 1.0)[:, None]  # best possible child gain of each beam node
-        worth = np.maximum(child - self._price, 0.0)
-        row_worth = worth.sum(axis=1)
+        B, S = g.shape
+        every = len(rows) == B  # rows are sorted and distinct: all of them, so slices (views) will do
+        beam = forest.beam_slot[:, depth - 1] if every else forest.beam_slot[rows, depth - 1]  # [n, k]; -1: none
+        base = self._row_base(B, S) if every else rows[:, None] * S
+        bg = g.ravel()[base + beam]
+        if depth == 1 and forest.k1 < forest.k:  # a beam shorter than k (-1 slots): no gain there
+            bg = np.where(beam >= 0, bg, 0.0)
+        top_next = float(self.table.best()[min(depth, MAX_DEPTH - 1)])
+        if len(self._factor) == B:
+            f = self._factor if every else self._factor[rows]
+            child = bg * np.minimum(top_next * f, 1.0)[:, None]  # best possible child gains
+        else:
+            child = bg * min(top_next, 1.0)
+        row_worth = np.maximum(child - self._price, 0.0).sum(axis=1)
         keep &= row_worth > 0
         # the next depth's draft forward must pay for itself too
-        rows_next = float(keep.sum()) * forest.k
-        cost = float(self._draft_ms(np.array([1.0]), np.array([rows_next]))[0] - self.draft_cost.theta[0])
+        rows_next = float(np.count_nonzero(keep)) * forest.k
+        cost = self._draft_ms_one(1.0, rows_next) - self.draft_cost.coef[0]
         if keep.any() and row_worth[keep].sum() < self.rate_per_ms * cost:
             keep[:] = False
         return keep
 
     def select(self, forest: DraftForest) -> np.ndarray:
+        self._step_drafted = None
         base = self.inner.select(forest)
         B = len(forest.root_token)
         if len(base) == 0 or B == 0:
-            self._remember(forest, base, np.zeros(0), B)
+            self._remember(base, np.zeros(0))
             return base
-        S = forest.num_slots
         g = self._gains_upto(forest, forest.max_depth).ravel()[base]
         order = np.argsort(-g, kind="stable")
-        stop = forest.stop_depth if forest.stop_depth is not None else np.zeros(B)
-        drafted = int(stop.max(initial=0))
-        rows = float(np.sum(self._rows_per_request()[np.maximum(stop[stop > 0], 1) - 1])) if drafted else 0.0
-        sunk = float(self._draft_ms(np.array([drafted]), np.array([rows]))[0])
-        K = np.arange(len(base) + 1)
-        gain = np.r_[0.0, np.cumsum(g[order])]
-        ms = self.fixed_ms + sunk + self._verify_ms(B + K, B)
+        drafted, rows = self._step_drafted = self._drafted(forest)
+        sunk = self._draft_ms_one(drafted, rows)
+        gain = np.zeros(len(base) + 1)
+        np.cumsum(g[order], out=gain[1:])
+        ms = self.fixed_ms + sunk + self._feature_rows(B, len(base))[:len(base) + 1] @ self.verify_cost.theta
         goodput = (B + gain) / np.maximum(ms, _EPS)
         k = int(np.argmax(goodput))
         chosen = np.sort(base[order[:k]])
         self.last = dict(batch=B, candidates=int(len(base)), verified_drafts=k, expected_accepted=round(float(
             gain[k]), 3), draft_depth=drafted, predicted_ms=round(float(ms[k]), 3))
-        self._remember(forest, chosen, g[order[:k]], B, S)
+        self._remember(chosen, g[order[:k]])
         return chosen
 
-    def _remember(self, forest, chosen, gains, B, S=1) -> None:
-        self._chosen, self._chosen_gain, self._chosen_B, self._chosen_S = chosen, gains, B, S
+    def _drafted(self, forest: DraftForest) -> tuple[int, float]:
+        """(deepest drafted depth, draft rows in all) of a forest. The rows are whole numbers, so summing them
+        per depth count is exact."""
+        stop = forest.stop_depth
+        if stop is None or forest.num_slots == 0:
+            return 0, 0.0
+        counts = np.bincount(stop, minlength=len(self._rows_cum) + 1).tolist()
+        drafted = max((d for d, n in enumerate(counts) if n), default=0)
+        return drafted, float(sum(n * r for n, r in zip(counts[1:], self._rows_cum.tolist(), strict=False)))
+
+    def _remember(self, chosen, gains) -> None:
+        self._chosen, self._chosen_gain = chosen, gains
 
     def observe(self, forest: DraftForest, selection: np.ndarray, accept_len: np.ndarray,
                 accepted: np.ndarray | None = None) -> None:
@@ -420,46 +540,75 @@ class Adaptive(Policy):
             sel = np.asarray(selection, np.int64)
             acc = np.zeros(B * S + 1, bool)
             acc[np.asarray(accepted, np.int64)] = True
-            req, slot = sel // S, sel % S
-            par = forest.parent[req, slot]
+            req, slot = np.divmod(sel, S)
+            par = forest.parent.ravel()[sel]
             tried = (par < 0) | acc[np.where(par >= 0, req * S + par, B * S)]
-            depth = forest.slot_depth[slot]
-            hit = acc[sel]
-            self.table.update(depth[tried], forest.logp[req[tried], slot[tried]], hit[tried])
+            t_sel, t_req = sel[tried], req[tried]
+            d, b = self.table.cell(forest.slot_depth[slot[tried]], forest.logp.ravel()[t_sel])
+            hit = acc[t_sel]
+            self.table.update_cells(d, b, hit)
             # the request's factor: its hits against the model's predictions on the same trials
-            rates = self.table.rates()
-            d, b = self.table.cell(depth[tried], forest.logp[req[tried], slot[tried]])
-            pred = np.bincount(req[tried], weights=rates[d, b], minlength=B)
-            obs = np.bincount(req[tried], weights=hit[tried].astype(np.float64), minlength=B)
-            g = self._gain if self._gain is not None and self._gain.shape == (B, S) else None
+            pred = np.bincount(t_req, weights=self.table.rates()[d, b], minlength=B)
+            obs = np.bincount(t_req, weights=hit.astype(np.float64), minlength=B)
+            g = self._gain if self._gain_depth > 0 and self._gain is not None and self._gain.shape == (B, S) \
+                else None
             lo, hi = int(forest.depth_offsets[0]), int(forest.depth_offsets[1])
             best1 = g[:, lo:hi].max(axis=1) if g is not None else np.full(B, np.nan)
             self._update_requests(obs, pred, best1, forest.stop_depth)
         elif len(selection) == 0:
-            self.table.update(np.zeros(0), np.zeros(0), np.zeros(0, bool))
+            self.table.update_cells(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
         self._update_plan(forest, B, S)
 
     def _update_requests(self, obs, pred, best1, stop) -> None:
+        """Each drafting request's estimates: its hits and the model's predictions (forgotten a step's worth, plus
+        this step's) and its best depth-1 gain (averaged with the last one)."""
         keys = self._keys
         if keys is None or len(keys) != len(obs):
             return
+        if stop is not None:
+            m = np.asarray(stop) != 0
+            if not m.all():
+                keys, obs, pred, best1 = keys[m], obs[m], pred[m], best1[m]
+        if len(keys) == 0:
+            return
         fg = self.config.forget
-        for i, k in enumerate(keys.tolist()):
-            if stop is not None and stop[i] == 0:
-                continue
-            old = self._req.pop(k, None)
-            o, p = (fg * old[0], fg * old[1]) if old is not None else (0.0, 0.0)
-            b1 = 0.5 * (old[2] + best1[i]) if old is not None and np.isfinite(old[2]) else best1[i]
-            self._req[k] = np.array([o + obs[i], p + pred[i], b1, self.steps])
-        while len(self._req) > self.config.max_requests:
-            self._req.pop(next(iter(self._req)))
+        pos, known = self._lookup(keys)
+        seq = self._seq + np.arange(len(keys))
+        self._seq += len(keys)
+        every = bool(known.all())  # the common case: no request new to the estimates, no masks
+        if every or known.any():
+            k = slice(None) if every else known
+            p, est = pos[k], self._req_est
+            old = est[p]
+            b1 = np.where(np.isfinite(old[:, 2]), 0.5 * (old[:, 2] + best1[k]), best1[k])
+            old[:, 0] *= fg
+            old[:, 0] += obs[k]
+            old[:, 1] *= fg
+            old[:, 1] += pred[k]
+            old[:, 2] = b1
+            old[:, 3] = self.steps
+            est[p] = old
+            self._req_seq[p] = seq[k]
+        if not every:
+            new = ~known
+            rows = np.column_stack([0.0 + obs[new], 0.0 + pred[new], best1[new], np.full(int(new.sum()),
+                                                                                      float(self.steps))])
+            order = np.argsort(keys[new], kind="stable")
+            at = pos[new][order]
+            self._req_keys = np.insert(self._req_keys, at, keys[new][order])
+            self._req_est = np.insert(self._req_est, at, rows[order], axis=0)
+            self._req_seq = np.insert(self._req_seq, at, seq[new][order])
+        extra = len(self._req_keys) - self.config.max_requests
+        if extra > 0:  # forget the least recently updated
+            keep = np.sort(np.argsort(self._req_seq, kind="stable")[extra:])
+            self._req_keys, self._req_est, self._req_seq = \
+                self._req_keys[keep], self._req_est[keep], self._req_seq[keep]
 
     def _update_plan(self, forest: DraftForest, B: int, S: int) -> None:
-        drafted = forest.stop_depth if forest.stop_depth is not None and S else np.zeros(B, np.int64)
-        if drafted.max(initial=0) > 0 and B:
+        depth, rows = (self._step_drafted or self._drafted(forest)) if S else (0, 0.0)
+        self._step_drafted = None
+        if depth > 0 and B:
             gains = getattr(self, "_chosen_gain", np.zeros(0))
-            depth = int(drafted.max())
-            rows = float(np.sum(self._rows_per_request()[drafted[drafted > 0] - 1]))
             now = np.array([gains.sum() / B, len(gains) / B, depth, rows / B])
             self.drafting = now if self.drafting is None else 0.8 * self.drafting + 0.2 * now
         elif self._planned and self.drafting is not None:  # the plan drafted, but no request was worth it
@@ -506,6 +655,6 @@ class Adaptive(Policy):
             # acceptance of a depth's most likely candidates (draft probability >= 0.9), with its weight
             "accept_rate_top_bin_by_depth": np.round(rates[:D, -2:].mean(axis=1), 3).tolist(),
             "trials_by_depth": np.round(trials[:D], 1).tolist(),
-            "requests_tracked": len(self._req),
+            "requests_tracked": len(self._req_keys),
             "last_step": self.last,
         }
