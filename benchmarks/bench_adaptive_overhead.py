@@ -9,12 +9,16 @@ of its arguments and its result, plus the step-time prior the engine profiled at
 (the code on PYTHONPATH), timed in this thread's CPU time; every result is checked against the recorded one (the
 same decisions: start and gate masks, plans, selections), and so is the budget's final `state()`.
 
+`engine` / `compare-engine`: the policy's calls timed inside the engine itself (its forwards beside them, as
+served), the baseline's scheduler core against this tree's, interleaved.
+
 `compare`: replays, side by side and interleaved, the worktree's code and the scheduler core of a git revision
 (`--baseline`, default main: `git archive` of its `echosim/` into a temporary directory, run in a subprocess),
 and prints per batch size the policy's CPU ms per decode step of each, best of `--repeats`.
 
     python benchmarks/bench_adaptive_overhead.py record --set spec_bench --concurrency 1,16,32,64 --out rec.pkl
     python benchmarks/bench_adaptive_overhead.py compare rec.pkl --baseline main --repeats 5
+    python benchmarks/bench_adaptive_overhead.py compare-engine --concurrency 1,16,64 --baseline main
 """
 
 from __future__ import annotations
@@ -97,6 +101,77 @@ def record(args) -> int:
               f"{time.perf_counter() - t0:.1f} s", flush=True)
     with open(args.out, "wb") as f:
         pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return 0
+
+
+def engine(args) -> int:
+    """The engine's closed loop with the policy's contract calls timed per method (this thread's CPU time),
+    whichever echosim is first on PYTHONPATH (compare-engine points it at the baseline's)."""
+    import torch
+
+    from benchmarks.bench_serve import spec_bench_prompts
+    from echo_exec.engine import Engine, SamplingParams
+    from echo_exec.replay import SPEC_BENCH_PROMPTS
+    from echo_exec.tokenizer import ByteTokenizer
+    from echo_exec.train_tiny import MODELS_DIR
+    from echosim.commands.serve import policy_settings
+
+    torch.set_num_threads(1)
+    n = max(2 * args.concurrency, args.min_requests)
+    prompts = [ByteTokenizer().encode(p["text"]) for p in spec_bench_prompts(SPEC_BENCH_PROMPTS, n, 1024, args.seed)]
+    _, cfg, _ = policy_settings(None, "echo", str(MODELS_DIR / "tiny-draft"))
+    eng = Engine(MODELS_DIR / "tiny-target", MODELS_DIR / "tiny-draft", policy="echo", policy_config=cfg,
+                 max_running=64)
+    pol, acc = eng.policy, {}
+    for name in CALLS:
+        fn = getattr(pol, name)
+
+        def timed(*a, _fn=fn, _name=name, **k):
+            c0 = time.thread_time()
+            try:
+                return _fn(*a, **k)
+            finally:
+                acc[_name] = acc.get(_name, 0.0) + (time.thread_time() - c0) * 1e3
+
+        setattr(pol, name, timed)
+    params = SamplingParams(max_new_tokens=args.gen_len)
+    todo, inflight, batch = list(prompts), 0, []
+    while todo or inflight:
+        while todo and inflight < args.concurrency:
+            eng.add_request(todo.pop(0), params)
+            inflight += 1
+        batch.append(len(eng.running))
+        inflight -= len(eng.step())
+    st = eng.stats()
+    steps = st["decode_steps"]
+    json.dump(dict(steps=steps, policy_ms=sum(acc.values()) / steps, step_cpu_ms=st["step_cpu_ms"] / st["steps"],
+                   per_call={k: v / steps for k, v in acc.items()}, mean_running=float(np.mean(batch))), sys.stdout)
+    return 0
+
+
+def compare_engine(args) -> int:
+    """engine runs, the baseline's scheduler core against this tree's, interleaved (old, new, old, new, ...)."""
+    print(f"load average before: {os.getloadavg()}")
+    old = Path(_baseline_tree(args.baseline))
+    for name in ("echo_exec", "cost_models", "traces"):  # the rest of the project from this tree
+        (old / name).symlink_to(ROOT / name)
+    subprocess.run(["cp", "-r", str(ROOT / "benchmarks"), str(old / "benchmarks")], check=True)
+    trees = {"new": ROOT, f"old ({args.baseline})": old}
+    print("| concurrency | code | decode steps | mean running | policy CPU ms/step | engine CPU ms/step | "
+          "per call (ms/step) |")
+    print("|---|---|---|---|---|---|---|")
+    for c in [int(x) for x in args.concurrency.split(",")]:
+        for rep in range(args.repeats):
+            for label in (list(trees) if rep % 2 else list(trees)[::-1]):
+                env = dict(os.environ, PYTHONPATH=str(trees[label]))
+                p = subprocess.run([sys.executable, str(trees[label] / "benchmarks" / Path(__file__).name), "engine",
+                                    "--concurrency", str(c), "--gen-len", str(args.gen_len)], env=env, check=True,
+                                   capture_output=True, text=True)
+                r = json.loads(p.stdout)
+                calls = ", ".join(f"{k} {v:.3f}" for k, v in r["per_call"].items())
+                print(f"| {c} | {label} | {r['steps']} | {r['mean_running']:.1f} | {r['policy_ms']:.3f} | "
+                      f"{r['step_cpu_ms']:.2f} | {calls} |", flush=True)
+    print(f"load average after: {os.getloadavg()}")
     return 0
 
 
@@ -205,8 +280,19 @@ def main() -> int:
     c.add_argument("recording", type=Path)
     c.add_argument("--baseline", default="main")
     c.add_argument("--repeats", type=int, default=5)
+    e = sub.add_parser("engine")
+    e.add_argument("--concurrency", type=int, default=16)
+    e.add_argument("--min-requests", type=int, default=8)
+    e.add_argument("--gen-len", type=int, default=64)
+    e.add_argument("--seed", type=int, default=0)
+    ce = sub.add_parser("compare-engine")
+    ce.add_argument("--concurrency", default="1,16,64")
+    ce.add_argument("--baseline", default="main")
+    ce.add_argument("--repeats", type=int, default=1)
+    ce.add_argument("--gen-len", type=int, default=64)
     args = ap.parse_args()
-    return {"record": record, "replay": replay, "compare": compare}[args.cmd](args)
+    return {"record": record, "replay": replay, "compare": compare, "engine": engine,
+            "compare-engine": compare_engine}[args.cmd](args)
 
 
 if __name__ == "__main__":
