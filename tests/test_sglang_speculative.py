@@ -68,29 +68,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Servers started together. Six at once on 2 cores starved one server's HTTP thread past SGLang's own warm-up
+# (120 tries at /model_info), which then killed the server (CI, 2026-12-07): started three at a time, each wave
+# ready before the next.
+WAVE = 3
+
+
 @contextmanager
 def running(tmp: Path, kinds: dict[str, dict], records: dict[str, Path]):
-    """Start every server of `kinds` at once (ECHO servers named in `records` keep the plugin's step records
-    there), wait for all, yield their URLs; stop them all."""
+    """Start the servers of `kinds` WAVE at a time, each wave ready before the next (ECHO servers named in
+    `records` keep the plugin's step records there); yield their URLs; stop them all."""
     procs, urls = {}, {}
+    names = list(kinds)
     try:
-        for name, kw in kinds.items():
-            port = free_port()
-            extra = ("--disable-overlap-schedule",) if "speculative" in kw else ()
-            if name in records:  # the launcher passes the environment on
-                os.environ["ECHO_SGLANG_RECORDS"] = str(records[name])
-            try:
-                procs[name] = sglang_cpu.launch(TARGET, port=port, python=SGLANG_PYTHON,
-                                                log_path=tmp / f"{name}.log", max_running_requests=8, threads=1,
-                                                extra=extra, **kw)
-            finally:
-                os.environ.pop("ECHO_SGLANG_RECORDS", None)
-            urls[name] = f"http://127.0.0.1:{port}"
-        for name, proc in procs.items():
-            try:
-                sglang_cpu.wait_ready(urls[name], proc, timeout_s=900)
-            except RuntimeError as exc:
-                pytest.fail(f"{name}: {exc}\n{(tmp / f'{name}.log').read_text(errors='replace')[-3000:]}")
+        for i in range(0, len(names), WAVE):
+            wave = names[i:i + WAVE]
+            for name in wave:
+                kw = kinds[name]
+                port = free_port()
+                extra = ("--disable-overlap-schedule",) if "speculative" in kw else ()
+                if name in records:  # the launcher passes the environment on
+                    os.environ["ECHO_SGLANG_RECORDS"] = str(records[name])
+                try:
+                    procs[name] = sglang_cpu.launch(TARGET, port=port, python=SGLANG_PYTHON,
+                                                    log_path=tmp / f"{name}.log", max_running_requests=8,
+                                                    threads=1, extra=extra, **kw)
+                finally:
+                    os.environ.pop("ECHO_SGLANG_RECORDS", None)
+                urls[name] = f"http://127.0.0.1:{port}"
+            for name in wave:
+                try:
+                    sglang_cpu.wait_ready(urls[name], procs[name], timeout_s=900)
+                except RuntimeError as exc:
+                    pytest.fail(f"{name}: {exc}\n{(tmp / f'{name}.log').read_text(errors='replace')[-3000:]}")
         yield urls
     finally:
         for proc in procs.values():
