@@ -43,6 +43,10 @@ VIDUR_MLP_OPS = ["input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_pro
 VIDUR_ATTN_COLS = ["time_stats.attn_prefill.median", "time_stats.attn_decode.median", "n_embd", "n_q_head",
                    "n_kv_head", "num_tensor_parallel_workers", "batch_size", "prefill_chunk_size", "kv_cache_size",
                    "is_prefill"]
+# torch's scaled_dot_product_attention as the LLMServingSim v0 layer profiles time it: 64-row query tiles describe
+# it (Llama-3.1-70B TP4 fitted alone: 9.6% median / 17.9% P90 against 12.0% / 27.1% with 128-row tiles; the same
+# test on vLLM's FlashAttention prefill rows picks 128: P90 3.8% against 15.6%)
+SDPA_Q_TILE = 64.0
 LSS_COLS = ["layer_name", "input", "kv_cache", "tp_size", "latency(ns)"]
 ALLREDUCE_COLS = ["time_stats.all_reduce.median", "num_workers", "size"]
 
@@ -72,6 +76,8 @@ class OpTable:
     head_dim: np.ndarray
     gqa_packed: np.ndarray  # attention kernel: 1 = a block holds a GQA group's query heads, 0 = one query head
     split_kv: np.ndarray  # attention kernel: 1 = keys split across the SMs (FlashDecoding / FlashInfer), 0 = not
+    q_tile: np.ndarray  # attention kernel: query rows per thread block
+    causal_skip: np.ndarray  # attention kernel: 1 = skips the key tiles a causal mask hides, 0 = explicit mask
     measured_ms: np.ndarray  # NaN when the op is not timed on its own
     obs_measured_ms: np.ndarray  # per observation: the time the fit matches (layer sum, or forward)
     obs_tokens: np.ndarray
@@ -132,7 +138,8 @@ class _Rows:
 
     DEFAULTS = dict(count=1.0, tokens=0.0, k=0.0, n=0.0, weight_copies=1.0, flop_mult=1.0, elem_bytes=0.0,
                     kv_tokens=0.0, qk_pairs=0.0, seqs=1.0, q_heads=0.0, kv_heads=0.0, head_dim=0.0,
-                    gqa_packed=0.0, split_kv=0.0, measured_ms=np.nan)
+                    gqa_packed=0.0, split_kv=0.0, q_tile=128.0, causal_skip=1.0,
+                    measured_ms=np.nan)
 
     def __init__(self):
         self.cols: dict[str, list] = {k: [] for k in ["op_obs", "op_name", "op_kind", *self.DEFAULTS]}
@@ -295,6 +302,13 @@ def _model_from_filename(path: Path) -> str:
 
 
 def read_llmservingsim(path: str | Path, model: str | ModelSpec | None = None) -> OpTable:
+    """LLMServingSim v0 per-layer CSV (its llm-profile tool: Hugging Face modules in fp16 under record_function
+    hooks, one prompt of `input` tokens after `kv_cache` cached ones). Its `attn` op is the hook around
+    torch's scaled_dot_product_attention, i.e. a fused tiled kernel (the profile steps every 64 tokens and is
+    fastest at multiples of 128: FlashAttention-2's 128 x 64 tiles), not Hugging Face's eager attention, which
+    would write the 32-head score matrix (268 MB at 2048 tokens, 80 us at the datasheet bandwidth) and read it
+    back several times where the whole call takes 177 us. One query head per block, no KV split (the row's
+    defaults), 64-row query tiles (SDPA_Q_TILE)."""
     path = Path(path)
     df = _read_csv(path, LSS_COLS)
     spec = load_model(model if model is not None else _model_from_filename(path))
@@ -314,7 +328,7 @@ def read_llmservingsim(path: str | Path, model: str | ModelSpec | None = None) -
         "v_proj": ("gemm", dict(k=d, n=hkv * hd)),
         "rope": ("elem", dict(elem_bytes=2 * 2 * (hq + hkv) * hd)),
         "attn": ("attn", dict(kv_tokens=kvc + t, qk_pairs=t * kvc + t * (t + 1) / 2, q_heads=hq, kv_heads=hkv,
-                              head_dim=hd)),
+                              head_dim=hd, q_tile=SDPA_Q_TILE)),
         "o_proj": ("gemm", dict(k=hq * hd, n=d)),
         "post_layernorm": ("elem", dict(elem_bytes=2 * 2 * d)),
         "gate_proj": ("gemm", dict(k=d, n=f)),
@@ -397,8 +411,9 @@ def model_ops(r: _Rows, obs, spec: ModelSpec, tp: float, tokens, kv_tokens, qk_p
     r.add(obs, "down_proj", "gemm", count=L, tokens=tokens, k=f, n=d)
     r.add(obs, "elementwise", "elem", count=L, tokens=tokens,
           elem_bytes=2 * (4 * d + 2 * (hq + hkv) * hd + 3 * f + 6 * d))
+    # echo_exec's forward_packed: scaled_dot_product_attention with an explicit mask (no causal tile skipping)
     r.add(obs, "attention", "attn", count=L, tokens=tokens, kv_tokens=kv_tokens, qk_pairs=qk_pairs, seqs=seqs,
-          q_heads=hq, kv_heads=hkv, head_dim=hd)
+          q_heads=hq, kv_heads=hkv, head_dim=hd, causal_skip=0.0)
     r.add(obs, "lm_head", "gemm", tokens=lm_rows, k=d, n=spec.vocab_size / tp)
     r.add(obs, "step", "step")
 

@@ -68,16 +68,21 @@ def attention_ms(tokens: Num, kv_tokens: Num, qk_pairs: Num, seqs: Num, q_heads:
                  head_dim: float, flop_per_ms: float, byte_per_ms: float, p: float, per_seq_ms: float,
                  key_ms: float = 0.0, units: float = 132.0, kv_block: float = 1.0, dtype_bytes: float = 2.0,
                  gqa_packed: Num = 1.0, split_kv: Num = 1.0, cover_keys: float = 0.0, cover_seqs: float = 0.0,
-                 peak_byte_per_ms: float = 0.0, peak_flop_per_ms: float = 0.0, cover_log_span: float = 1.0) -> Num:
+                 peak_byte_per_ms: float = 0.0, peak_flop_per_ms: float = 0.0, cover_log_span: float = 1.0,
+                 q_tile: Num = 128.0, causal_skip: Num = 1.0) -> Num:
     """Attention of one layer (one TP shard): the smooth max of three bounds plus a per-sequence cost.
     - compute: QK^T and PV FLOPs over the query-key pairs (flop_per_ms: at most the datasheet peak);
     - memory: K and V of every key read once per sequence and KV head (GQA), plus Q in and O out (byte_per_ms: at
       most the datasheet bandwidth);
     - critical path: a thread block walks its keys at key_ms per key (one SM's streaming rate); blocks beyond
-      `units` (the SM count) run in waves. A block is (sequence, head, 128-row query tile); head = KV head when the
+      `units` (the SM count) run in waves. A block is (sequence, head, q_tile-row query tile); head = KV head when the
       kernel packs a GQA group into one block (FlashInfer, FlashAttention-3: gqa_packed=1), else query head
       (FlashAttention-2 paged decode). A split-KV kernel (split_kv=1, FlashInfer / FlashDecoding) cuts each
-      sequence's keys into enough chunks to fill the SMs. Keys per block round up to whole kv_block tiles.
+      sequence's keys into enough chunks to fill the SMs. Keys per block round up to whole kv_block tiles. A
+      sequence whose rows span several query tiles (a prefill chunk) is causal: its tiles walk fewer keys the
+      earlier they sit (causal_skip=1: the kernel skips the tiles above the diagonal; 0: an explicit mask, every
+      tile walks all keys), and the longest starts last once the blocks overflow one wave (tile_terms,
+      critical_path_ms).
     Coverage rule: outside the profiles' range (coverage_weight w > 0, over cover_log_span) the fitted rates blend
     geometrically into
     the datasheet's (peak_byte_per_ms, the per-key time it implies (min_key_ns), peak_flop_per_ms):
@@ -88,11 +93,10 @@ def attention_ms(tokens: Num, kv_tokens: Num, qk_pairs: Num, seqs: Num, q_heads:
     if key_ms <= 0:  # pure roofline: no critical path
         return (comp**p + mem**p) ** (1.0 / p) + per_seq_ms * seqs
     heads = gqa_packed * kv_heads + (1.0 - gqa_packed) * q_heads
-    rows = tokens * (gqa_packed * q_heads / kv_heads + 1.0 - gqa_packed)  # a packed block holds the group's rows
-    blocks = heads * hmax(hmax(seqs, rows / 128.0), 1.0)
-    splits = 1.0 + split_kv * (hmax(1.0, units / blocks) - 1.0)
-    keys = -(-(kv_tokens / hmax(seqs, 1.0) / splits) // kv_block) * kv_block  # ceil to whole tiles
-    serial = keys * key_ms * hmax(1.0, blocks * splits / units)
+    group = gqa_packed * q_heads / kv_heads + 1.0 - gqa_packed  # a packed block holds the group's rows
+    s1, splits, load, span, tail = tile_terms(tokens, seqs, heads, group, units, split_kv, q_tile, causal_skip)
+    keys = -(-(kv_tokens / s1 / splits) // kv_block) * kv_block  # ceil to whole tiles
+    serial = critical_path_ms(keys, key_ms, load, span, tail)
     if peak_byte_per_ms > 0:
         w = coverage_weight(kv_tokens, seqs, cover_keys, cover_seqs, cover_log_span)
         floor_ms = 2.0 * head_dim * dtype_bytes * units / peak_byte_per_ms
@@ -105,6 +109,40 @@ def attention_ms(tokens: Num, kv_tokens: Num, qk_pairs: Num, seqs: Num, q_heads:
         hard = (comp**HARD_P + mem**HARD_P + serial**HARD_P) ** (1.0 / HARD_P)
         return soft ** (1.0 - w) * hard**w + per_seq_ms * seqs
     return (comp**p + mem**p + serial**p) ** (1.0 / p) + per_seq_ms * seqs
+
+
+def tile_terms(tokens: Num, seqs: Num, heads: Num, group: Num, units: float, split_kv: Num,
+               q_tile: Num = 128.0, causal_skip: Num = 1.0) -> tuple:
+    """What the attention critical path takes from (tokens, sequences) alone: (sequences >= 1, KV splits, load,
+    causal span, tail weight).
+    A block is (sequence, head, q_tile-row query tile); `group` query rows per token share a block (a packed GQA
+    group). A split-KV kernel cuts each sequence's keys into `splits` chunks to fill the `units` SMs. `load` is
+    blocks x splits / units: the waves the blocks make, fractional. A sequence whose rows span n > 1 query tiles
+    (a prefill chunk) is causal: tile m of n walks the cached keys plus the chunk up to its own rows, so the first
+    tile walks `span` = t/s x (n-1)/n keys fewer than the last and the mean tile span/2 fewer (per split); a
+    kernel that applies an explicit mask instead (causal_skip=0) walks every key in every tile (span 0).
+    `tail` (0 at one wave, 1 from two) weighs the last tile's wait: blocks start in grid order, each sequence's
+    and head's tiles from the shortest to the longest, so once the blocks fill more than one wave the longest
+    tile is among the last to start."""
+    s1 = hmax(seqs, 1.0)
+    rows = tokens * group
+    blocks = heads * hmax(hmax(seqs, rows / q_tile), 1.0)
+    splits = 1.0 + split_kv * (hmax(1.0, units / blocks) - 1.0)
+    load = blocks * splits / units
+    n = hmax(1.0, rows / (q_tile * s1))
+    span = causal_skip * tokens / s1 * (n - 1.0) / n / splits
+    tail = hmin(1.0, hmax(0.0, (load - 1.0) * units))
+    return s1, splits, load, span, tail
+
+
+def critical_path_ms(keys: Num, key_ms: float, load: Num, span: Num, tail: Num) -> Num:
+    """The attention kernel's makespan from its blocks' walks: at least the longest block (keys, rounded to whole
+    tiles), else the total walked keys spread over the SMs (the mean block walks span/2 fewer keys than the
+    longest) plus the longest block's extra walk over the shortest once it starts last (tail). Blocks of equal
+    walks (decode: span 0) give keys x key_ms x max(1, load), the fractional waves."""
+    a = keys * key_ms
+    b = ((keys - 0.5 * span) * load + span * tail) * key_ms
+    return 0.5 * (a + b + abs(a - b))
 
 
 def min_key_ns(head_dim: float, units: float, hbm_tbps: float, dtype_bytes: float = 2.0) -> float:
@@ -133,6 +171,8 @@ class RooflineParams:
     attn_key_ns: float = 0.0  # critical path per key of one attention thread block (0 = ignore)
     attn_units: float = 132.0  # thread blocks that run at once (one wave): the SM count (H100 SXM: 132)
     attn_kv_block: float = 1.0  # keys per KV tile the critical path walks whole (the fits use 64)
+    attn_q_tile: float = 128.0  # query rows per thread block of the priced kernel (FlashAttention-2, FlashInfer)
+    attn_causal_skip: bool = True  # the priced kernel skips the key tiles a causal mask hides (flash kernels do)
     # the attention kernel the model prices (the fit reads each profile's own kernel from the file):
     # FlashInfer as SGLang serves by default: GQA groups packed in one block, KV split across the SMs
     attn_gqa_packed: bool = True
@@ -268,6 +308,7 @@ class _Forward:
                          * prm.elem_launch_us + prm.attn_launch_us) / 1000.0
         self.seq_ms = prm.attn_per_seq_us / 1000.0
         self.key_ms, self.units, self.kv_block = prm.attn_key_ns / 1e6, prm.attn_units, prm.attn_kv_block
+        self.q_tile, self.causal = prm.attn_q_tile, float(prm.attn_causal_skip)
         self.packed, self.split = float(prm.attn_gqa_packed), float(prm.attn_split_kv)
         self.cover_keys, self.cover_seqs = prm.attn_cover_keys, prm.attn_cover_seqs
         self.cover_span = max(prm.attn_cover_log_span, 1e-9)
@@ -307,7 +348,7 @@ class _Forward:
         self.attn_q_c = b * self.hd * 2.0 * self.hq / self.ba
         # critical-path blocks: per sequence, KV heads (packed GQA) or query heads, times 128-row query tiles
         self.heads_blk = self.packed * self.hkv + (1.0 - self.packed) * self.hq
-        self.rows_c = (self.packed * self.hq / self.hkv + 1.0 - self.packed) / 128.0
+        self.group = self.packed * self.hq / self.hkv + 1.0 - self.packed  # query rows per token in a block
         self.ar_c = self.d * b / self.ar_byte_per_ms
 
     def _gemms_ms(self, t: Num) -> Num:
@@ -340,11 +381,11 @@ class _Forward:
         comp = qk * self.attn_comp_c
         mem = kv * self.attn_kv_c + t * self.attn_q_c
         if self.key_ms > 0:
-            blocks = self.heads_blk * hmax(hmax(seqs, t * self.rows_c), 1.0)
-            splits = 1.0 + self.split * (hmax(1.0, self.units / blocks) - 1.0)
+            s1, splits, load, span, tail = tile_terms(t, seqs, self.heads_blk, self.group, self.units, self.split,
+                                                       self.q_tile, self.causal)
             blk = self.kv_block
-            serial = -(-(kv / hmax(seqs, 1.0) / splits) // blk) * blk * self.key_ms * hmax(1.0, blocks * splits
-                                                                                           / self.units)
+            keys = -(-(kv / s1 / splits) // blk) * blk
+            serial = critical_path_ms(keys, self.key_ms, load, span, tail)
             w = coverage_weight(kv, seqs, self.cover_keys, self.cover_seqs, self.cover_span) if self.blend else 0.0
             if isinstance(w, np.ndarray) or w > 0:  # outside the profiles' range: into the datasheet's rates
                 serial = serial * self.key_ratio**w
@@ -370,14 +411,13 @@ class _Forward:
                 self._gemm_memo.clear()
             layer = self._gemm_memo[t] = self._gemms_ms(t)
         if self.key_ms > 0:
-            blocks = self.heads_blk * hmax(hmax(seqs, t * self.rows_c), 1.0)
-            splits = 1.0 + self.split * (hmax(1.0, self.units / blocks) - 1.0)
-            waves = hmax(1.0, blocks * splits / self.units)
+            s1, splits, load, span, tail = tile_terms(t, seqs, self.heads_blk, self.group, self.units, self.split,
+                                                       self.q_tile, self.causal)
         else:
-            splits = waves = 0.0
+            s1, splits, load, span, tail = hmax(seqs, 1.0), 0.0, 0.0, 0.0, 0.0
         if len(self._shape_memo) > 65536:
             self._shape_memo.clear()
-        terms = self._shape_memo[(t, seqs)] = (layer, t * self.attn_q_c, hmax(seqs, 1.0), splits, waves,
+        terms = self._shape_memo[(t, seqs)] = (layer, t * self.attn_q_c, s1, splits, load, span, tail,
                                                self.seq_ms * seqs,
                                                seqs / self.cover_seqs if self.blend and self.cover_seqs > 0 else 0.0)
         return terms
@@ -389,13 +429,16 @@ class _Forward:
         terms = self._shape_memo.get((t, seqs))
         if terms is None:
             terms = self._shape_terms(t, seqs)
-        layer, tq, s1, splits, waves, seq_term, seq_cover = terms
+        layer, tq, s1, splits, load, span, tail, seq_term, seq_cover = terms
         pa = self.pa_p
         comp = qk * self.attn_comp_c
         mem = kv * self.attn_kv_c + tq
         if self.key_ms > 0:
             blk = self.kv_block
-            serial = -(-(kv / s1 / splits) // blk) * blk * self.key_ms * waves
+            keys = -(-(kv / s1 / splits) // blk) * blk
+            a = keys * self.key_ms   # critical_path_ms, inlined
+            b = ((keys - 0.5 * span) * load + span * tail) * self.key_ms
+            serial = 0.5 * (a + b + abs(a - b))
             w = 0.0
             if self.blend:
                 if self.cover_keys <= 0 or self.cover_seqs <= 0:

@@ -161,8 +161,10 @@ def test_fit_cli_on_real_profiles(tmp_path):
 
 def test_h200_profile_checks_the_carried_h100_fit():
     """The committed H200 profile (8 Qwen3-8B layers, eager, bf16): where the GPU is busy the H100 fit carried by
-    datasheet ratios is within 25% (measured 1.14-1.19x), the datasheet roofline about 2x fast; the H200 eager
-    fit follows the whole grid. cost_model "auto" therefore uses the H100 fit on the H200 too."""
+    datasheet ratios is within 30% (measured 1.18-1.28x since the causal attention tiles of issue 16; 1.14-1.19x
+    before, when the fit's soft attention corner added most of the compute bound to the critical path), the
+    datasheet roofline about 2x fast; the H200 eager fit follows the whole grid. cost_model "auto" therefore uses
+    the H100 fit on the H200 too."""
     from dataclasses import replace
 
     from cost_models.fitted import load_fit
@@ -181,7 +183,7 @@ def test_h200_profile_checks_the_carried_h100_fit():
         return df.time_ms.to_numpy() / predict_obs(t, prm)
 
     carried = ratio(load_fit("h100")[0].scaled_to("h200"))[busy]
-    assert 1.0 < carried.min() and carried.max() < 1.25
+    assert 1.0 < carried.min() and carried.max() < 1.3
     assert ratio(RooflineParams.from_hardware("h200"))[busy].min() > 1.7
     eager = ratio(load_fit("h200_qwen3_8b_eager")[0])
     assert np.median(np.abs(eager - 1)) < 0.1
