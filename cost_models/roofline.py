@@ -121,9 +121,9 @@ def tile_terms(tokens: Num, seqs: Num, heads: Num, group: Num, units: float, spl
     (a prefill chunk) is causal: tile m of n walks the cached keys plus the chunk up to its own rows, so the first
     tile walks `span` = t/s x (n-1)/n keys fewer than the last and the mean tile span/2 fewer (per split); a
     kernel that applies an explicit mask instead (causal_skip=0) walks every key in every tile (span 0).
-    `tail` (0 at one wave, 1 from two) weighs the last tile's wait: blocks start in grid order, each sequence's
-    and head's tiles from the shortest to the longest, so once the blocks fill more than one wave the longest
-    tile is among the last to start."""
+    `tail` weighs the last tile's wait: 0 while the blocks fit one wave, 1 from one block more than the SMs hold
+    (blocks start in grid order, each sequence's and head's tiles from the shortest to the longest, so once the
+    blocks overflow a wave the longest tile is among the last to start)."""
     s1 = hmax(seqs, 1.0)
     rows = tokens * group
     blocks = heads * hmax(hmax(seqs, rows / q_tile), 1.0)
@@ -346,7 +346,7 @@ class _Forward:
         self.attn_comp_c = 4.0 * self.hq * self.hd / self.pa
         self.attn_kv_c = b * self.hd * 2.0 * self.hkv / self.ba
         self.attn_q_c = b * self.hd * 2.0 * self.hq / self.ba
-        # critical-path blocks: per sequence, KV heads (packed GQA) or query heads, times 128-row query tiles
+        # critical-path blocks: per sequence, KV heads (packed GQA) or query heads, times q_tile-row query tiles
         self.heads_blk = self.packed * self.hkv + (1.0 - self.packed) * self.hq
         self.group = self.packed * self.hq / self.hkv + 1.0 - self.packed  # query rows per token in a block
         self.ar_c = self.d * b / self.ar_byte_per_ms

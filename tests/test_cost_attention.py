@@ -102,7 +102,8 @@ def test_simulator_path_matches_fit_path():
     fw = _Forward(spec, 1, fast)
     hw_bw, hw_fl = 3350e6, 989.4e9
     for t, kv, seqs in ((1.0, 512.0, 1.0), (256.0, 256 * 1024.0, 256.0), (8 * 32.0, 32 * 4096.0, 32.0),
-                        (25.0, 25 * 13000.0, 25.0), (512.0, 1e7, 512.0)):
+                        (25.0, 25 * 13000.0, 25.0), (512.0, 1e7, 512.0),
+                        (2048.0, 3072.0, 1.0), (4096.0, 4 * 4096.0, 4.0)):  # prefill chunks: causal tiles
         qk = t * kv / seqs
         ref = attention_ms(t, kv, qk, seqs, 32.0, 8.0, 128.0, prm.attn_tflops * 1e9, prm.attn_gbps * 1e6,
                            prm.attn_smooth_p, prm.attn_per_seq_us / 1000.0, prm.attn_key_ns / 1e6, prm.attn_units,
