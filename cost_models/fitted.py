@@ -232,6 +232,9 @@ def fit_params(table: OpTable, base: RooflineParams, names: list[str] | None = N
     prm = unpack(sol.x)
     fitted = names + (["attn_gbps (tied)"] if tie is not None else [])
     a = table.op_kind == "attn"
+    if a.any() and np.all(table.q_tile[a] == table.q_tile[a][0]):
+        # the per-key time is a tile's: keep the tile it was fitted on (64 for torch SDPA, 128 for FlashAttention)
+        prm = replace(prm, attn_q_tile=float(table.q_tile[a][0]))
     if a.any() and set(table.fmt.split("+")) == {"echo"}:
         # our engine's own forward: the fit simulates that engine, so it keeps the profiled attention kernel
         # (echo_exec's attention packs no GQA group, splits no KV and applies an explicit mask) instead of the
