@@ -253,10 +253,10 @@ class Speculator:
         if not self.plain:
             self._draw_pos += k * batch
 
-    def observe_time(self, batch_size: int, verify_tokens: int, verify_ms: float, draft_rows: tuple,
-                     draft_ms: float, other_ms: float) -> None:
-        """The priced times of a decode-only iteration, for policies that fit their step cost online (the engine
-        feeds its measured ones the same way)."""
+    def observe_time(self, batch_size: int, verify_tokens: int, verify_ms: float, draft_ms: float,
+                     other_ms: float, draft_rows: tuple) -> None:
+        """The priced times of a decode-only iteration (StepPricer.observed_ms: split as the engine times its
+        own), for policies that fit their step cost online (the engine feeds its measured ones the same way)."""
         self.policy.observe_step(batch_size, verify_tokens, verify_ms, draft_depths=len(draft_rows),
                                  draft_rows=float(sum(draft_rows)), draft_ms=draft_ms, other_ms=other_ms)
 
