@@ -164,6 +164,14 @@ class Replica:
         if self._last_step_s > 0 and gap_s < k_max * self._last_step_s:
             k_max = min(k_max, int(gap_s / self._last_step_s) + 2)
         kv_sum = self.kv_tokens
+        # the queue's head admitted at the first step whatever its tree sizes (the check below at the largest
+        # tokens a step can verify): the general loop runs that step, nothing to prepare
+        w = self.waiting
+        if w and B < self.max_running and min(self.max_tokens - B * spec.max_request_tokens, self.max_prefill) > 0:
+            r = w[0]
+            need = (kv_sum + B * (block - 1)) // block + B * spec.max_request_tokens // block + B
+            if -(-(r.prompt_tokens + max(r.generated - 1, 0)) // block) <= self.kv_blocks - need:
+                return 0
         if spec.plain:
             # plain decoding: every request-step verifies and emits one token, so the run's sums are scalars:
             # each step's outcome sums (tokens, accepted, decoding, emitted, tokens^2), its tok . ctx (the KV sum
@@ -174,7 +182,7 @@ class Replica:
             k_fin = k_max - 1 if k_max == fewest_left else k_max
             drows = ((),) * k_max
         else:
-            R = spec.peek_steps(self.offset, k_max, kv_sum)
+            R = spec.peek_steps(self.offset, k_max, kv_sum, left0)
             if R is None:
                 return 0
             k_max = len(R)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from echosim.sim.errors import SimError
+from echosim.sim.kernels import prefix_steps_kernel
 from echosim.spec.drafting import depth_widths, draft, draft_rows
 from echosim.spec.pack import pack
 from echosim.spec.policies import Policy
@@ -167,6 +168,7 @@ class Speculator:
         self._rows = np.zeros((0, 6), np.int64)  # outcome rows; row stratum * rows_per_bin + r
         self._stop_const = False  # every tabled row drafts to full depth (no gating): rows per depth are fixed
         self.tokens_const = 0     # every tabled row verifies this many tokens (a fixed tree; 0 = they differ)
+        self.max_request_tokens = 1   # the most tokens a request verifies in a step (root included)
         self.width = depth_widths(self.depth, self.k1, self.k)
         self._draws = np.zeros(0, np.int64)  # row draws, made 65,536 at a time
         self._plain = np.zeros((0, 6), np.int64)  # AR: every request verifies its root, accepts nothing
@@ -178,6 +180,7 @@ class Speculator:
             self._probs = np.zeros((0, self._cap), np.float32)
             self._acc_rank = np.zeros((0, max(self.depth, 1)), np.int16)
             self._confident = np.zeros(0, bool)
+        self._prefix_runs = False   # goodput ECHO in decode runs (`_prefix_keys` decides)
 
     # --- per request ----------------------------------------------------------------------------------------
 
@@ -228,7 +231,8 @@ class Speculator:
 
     # --- several decode steps of the same batch (the replica's decode run, echosim/sim/replica.py) ----------------
 
-    def peek_steps(self, offset: np.ndarray, k_max: int, kv_sum: int = 0) -> np.ndarray | None:
+    def peek_steps(self, offset: np.ndarray, k_max: int, kv_sum: int = 0, left: np.ndarray | None = None
+                   ) -> np.ndarray | None:
         """Outcome rows [k, B, 6] of up to k_max consecutive decode steps of the same B requests, exactly as k calls
         of `step` would draw them, without consuming the draws (`commit_steps` does). k stops where `step` would
         draw a fresh block of row indices (the next `step` makes it). None for the exact core and for goodput
@@ -239,14 +243,108 @@ class Speculator:
             if len(self._plain) < B:
                 self._plain = outcome_rows(np.ones(2 * B), np.zeros(2 * B), np.zeros(2 * B))
             return np.broadcast_to(self._plain[:B], (k_max, B, 6))
-        if self.core != "table" or self.prefix:
+        if self.core != "table" or (self.prefix and not self._prefix_runs):
             return None
         k = min(k_max, (len(self._draws) - self._draw_pos) // B)
         if k <= 0:
             return None
         pos = self._draw_pos
         drawn = self._draws[pos:pos + k * B].reshape(k, B) + offset
+        if self.prefix:
+            return self._peek_prefix(drawn, kv_sum, left)
         return self._rows.take(drawn, axis=0)
+
+    def _peek_prefix(self, drawn: np.ndarray, kv_sum: int, left: np.ndarray | None) -> np.ndarray | None:
+        """Goodput ECHO's outcome rows [k, B, 6] for k steps of the same batch (drawn table rows [k, B]), the
+        choices `_choose_prefix` makes step by step: the compiled kernel (echosim/sim/kernels.py), else its NumPy
+        twin `_peek_prefix_numpy`. The kernel stops after the first step where a request's tokens `left` run out
+        (a decode run ends there; the twin prepares all k). None when no step can be decided here (a tie at the
+        first step's cut)."""
+        kernel = prefix_steps_kernel()
+        if kernel is None:
+            return self._peek_prefix_numpy(drawn, kv_sum)
+        k, B = drawn.shape
+        floors = self._n_floor.take(drawn).sum(axis=1)
+        bounds = self._n_pos.take(drawn).sum(axis=1)
+        m = np.empty((k, B), np.int64)
+        acc = np.empty((k, B), np.int64)
+        bucket_tokens = self.policy.step_time.ctx_bucket
+        left = np.full(B, k, np.int64) if left is None else left
+        emitted = np.zeros(B, np.int64)
+        i, kv, status = 0, kv_sum, 1
+        while status == 1:   # one call per context bucket the run's steps reach
+            curve = self._curve(B, int(kv / B) // bucket_tokens)
+            i, kv, status = kernel(self._neg_merge, self._gain, self._acc_flag, self._n_pos, floors, bounds, drawn,
+                                   i, kv, bucket_tokens, curve, left, emitted, m, acc)
+        if i == 0:
+            return None
+        rows = self._rows.take(drawn[:i], axis=0)
+        m, acc = m[:i], acc[:i]
+        rows[:, :, TOKENS] = m + 1
+        rows[:, :, ACCEPTED] = acc
+        rows[:, :, EMIT] = acc + 1
+        rows[:, :, TOKENS_SQ] = (m + 1) * (m + 1)
+        return rows
+
+    def _peek_prefix_numpy(self, drawn: np.ndarray, kv_sum: int) -> np.ndarray | None:
+        """Goodput ECHO's outcome rows for k steps of the same batch (drawn table rows [k, B]), the choices
+        `_choose_prefix` makes step by step, with the merges and the budget's goodput curves computed for all the
+        steps at once. The merge is one stable sort per step of each row's merge key (its floor first, then
+        Priority 1 and 2 by probability); the prefix sums of the sorted gains, accepted nodes and squared tree
+        sizes give every candidate cut's numbers. A step's cut depends on the batch's context bucket, which its
+        predecessors' accepted tokens move: a scan over the steps takes each step's argmax at its own bucket (a
+        bucket's curve evaluated for the remaining steps when the scan first reaches it). The scan stops before a
+        step whose cut falls inside a group of equal keys: there the general loop's merge (argpartition) decides
+        which of the tied nodes it takes, so that step goes through `step`. None when no step is left."""
+        k, B = drawn.shape
+        C = self._cap
+        n = B * C
+        neg = self._neg_merge.take(drawn, axis=0).reshape(k, n)
+        order = np.argsort(neg, axis=1, kind="stable")   # [k, n]: floor, then by key; ties by request, then rank
+        neg = np.take_along_axis(neg, order, axis=1)
+        # prefix sums over the order, a leading 0 for the empty cut: gains, accepted nodes, sum of (2 rank + 1)
+        gain = np.zeros((k, n + 1))
+        np.cumsum(np.take_along_axis(self._gain.take(drawn, axis=0).reshape(k, n), order, axis=1), axis=1,
+                  out=gain[:, 1:])
+        acc = np.zeros((k, n + 1), np.int64)
+        np.cumsum(np.take_along_axis(self._acc_flag.take(drawn, axis=0).reshape(k, n), order, axis=1), axis=1,
+                  out=acc[:, 1:])
+        accepted = B + gain     # Budget.choose's expected accepted tokens per cut
+        bound = self._n_pos.take(drawn).sum(axis=1)       # nodes offered: floor + the rest (budget >= cap)
+        floors = self._n_floor.take(drawn).sum(axis=1).tolist()
+        beyond = np.arange(n + 1)[None, :] > bound[:, None]
+        bound = bound.tolist()
+        bucket_tokens = self.policy.step_time.ctx_bucket
+        cuts: list[int] = []
+        kv, bucket, best = kv_sum, -1, None
+        for i in range(k):
+            b = int(kv / B) // bucket_tokens   # as `step` and `_step_time_cached` compute the context bucket
+            if b != bucket:
+                bucket = b
+                goodput = accepted[i:] / self._curve(B, b)[:n + 1]
+                goodput[beyond[i:]] = -np.inf
+                best = np.argmax(goodput, axis=1).tolist()
+            cut = max(best[i - (k - len(best))], floors[i])
+            if floors[i] < cut < bound[i] and neg[i, cut - 1] == neg[i, cut]:
+                break   # a tie at the cut: the general loop's merge decides it
+            cuts.append(cut)
+            kv += int(acc[i, cut]) + B
+        if not cuts:
+            return None
+        k = len(cuts)
+        cut = np.array(cuts)[:, None]
+        # per request: nodes verified (m) and accepted among the first `cut` entries of its step's order
+        inv = np.empty_like(order[:k])
+        np.put_along_axis(inv, order[:k], np.arange(n)[None, :], axis=1)
+        chosen = (inv < cut).reshape(k, B, C)
+        m = chosen.sum(axis=2)
+        accepted_n = (chosen & self._acc_flag.take(drawn[:k], axis=0).astype(bool)).sum(axis=2)
+        rows = self._rows.take(drawn[:k], axis=0)
+        rows[:, :, TOKENS] = m + 1
+        rows[:, :, ACCEPTED] = accepted_n
+        rows[:, :, EMIT] = accepted_n + 1
+        rows[:, :, TOKENS_SQ] = (m + 1) * (m + 1)
+        return rows
 
     def commit_steps(self, k: int, batch: int) -> None:
         """The first k steps of the last `peek_steps` happened: their draws are used."""
@@ -338,6 +436,17 @@ class Speculator:
         rows[:, TOKENS_SQ] = (m + 1) * (m + 1)
         return rows
 
+    def _curve(self, batch: int, bucket: int) -> np.ndarray:
+        """The budget's step-time curve (ms for batch + 0..upper bound verified tokens) at a context bucket, from
+        the same cache `_step_time_cached` fills (and filling it the same way)."""
+        curve = self._step_ms.get((batch, bucket))
+        if curve is None:
+            self.mean_ctx = float(bucket * self.policy.step_time.ctx_bucket)   # a context inside that bucket
+            longest = self.policy.config.budget.upper_bound(batch) + 1
+            self._step_time_cached(batch)(np.arange(longest), batch)
+            curve = self._step_ms[(batch, bucket)]
+        return curve
+
     def _step_time_cached(self, batch: int):
         """The policy's step-time callable, its answers kept per (batch, context bucket, candidates) when the
         simulator's pricer computes it (a pure function of those, `budget_step_time`); else the callable."""
@@ -377,6 +486,21 @@ class Speculator:
         self._key = np.where(rest, probs + 2.0 * confident[:, None], -1.0)
         self._gain = probs.astype(np.float64)
         self._step_ms: dict = {}
+        # for decode runs (`_peek_prefix`): one merge key per node (the floor above every priority key, which
+        # are at most 3), negated for an ascending stable sort; accepted nodes by rank; nodes per row
+        self._neg_merge = -np.where(self._cols < floor[:, None], 4.0, self._key)
+        self._acc_flag = np.zeros((len(probs), C), np.int64)
+        rows, depth = np.nonzero(self._acc_rank < C)
+        self._acc_flag[rows, self._acc_rank[rows, depth]] = 1
+        self._n_floor = floor.astype(np.int64)
+        self._n_pos = self._n_floor + self._counts[:, 1]
+        # runs decide as the general loop does only if (a) the budget never cuts the merge short of a row's
+        # nodes (then the merge takes every positive key, whatever argpartition does), (b) equal keys mean equal
+        # gains (p + 2 exact for every Priority 1 node: then the cumulative gains do not depend on how ties are
+        # ordered), (c) the step-time curve depends on the context through its bucket only
+        tier = self._key - 2.0 * confident[:, None]
+        self._prefix_runs = (c.budget.tokens >= C and bool((tier[rest] == self._gain[rest]).all())
+                             and getattr(self.policy.step_time, "ctx_bucket", None) is not None)
 
     def _build_table(self, dataset: int) -> int:
         """Stratified outcomes for one dataset (`_make_table`), or the same table from the process's cache."""
@@ -411,7 +535,10 @@ class Speculator:
             self._confident = np.concatenate([self._confident, confident])
         self._stop_const = bool((self._rows[:, STOP] == self.depth).all())
         tokens = self._rows[:, TOKENS]
-        self.tokens_const = int(tokens[0]) if len(tokens) and bool((tokens == tokens[0]).all()) else 0
+        # (goodput ECHO's table holds full-cap trees: the most its budget verifies, and never a constant)
+        self.max_request_tokens = int(tokens.max()) if len(tokens) else 1
+        self.tokens_const = int(tokens[0]) if len(tokens) and bool((tokens == tokens[0]).all()) \
+            and not self.prefix else 0
         if self.prefix:
             self._prefix_keys()
         self._edges.append(edges)
