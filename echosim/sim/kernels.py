@@ -43,69 +43,169 @@ def _compile_prefix_steps():
     return numba.njit(cache=True, nogil=True)(prefix_steps)
 
 
-def prefix_steps(neg_merge, gain, acc_flag, n_pos, floor_total, bound_total, drawn, i0, kv, bucket_tokens,
-                 curve, left, emitted, out_m, out_acc):
+# outcome-row columns (echosim/sim/speculation.py: TOKENS, ACCEPTED, ONE, EMIT, TOKENS_SQ, STOP)
+_TOKENS, _ACCEPTED, _EMIT, _TOKENS_SQ = 0, 1, 3, 4
+
+
+def prefix_steps(neg_merge, gain, acc_flag, n_pos, n_floor, drawn, i0, kv, bucket_tokens, curve, left, emitted,
+                 rows):
     """Goodput ECHO's choices for the steps i0, i0 + 1, ... of a decode run while the batch's context stays in the
     bucket `curve` belongs to (the budget's step-time curve there), as Speculator._choose_prefix makes them:
-    per step, the drawn rows' positive nodes (row r's first n_pos[r] ranks) merged by `neg_merge` (ascending,
-    ties in batch then rank order), the cut that maximizes (B + cumulative gain) / curve (first maximum), at
-    least the floor; per request the nodes verified and accepted go to out_m / out_acc [k, B], the tokens it
-    emitted since the run's start to `emitted` [B].
+    per step, the drawn rows' positive nodes (row r's first n_pos[r] ranks, the first n_floor[r] its floor)
+    merged by `neg_merge` (ascending; ties in batch order, then rank: a stable sort of the batch's nodes), the
+    cut that maximizes (B + cumulative gain) / curve (the first maximum), at least the floors; each request's
+    nodes verified and accepted are written into its outcome row, rows [k, B, 6] (the drawn table rows), and the
+    tokens it emitted since the run's start added to `emitted` [B].
     Returns (next step, KV sum at its start, status): 0 all k steps done, or a request's tokens `left` are all
     emitted by the last step made (a run ends there); 1 the bucket changed (call again with the next bucket's
-    curve); 2 the cut of the returned step falls inside a group of equal keys (the general loop's merge must
-    decide that step)."""
+    curve); 2 the cut of the returned step falls inside a group of equal keys (the general loop's merge, whose
+    order among ties is argpartition's, must decide that step)."""
     k, B = drawn.shape
     C = neg_merge.shape[1]
-    n = B * C
-    keys = np.empty(n, np.float64)
-    flat = np.empty(n, np.int64)
+    order = np.empty(B * C, np.int64)   # the merge: flat node indices b * C + rank
+    head = np.empty(B, np.int64)        # per request: its next rank to merge
+    heap = np.empty(B, np.int64)        # requests by (key of their next node, request)
+    m = np.empty(B, np.int64)
+    acc = np.empty(B, np.int64)
     bucket = int(kv / B) // bucket_tokens
     i = i0
     while i < k:
         if int(kv / B) // bucket_tokens != bucket:
             return i, kv, 1
-        # the batch's positive nodes in flat (request, rank) order, then a stable sort by merge key
-        m = 0
+        # a B-way merge of the requests' orders (each sorted by rank already) through a binary heap
+        size = 0
+        floors = 0
         for b in range(B):
             r = drawn[i, b]
-            for c in range(n_pos[r]):
-                keys[m] = neg_merge[r, c]
-                flat[m] = b * C + c
-                m += 1
-        order = np.argsort(keys[:m], kind="mergesort")
-        bound = bound_total[i]
+            floors += n_floor[r]
+            head[b] = 0
+            if n_pos[r] > 0:
+                heap[size] = b
+                size += 1
+                j = size - 1
+                while j > 0:   # sift up
+                    p = (j - 1) // 2
+                    kb, kp = neg_merge[r, 0], neg_merge[drawn[i, heap[p]], head[heap[p]]]
+                    if kb < kp or (kb == kp and b < heap[p]):
+                        heap[j] = heap[p]
+                        heap[p] = b
+                        j = p
+                    else:
+                        break
+        bound = 0
+        while size > 0:
+            b = heap[0]
+            order[bound] = b * C + head[b]
+            bound += 1
+            head[b] += 1
+            if head[b] == n_pos[drawn[i, b]]:   # exhausted: the last request moves to the top
+                size -= 1
+                heap[0] = heap[size]
+            j = 0
+            while True:   # sift down
+                lo = 2 * j + 1
+                if lo >= size:
+                    break
+                hb = heap[j]
+                best = lo
+                for c in (lo, lo + 1):
+                    if c < size:
+                        cb = heap[c]
+                        kc = neg_merge[drawn[i, cb], head[cb]]
+                        kb = neg_merge[drawn[i, heap[best]], head[heap[best]]]
+                        if kc < kb or (kc == kb and cb < heap[best]):
+                            best = c
+                bb = heap[best]
+                kb = neg_merge[drawn[i, bb], head[bb]]
+                kh = neg_merge[drawn[i, hb], head[hb]]
+                if kb < kh or (kb == kh and bb < hb):
+                    heap[j] = bb
+                    heap[best] = hb
+                    j = best
+                else:
+                    break
         # Budget.choose: argmax over cuts j = 0..bound of (B + gains[:j].sum()) / curve[j], the sum cumulative
         best_j = 0
-        best = (B + 0.0) / curve[0]
+        best_val = (B + 0.0) / curve[0]
         acc_gain = 0.0
         for j in range(1, bound + 1):
-            e = flat[order[j - 1]]
-            g = gain[drawn[i, e // C], e % C]
-            acc_gain += g   # as np.cumsum adds, in order
+            e = order[j - 1]
+            acc_gain += gain[drawn[i, e // C], e % C]   # as np.cumsum adds, in order
             val = (B + acc_gain) / curve[j]
-            if val > best:
-                best, best_j = val, j
-        cut = max(best_j, floor_total[i])
-        if floor_total[i] < cut < bound and keys[order[cut - 1]] == keys[order[cut]]:
-            return i, kv, 2
-        accepted = 0
+            if val > best_val:
+                best_val, best_j = val, j
+        cut = max(best_j, floors)
+        if floors < cut < bound:
+            e0, e1 = order[cut - 1], order[cut]
+            if neg_merge[drawn[i, e0 // C], e0 % C] == neg_merge[drawn[i, e1 // C], e1 % C]:
+                return i, kv, 2
         for b in range(B):
-            out_m[i, b] = 0
-            out_acc[i, b] = 0
+            m[b] = 0
+            acc[b] = 0
+        accepted = 0
         for j in range(cut):
-            e = flat[order[j]]
+            e = order[j]
             b = e // C
-            out_m[i, b] += 1
+            m[b] += 1
             a = acc_flag[drawn[i, b], e % C]
-            out_acc[i, b] += a
+            acc[b] += a
             accepted += a
-        kv += accepted + B
-        i += 1
         finished = False
         for b in range(B):
-            emitted[b] += out_acc[i - 1, b] + 1
+            rows[i, b, _TOKENS] = m[b] + 1
+            rows[i, b, _ACCEPTED] = acc[b]
+            rows[i, b, _EMIT] = acc[b] + 1
+            rows[i, b, _TOKENS_SQ] = (m[b] + 1) * (m[b] + 1)
+            emitted[b] += acc[b] + 1
             finished = finished or emitted[b] >= left[b]
+        kv += accepted + B
+        i += 1
         if finished:
             break
     return i, kv, 0
+
+
+def run_sums_kernel():
+    """The compiled `run_sums`, or None (the caller then computes the same with NumPy)."""
+    if "run_sums" not in _KERNELS:
+        if jit_enabled():
+            import numba
+
+            _KERNELS["run_sums"] = numba.njit(cache=True, nogil=True)(run_sums)
+        else:
+            _KERNELS["run_sums"] = None
+    return _KERNELS["run_sums"]
+
+
+def run_sums(rows, ctx0, left0, width, depth, sums, qk, draft_rows, cum_emit):
+    """What a decode run needs per step from its outcome rows [k, B, 6] (Replica._decode_run's NumPy path
+    computes the same): per step the batch's sums of the first five columns (`sums` [k, 5]), its tokens . context
+    with each request's context at the step's start (`qk` [k]), the draft rows per depth (`draft_rows` [k,
+    depth], float: requests that drafted depth d or deeper times the width at d), and per request its tokens emitted by
+    the end of each step (`cum_emit` [k, B], before the output-length cap). Returns the first step at which a
+    request has emitted all it had `left0` (k if none)."""
+    k, B = rows.shape[0], rows.shape[1]
+    k_fin = k
+    alive = np.empty(depth, np.int64)
+    for i in range(k):
+        for c in range(5):
+            sums[i, c] = 0
+        q = 0
+        for d in range(depth):
+            alive[d] = 0
+        for b in range(B):
+            for c in range(5):
+                sums[i, c] += rows[i, b, c]
+            before = cum_emit[i - 1, b] if i > 0 else 0
+            q += rows[i, b, _TOKENS] * (ctx0[b] + before)
+            cum_emit[i, b] = before + rows[i, b, _EMIT]
+            if k_fin == k and cum_emit[i, b] >= left0[b]:
+                k_fin = i
+            stop = rows[i, b, 5]
+            if stop <= depth:
+                for d in range(stop):
+                    alive[d] += 1
+        qk[i] = q
+        for d in range(depth):
+            draft_rows[i, d] = alive[d] * width[d]   # as speculation.draft_rows: requests x the width (float)
+    return k_fin

@@ -21,6 +21,7 @@ from collections import deque
 import numpy as np
 
 from echosim.sim.errors import SimError
+from echosim.sim.kernels import run_sums_kernel
 from echosim.sim.prefix_cache import PrefixCache
 from echosim.sim.speculation import ACCEPTED, EMIT, ONE, STOP, TOKENS, TOKENS_SQ
 from echosim.sim.workload import Request
@@ -176,7 +177,7 @@ class Replica:
             # plain decoding: every request-step verifies and emits one token, so the run's sums are scalars:
             # each step's outcome sums (tokens, accepted, decoding, emitted, tokens^2), its tok . ctx (the KV sum
             # at its start) and the first finish (the fewest tokens left) need no arrays
-            R, tau = None, 0
+            R, tau, sums_kernel = None, 0, None
             sums = ((B, 0, B, B, B),) * k_max
             qk_dot = range(kv_sum, kv_sum + k_max * B, B)
             k_fin = k_max - 1 if k_max == fewest_left else k_max
@@ -186,6 +187,16 @@ class Replica:
             if R is None:
                 return 0
             k_max = len(R)
+            sums_kernel = run_sums_kernel()
+        if R is not None and sums_kernel is not None:
+            sums = np.empty((k_max, 5), np.int64)
+            qk = np.empty(k_max, np.int64)
+            dr = np.empty((k_max, spec.depth), np.float64)
+            cumE = np.empty((k_max, B), np.int64)
+            k_fin = sums_kernel(R, ctx0, left0, spec.width_array, spec.depth, sums, qk, dr, cumE)
+            sums, qk_dot, tau = sums.tolist(), qk.tolist(), 0
+            drows = list(map(tuple, dr.tolist()))
+        elif R is not None:   # the same in NumPy
             E = R[:, :, EMIT]
             cumE = np.cumsum(E, axis=0)  # [k, B]: tokens emitted by the end of each step (before capping)
             tau = spec.tokens_const
@@ -199,7 +210,7 @@ class Replica:
                 qk_dot = (R[:, :, TOKENS] * (ctx0 + (cumE - E))).sum(axis=1).tolist()
             fin = (cumE >= left0).any(axis=1)
             k_fin = int(np.argmax(fin)) if fin[-1] else k_max   # the step where a request finishes, if any
-        if R is None:
+        if R is None or sums_kernel is not None:
             pass
         elif spec._stop_const:
             drows = (tuple(B * w for w in spec.width),) * k_max

@@ -170,6 +170,7 @@ class Speculator:
         self.tokens_const = 0     # every tabled row verifies this many tokens (a fixed tree; 0 = they differ)
         self.max_request_tokens = 1   # the most tokens a request verifies in a step (root included)
         self.width = depth_widths(self.depth, self.k1, self.k)
+        self.width_array = np.array(self.width, np.float64).reshape(self.depth)
         self._draws = np.zeros(0, np.int64)  # row draws, made 65,536 at a time
         self._plain = np.zeros((0, 6), np.int64)  # AR: every request verifies its root, accepts nothing
         self._draw_pos = 0
@@ -220,8 +221,12 @@ class Speculator:
             drawn = offset + self._draws[pos:pos + B]
             rows = self._rows.take(drawn, axis=0)
             if self.prefix:
-                self.mean_ctx = int(kv_len.sum()) / B   # = kv_len.mean() exactly (an integer sum), without its overhead
-                rows = self._choose_prefix(rows, drawn)
+                kv_sum = int(kv_len.sum())
+                self.mean_ctx = kv_sum / B   # = kv_len.mean() exactly (an integer sum), without its overhead
+                # the compiled merge where it decides as _choose_prefix does (not at a tie on the cut)
+                one = self._peek_prefix(drawn.reshape(1, B), kv_sum, None) \
+                    if self._prefix_runs and prefix_steps_kernel() is not None else None
+                rows = one[0] if one is not None else self._choose_prefix(rows, drawn)
             if self._stop_const:
                 return StepOutcome(rows, tuple(B * w for w in self.width))
         else:
@@ -264,27 +269,16 @@ class Speculator:
         if kernel is None:
             return self._peek_prefix_numpy(drawn, kv_sum)
         k, B = drawn.shape
-        floors = self._n_floor.take(drawn).sum(axis=1)
-        bounds = self._n_pos.take(drawn).sum(axis=1)
-        m = np.empty((k, B), np.int64)
-        acc = np.empty((k, B), np.int64)
-        bucket_tokens = self.policy.step_time.ctx_bucket
+        rows = self._rows.take(drawn, axis=0)
         left = np.full(B, k, np.int64) if left is None else left
         emitted = np.zeros(B, np.int64)
+        bucket_tokens = self.policy.step_time.ctx_bucket
         i, kv, status = 0, kv_sum, 1
         while status == 1:   # one call per context bucket the run's steps reach
             curve = self._curve(B, int(kv / B) // bucket_tokens)
-            i, kv, status = kernel(self._neg_merge, self._gain, self._acc_flag, self._n_pos, floors, bounds, drawn,
-                                   i, kv, bucket_tokens, curve, left, emitted, m, acc)
-        if i == 0:
-            return None
-        rows = self._rows.take(drawn[:i], axis=0)
-        m, acc = m[:i], acc[:i]
-        rows[:, :, TOKENS] = m + 1
-        rows[:, :, ACCEPTED] = acc
-        rows[:, :, EMIT] = acc + 1
-        rows[:, :, TOKENS_SQ] = (m + 1) * (m + 1)
-        return rows
+            i, kv, status = kernel(self._neg_merge, self._gain, self._acc_flag, self._n_pos, self._n_floor, drawn,
+                                   i, kv, bucket_tokens, curve, left, emitted, rows)
+        return rows[:i] if i else None
 
     def _peek_prefix_numpy(self, drawn: np.ndarray, kv_sum: int) -> np.ndarray | None:
         """Goodput ECHO's outcome rows for k steps of the same batch (drawn table rows [k, B]), the choices
@@ -441,10 +435,12 @@ class Speculator:
         the same cache `_step_time_cached` fills (and filling it the same way)."""
         curve = self._step_ms.get((batch, bucket))
         if curve is None:
+            mean_ctx = self.mean_ctx
             self.mean_ctx = float(bucket * self.policy.step_time.ctx_bucket)   # a context inside that bucket
             longest = self.policy.config.budget.upper_bound(batch) + 1
             self._step_time_cached(batch)(np.arange(longest), batch)
             curve = self._step_ms[(batch, bucket)]
+            self.mean_ctx = mean_ctx
         return curve
 
     def _step_time_cached(self, batch: int):
