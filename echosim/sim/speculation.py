@@ -270,7 +270,7 @@ class Speculator:
             return self._peek_prefix_numpy(drawn, kv_sum)
         k, B = drawn.shape
         rows = self._rows.take(drawn, axis=0)
-        left = np.full(B, k, np.int64) if left is None else left
+        left = np.full(B, np.iinfo(np.int64).max) if left is None else left   # None: no request finishes
         emitted = np.zeros(B, np.int64)
         bucket_tokens = self.policy.step_time.ctx_bucket
         i, kv, status = 0, kv_sum, 1
