@@ -183,6 +183,11 @@ class Speculator:
             self._confident = np.zeros(0, bool)
         self._prefix_runs = False   # goodput ECHO in decode runs (`_prefix_keys` decides)
 
+    @property
+    def compiled(self) -> bool:
+        """Whether goodput ECHO's steps go through the compiled merge (echosim/sim/kernels.py)."""
+        return self._prefix_runs and prefix_steps_kernel() is not None
+
     # --- per request ----------------------------------------------------------------------------------------
 
     def assign(self, datasets: list | None, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -224,8 +229,7 @@ class Speculator:
                 kv_sum = int(kv_len.sum())
                 self.mean_ctx = kv_sum / B   # = kv_len.mean() exactly (an integer sum), without its overhead
                 # the compiled merge where it decides as _choose_prefix does (not at a tie on the cut)
-                one = self._peek_prefix(drawn.reshape(1, B), kv_sum, None) \
-                    if self._prefix_runs and prefix_steps_kernel() is not None else None
+                one = self._peek_prefix(drawn.reshape(1, B), kv_sum, None) if self.compiled else None
                 rows = one[0] if one is not None else self._choose_prefix(rows, drawn)
             if self._stop_const:
                 return StepOutcome(rows, tuple(B * w for w in self.width))
