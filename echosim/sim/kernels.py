@@ -62,9 +62,13 @@ def prefix_steps(neg_merge, gain, acc_flag, n_pos, n_floor, drawn, i0, kv, bucke
     order among ties is argpartition's, must decide that step)."""
     k, B = drawn.shape
     C = neg_merge.shape[1]
-    order = np.empty(B * C, np.int64)   # the merge: flat node indices b * C + rank
-    head = np.empty(B, np.int64)        # per request: its next rank to merge
-    heap = np.empty(B, np.int64)        # requests by (key of their next node, request)
+    owner = np.empty(B * C, np.int64)     # the merge: per position, its request, key, gain and accepted flag
+    keys = np.empty(B * C, np.float64)
+    gains = np.empty(B * C, np.float64)
+    accs = np.empty(B * C, np.int64)
+    head = np.empty(B, np.int64)          # per request: its next rank to merge, and that node's key
+    head_key = np.empty(B, np.float64)
+    heap = np.empty(B, np.int64)          # requests ordered by (head key, request)
     m = np.empty(B, np.int64)
     acc = np.empty(B, np.int64)
     bucket = int(kv / B) // bucket_tokens
@@ -79,77 +83,76 @@ def prefix_steps(neg_merge, gain, acc_flag, n_pos, n_floor, drawn, i0, kv, bucke
             r = drawn[i, b]
             floors += n_floor[r]
             head[b] = 0
-            if n_pos[r] > 0:
-                heap[size] = b
-                size += 1
-                j = size - 1
-                while j > 0:   # sift up
-                    p = (j - 1) // 2
-                    kb, kp = neg_merge[r, 0], neg_merge[drawn[i, heap[p]], head[heap[p]]]
-                    if kb < kp or (kb == kp and b < heap[p]):
-                        heap[j] = heap[p]
-                        heap[p] = b
-                        j = p
-                    else:
-                        break
+            if n_pos[r] == 0:
+                continue
+            head_key[b] = neg_merge[r, 0]
+            j = size
+            size += 1
+            while j > 0:   # sift up
+                p = (j - 1) // 2
+                pb = heap[p]
+                if head_key[b] < head_key[pb] or (head_key[b] == head_key[pb] and b < pb):
+                    heap[j] = pb
+                    j = p
+                else:
+                    break
+            heap[j] = b
         bound = 0
         while size > 0:
             b = heap[0]
-            order[bound] = b * C + head[b]
+            r = drawn[i, b]
+            c = head[b]
+            owner[bound] = b
+            keys[bound] = head_key[b]
+            gains[bound] = gain[r, c]
+            accs[bound] = acc_flag[r, c]
             bound += 1
-            head[b] += 1
-            if head[b] == n_pos[drawn[i, b]]:   # exhausted: the last request moves to the top
+            head[b] = c + 1
+            if c + 1 == n_pos[r]:   # exhausted: the heap's last request moves to the top
                 size -= 1
-                heap[0] = heap[size]
+                if size == 0:
+                    break
+                b = heap[size]
+            else:
+                head_key[b] = neg_merge[r, c + 1]
             j = 0
-            while True:   # sift down
+            while True:   # sift b down from the top
                 lo = 2 * j + 1
                 if lo >= size:
                     break
-                hb = heap[j]
-                best = lo
-                for c in (lo, lo + 1):
-                    if c < size:
-                        cb = heap[c]
-                        kc = neg_merge[drawn[i, cb], head[cb]]
-                        kb = neg_merge[drawn[i, heap[best]], head[heap[best]]]
-                        if kc < kb or (kc == kb and cb < heap[best]):
-                            best = c
-                bb = heap[best]
-                kb = neg_merge[drawn[i, bb], head[bb]]
-                kh = neg_merge[drawn[i, hb], head[hb]]
-                if kb < kh or (kb == kh and bb < hb):
-                    heap[j] = bb
-                    heap[best] = hb
-                    j = best
+                cb = heap[lo]
+                if lo + 1 < size:
+                    db = heap[lo + 1]
+                    if head_key[db] < head_key[cb] or (head_key[db] == head_key[cb] and db < cb):
+                        lo += 1
+                        cb = db
+                if head_key[cb] < head_key[b] or (head_key[cb] == head_key[b] and cb < b):
+                    heap[j] = cb
+                    j = lo
                 else:
                     break
+            heap[j] = b
         # Budget.choose: argmax over cuts j = 0..bound of (B + gains[:j].sum()) / curve[j], the sum cumulative
         best_j = 0
         best_val = (B + 0.0) / curve[0]
         acc_gain = 0.0
         for j in range(1, bound + 1):
-            e = order[j - 1]
-            acc_gain += gain[drawn[i, e // C], e % C]   # as np.cumsum adds, in order
+            acc_gain += gains[j - 1]   # as np.cumsum adds, in order
             val = (B + acc_gain) / curve[j]
             if val > best_val:
                 best_val, best_j = val, j
         cut = max(best_j, floors)
-        if floors < cut < bound:
-            e0, e1 = order[cut - 1], order[cut]
-            if neg_merge[drawn[i, e0 // C], e0 % C] == neg_merge[drawn[i, e1 // C], e1 % C]:
-                return i, kv, 2
+        if floors < cut < bound and keys[cut - 1] == keys[cut]:
+            return i, kv, 2
         for b in range(B):
             m[b] = 0
             acc[b] = 0
         accepted = 0
         for j in range(cut):
-            e = order[j]
-            b = e // C
+            b = owner[j]
             m[b] += 1
-            a = acc_flag[drawn[i, b], e % C]
-            acc[b] += a
-            accepted += a
+            acc[b] += accs[j]
+            accepted += accs[j]
         finished = False
         for b in range(B):
             rows[i, b, _TOKENS] = m[b] + 1
