@@ -201,7 +201,8 @@ class Replica:
             qk = np.empty(k_max, np.int64)
             dr = np.empty((k_max, spec.depth), np.float64)
             cumE = np.empty((k_max, B), np.int64)
-            k_fin = sums_kernel(R, ctx0, left0, spec.width_array, spec.depth, sums, qk, dr, cumE)
+            k_fin = sums_kernel(R, np.ascontiguousarray(ctx0), np.ascontiguousarray(left0), spec.width_array,
+                                spec.depth, sums, qk, dr, cumE)
             sums, qk_dot, tau = sums.tolist(), qk.tolist(), 0
             drows = list(map(tuple, dr.tolist()))
         elif R is not None:   # the same in NumPy

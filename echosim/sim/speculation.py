@@ -35,6 +35,7 @@ from echosim.spec.policies import Policy
 from echosim.spec.records import step_records, write_records
 from echosim.spec.verify import verify_greedy
 
+_NEVER = np.iinfo(np.int64).max
 CORE_CHUNK_ROWS = 2048  # rows per core call while building tables (bounds the forest's memory)
 
 # Built tables, kept across runs in one process (the dashboard, sweeps, --compare-policies rebuild the same ones).
@@ -274,7 +275,8 @@ class Speculator:
             return self._peek_prefix_numpy(drawn, kv_sum)
         k, B = drawn.shape
         rows = self._rows.take(drawn, axis=0)
-        left = np.full(B, np.iinfo(np.int64).max) if left is None else left   # None: no request finishes
+        # (contiguous: a replica's columns may be strided views, a second compiled signature)
+        left = np.full(B, _NEVER) if left is None else np.ascontiguousarray(left)   # None: nobody finishes
         emitted = np.zeros(B, np.int64)
         bucket_tokens = self.policy.step_time.ctx_bucket
         i, kv, status = 0, kv_sum, 1
