@@ -157,8 +157,8 @@ class Replica:
         instead of through a SimPy timeout (nothing else could have run in between: the same order of events).
         A run ends at a request's finish, at an admission becoming possible, at a KV shortfall, or when the
         table's current block of draws is used up; it returns how many iterations it made (0: none, the general
-        loop goes on). Tabled policies and AR only: the exact core and goodput ECHO (its merge is decided step by
-        step at the batch's context) take the general loop."""
+        loop goes on). Tabled policies and AR only: the exact core takes the general loop (and goodput ECHO where
+        `Speculator.peek_steps` declines: see there)."""
         env, spec, pricer, block, metrics = self.env, self.spec, self.pricer, self.block, self.metrics
         B = len(self.reqs)
         ctx0, left0 = self.ctx, self.left

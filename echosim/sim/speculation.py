@@ -245,9 +245,10 @@ class Speculator:
                    ) -> np.ndarray | None:
         """Outcome rows [k, B, 6] of up to k_max consecutive decode steps of the same B requests, exactly as k calls
         of `step` would draw them, without consuming the draws (`commit_steps` does). k stops where `step` would
-        draw a fresh block of row indices (the next `step` makes it). None for the exact core and for goodput
-        ECHO, whose merge is decided step by step at the batch's context (`kv_sum`, unused: batching its steps
-        did not pay, docs/SIMULATOR.md)."""
+        draw a fresh block of row indices (the next `step` makes it). Goodput ECHO's rows are its budget's choices
+        (`_peek_prefix`: from the batch's KV sum `kv_sum` at the first step; it stops after the first step where a
+        request has emitted all it had `left`, or before a tie on a step's cut). None for the exact core, and for
+        goodput ECHO where its merge cannot decide as `_choose_prefix` does (`_prefix_keys`)."""
         B = len(offset)
         if self.plain:
             if len(self._plain) < B:
