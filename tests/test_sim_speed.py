@@ -40,7 +40,6 @@ def test_decode_runs_match_the_general_loop(tmp_path, monkeypatch, policy, clust
         variants.append(("runs-compiled", replica.FAST_STEPS, True))
     for name, steps, jit in variants:
         monkeypatch.setattr(replica, "FAST_STEPS", steps)
-        monkeypatch.setattr(replica, "COMPILE_AFTER_RUNS", 0)   # the compiled sums from the first run
         monkeypatch.setenv("ECHOSIM_NO_JIT", "0" if jit else "1")
         monkeypatch.setattr(kernels, "_KERNELS", {})
         config = SimConfig(policy=dict(policy), cluster=ClusterConfig(**cluster), core="table")

@@ -29,11 +29,6 @@ from echosim.sim.workload import Request
 # the longest decode run (`Replica._decode_run`) prepared at once: steps until the next event on this trace are
 # ~5-30; a longer preparation is mostly wasted, a run ending early (0 = every iteration through the general loop)
 FAST_STEPS = 48
-# decode runs' sums through the compiled kernel (echosim/sim/kernels.py) for trees that vary step by step, once a
-# replica has prepared this many runs: loading numba costs ~0.5 s of CPU a process, which the kernel earns back
-# over ~17,000 runs of ECHO (~30 us each); short runs never load it. Goodput ECHO uses it from the start (its
-# merge loads numba anyway). Either way the same outputs.
-COMPILE_AFTER_RUNS = 4000
 
 # per running request: tokens in its KV cache, prefix tokens still to prefill, output tokens left, latents,
 # admission order; and `stats` [n, 3], its counters since admission in the outcome rows' first columns
@@ -65,7 +60,6 @@ class Replica:
         self.iterations = 0
         self._wake = None
         self._last_step_s = 0.0   # the last decode run's last step (s): sizes the next run's preparation
-        self._runs = 0            # decode runs prepared (COMPILE_AFTER_RUNS)
         # prefix cache (SGLang's radix cache): only requests with prefix keys (hash_ids or text) look it up
         self.cache = PrefixCache(kv_blocks * self.block) if getattr(cluster, "prefix_cache", False) else None
         self.process = env.process(self.run())
@@ -193,9 +187,9 @@ class Replica:
             if R is None:
                 return 0
             k_max = len(R)
-            self._runs += 1
-            sums_kernel = run_sums_kernel() if (spec.prefix and spec.compiled) or (
-                not spec.tokens_const and self._runs > COMPILE_AFTER_RUNS) else None
+            # compiled where goodput ECHO's merge has loaded numba; elsewhere NumPy: loading numba costs ~0.5 s of
+            # CPU and ~110 MB of memory a process, more than the compiled sums save (docs/SIMULATOR.md)
+            sums_kernel = run_sums_kernel() if spec.prefix and spec.compiled else None
         if R is not None and sums_kernel is not None:
             sums = np.empty((k_max, 5), np.int64)
             qk = np.empty(k_max, np.int64)
