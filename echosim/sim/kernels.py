@@ -8,7 +8,8 @@ run, more than the ~100 us of CPU a run of ~8 steps may take for the simulator t
 
 numba is optional at run time: without it (or with ECHOSIM_NO_JIT=1) the NumPy twins run, with the same outputs
 (tests/test_sim_speed.py runs both). Kernels compile on first use and are cached on disk (`cache=True`), so a
-process pays the compile once per machine and later ones load it (docs/SIMULATOR.md gives the times).
+process pays the compile once per machine and later ones load it (docs/SIMULATOR.md gives the times). Loading
+numba costs ~0.5 s of CPU and ~110 MB of memory a process, so only goodput ECHO (table core) uses the kernels.
 """
 
 from __future__ import annotations
