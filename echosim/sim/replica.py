@@ -23,7 +23,7 @@ import numpy as np
 from echosim.sim.errors import SimError
 from echosim.sim.kernels import run_sums_kernel
 from echosim.sim.prefix_cache import PrefixCache
-from echosim.sim.speculation import ACCEPTED, EMIT, ONE, STOP, TOKENS, TOKENS_SQ
+from echosim.sim.speculation import ACCEPTED, DRAFTED, EMIT, ONE, STOP, TOKENS, TOKENS_SQ
 from echosim.sim.workload import Request
 
 # the longest decode run (`Replica._decode_run`) prepared at once: steps until the next event on this trace are
@@ -208,7 +208,8 @@ class Replica:
                 sums = [(B * tau, a, B, a + B, B * tau * tau) for a in R[:, :, ACCEPTED].sum(axis=1).tolist()]
                 qk_dot = None
             else:
-                sums = R[:, :, :TOKENS_SQ + 1].sum(axis=1).tolist()
+                S = R.sum(axis=1)   # per step: the outcome sums, then requests that drafted each depth
+                sums = S[:, :TOKENS_SQ + 1].tolist()
                 # each step's tok . ctx, ctx being the context at that step's start (no capping before a finish)
                 qk_dot = (R[:, :, TOKENS] * (ctx0 + (cumE - E))).sum(axis=1).tolist()
             fin = (cumE >= left0).any(axis=1)
@@ -217,12 +218,15 @@ class Replica:
             pass
         elif spec._stop_const:
             drows = (tuple(B * w for w in spec.width),) * k_max
-        elif spec.depth:
+        elif spec.depth and not tau:   # (rows whose depth varies carry DRAFTED columns)
             # rows per depth as speculation.draft_rows computes them: requests that drafted depth d or deeper
+            alive = S[:, DRAFTED:].tolist()
+            drows = None   # made step by step from `alive` (a run often ends well before k_max)
+        elif spec.depth:
             stop = R[:, :, STOP]
             alive = ((stop[:, :, None] >= np.arange(1, spec.depth + 1)) & (stop[:, :, None] <= spec.depth)
                      ).sum(axis=1).tolist()
-            drows = None   # made step by step from `alive` (a run often ends well before k_max)
+            drows = None
         else:
             drows = ((),) * k_max
         n_bias = B * (block - 1)

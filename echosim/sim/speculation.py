@@ -102,6 +102,9 @@ def row_independent(policy: Policy) -> bool:
 # Columns of a request-step outcome row. One [B, 6] array per iteration lets the replica update its per-request
 # counters (tokens verified, drafts accepted, steps) with one vector operation, and sum them with one reduction.
 TOKENS, ACCEPTED, ONE, EMIT, TOKENS_SQ, STOP = range(6)
+# tabled rows whose draft depth varies carry, after these, one column per depth d: 1 if the request drafted depth
+# d (for decode runs: the batch's draft rows per depth are then column sums, as speculation.draft_rows counts them)
+DRAFTED = 6
 
 
 def outcome_rows(tokens: np.ndarray, accepted: np.ndarray, stop_depth: np.ndarray) -> np.ndarray:
@@ -166,7 +169,8 @@ class Speculator:
         self.bins, self.rows_per_bin = bins, rows_per_bin
         self._dataset_slot: dict[int, int] = {}
         self._edges: list[np.ndarray] = []
-        self._rows = np.zeros((0, 6), np.int64)  # outcome rows; row stratum * rows_per_bin + r
+        self._rows = np.zeros((0, 6), np.int64)  # outcome rows; row stratum * rows_per_bin + r (+ DRAFTED)
+        self._base_rows = self._rows                # the same, without the DRAFTED columns
         self._stop_const = False  # every tabled row drafts to full depth (no gating): rows per depth are fixed
         self.tokens_const = 0     # every tabled row verifies this many tokens (a fixed tree; 0 = they differ)
         self.max_request_tokens = 1   # the most tokens a request verifies in a step (root included)
@@ -531,12 +535,17 @@ class Speculator:
             # as if built here: the next table's build starts from the state this one's left
             self.drafter.rng.bit_generator.state = hit.drafter_state
             self.step_index += hit.core_steps
-        self._rows = np.concatenate([self._rows, rows])
+        self._base_rows = np.concatenate([self._base_rows, rows])
+        self._rows = self._base_rows
         if self.prefix:
             self._probs = np.concatenate([self._probs, probs])
             self._acc_rank = np.concatenate([self._acc_rank, acc_rank])
             self._confident = np.concatenate([self._confident, confident])
         self._stop_const = bool((self._rows[:, STOP] == self.depth).all())
+        if not self._stop_const:   # the DRAFTED columns (a fixed depth needs none: its rows stay narrower)
+            stop = self._base_rows[:, STOP, None]
+            drafted = (stop >= np.arange(1, self.depth + 1)) & (stop <= self.depth)
+            self._rows = np.column_stack([self._base_rows, drafted]).astype(np.int64)
         tokens = self._rows[:, TOKENS]
         # (goodput ECHO's table holds full-cap trees: the most its budget verifies, and never a constant)
         self.max_request_tokens = int(tokens.max()) if len(tokens) else 1
