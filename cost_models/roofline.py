@@ -534,6 +534,12 @@ class RooflineCostModel:
         verify = tg.layers_scalar(tokens, kv, qk, seqs)
         return verify, tg.lm_head_ms(lm_rows), self.params.step_overhead_ms + 0.0 * verify
 
+    def target_scalar_fns(self) -> tuple:
+        """(layers_scalar, lm_head_ms) of the target forward: target_parts is
+        (layers_scalar(tokens, kv, qk, seqs), lm_head_ms(lm_rows), params.step_overhead_ms + 0.0 * verify_ms), for a
+        caller that evaluates it without the extra call (the simulator's per-iteration price)."""
+        return self._target.layers_scalar, self._target.lm_head_ms
+
     def draft_depth_parts(self, rows: float, kv: float, qk: float, seqs: float) -> tuple:
         """step_time of a batch that only drafts one depth (no target tokens), on Python floats: (draft_ms,
         lm_head_ms, overhead_ms), the same values bit for bit."""

@@ -71,3 +71,14 @@ def test_a_subclass_with_its_own_step_time_is_priced_through_it():
     base = StepPricer(MODELS[0])
     args = (8.0, 4008.0, 16000.0, 8.0, 8.0, (), 500.0, 8)
     assert pricer.price_parts(*args)[1] == 2.0 * base.price_parts(*args)[1]
+
+
+def test_price_parts_equal_price_with_memo_hits():
+    # one pricer across many steps: the LM head memo and the shape memos hit, and answers stay price()'s
+    pricer = StepPricer(MODELS[0])
+    for t in (3, 17, 3, 64, 17, 3):
+        for ctx in (100.0, 5000.0, 100.0):
+            args = (float(t), ctx * t + t, ctx * t + 0.5 * t * (t + 1), float(t), float(t), (t, t // 2 + 1), ctx, t)
+            ref = pricer.price(*args)
+            assert pricer.price_parts(*args) == (ref.draft_ms, ref.verify_ms, ref.lm_head_ms, ref.overhead_ms)
+    assert set(pricer._lm) == {3.0, 17.0, 64.0}

@@ -35,6 +35,12 @@ class StepPricer:
         # the roofline's scalar fast path, unless a subclass prices steps its own way
         scalar = isinstance(cost, RooflineCostModel) and type(cost).step_time is RooflineCostModel.step_time
         self._target_parts = cost.target_parts if scalar else None
+        # target_parts' pieces, called directly (price_parts runs once per simulated iteration); the LM head's
+        # price memoized here per row count (a pure function of it), one dict lookup instead of a call
+        self._layers, self._lm_head = cost.target_scalar_fns() if scalar else (None, None)
+        self._lm: dict[float, float] = {}
+        # no optional overhead terms: price_parts skips them (they would add 0.0, which changes nothing)
+        self._extra = bool(per_token_ms or per_draft_row_ms or per_request_ms)
         self._depth_parts = cost.draft_depth_parts if scalar and cost.draft is not None else None
 
     def price(self, tokens: float, kv: float, qk: float, seqs: float, lm_rows: float, draft_rows: tuple,
@@ -62,16 +68,24 @@ class StepPricer:
         """`price` of an iteration in one forward, as (draft_ms, verify_ms, lm_head_ms, overhead_ms): the same
         floats bit for bit, through the cost model's scalar path where it has one (the roofline's
         `target_parts`: no StepBatch / StepTime objects, the attention term's shape part memoized)."""
-        target = self._target_parts
-        if target is None:
+        layers = self._layers
+        if layers is None:
             st = self.price(tokens, kv, qk, seqs, lm_rows, draft_rows, mean_ctx, decoding)
             return st.draft_ms, st.verify_ms, st.lm_head_ms, st.overhead_ms
-        verify, lm, overhead = target(tokens, kv, qk, seqs, lm_rows)
-        extra = self.per_token_ms * tokens + self.per_request_ms * decoding
-        if self.per_draft_row_ms and draft_rows:
-            extra += self.per_draft_row_ms * sum(draft_rows)
-        if extra:
-            overhead += extra
+        # = self._target_parts(tokens, kv, qk, seqs, lm_rows), the same operations
+        verify = layers(tokens, kv, qk, seqs)
+        lm = self._lm.get(lm_rows)
+        if lm is None:
+            if len(self._lm) > 65536:
+                self._lm.clear()
+            lm = self._lm[lm_rows] = self._lm_head(lm_rows)
+        overhead = self.cost.params.step_overhead_ms + 0.0 * verify
+        if self._extra:
+            extra = self.per_token_ms * tokens + self.per_request_ms * decoding
+            if self.per_draft_row_ms and draft_rows:
+                extra += self.per_draft_row_ms * sum(draft_rows)
+            if extra:
+                overhead += extra
         if not draft_rows:
             return 0.0 * verify, verify, lm, overhead
         d = self._draft.get((draft_rows, int(mean_ctx) // CTX_BUCKET))
