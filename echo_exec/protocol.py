@@ -165,9 +165,20 @@ class ContentPart(_Request):
     text: str
 
 
+# OpenAI's chat roles (SGLang's schema takes the same set); only an assistant turn may come without content
+# (one that made tool calls)
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 class Message(_Request):
     role: str
     content: str | list[ContentPart] | None = None
+
+    def check(self, where: str) -> None:
+        if self.role not in ROLES:
+            raise BadRequest(f"'{where}role' must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.content is None and self.role != "assistant":
+            raise BadRequest(f"'{where}content' is required in a {self.role} message")
 
     def text(self) -> str:
         if self.content is None:

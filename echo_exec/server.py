@@ -727,6 +727,7 @@ class EchoServer:
             raise BadRequest("'messages' is empty")
         for i, m in enumerate(o.messages):
             m.check_extra(f"messages.{i}.")
+            m.check(f"messages.{i}.")
         if o.max_tokens is not None and o.max_completion_tokens is not None:
             raise BadRequest("give at most one of 'max_tokens' and 'max_completion_tokens'")
         max_name = "max_completion_tokens" if o.max_completion_tokens is not None else "max_tokens"

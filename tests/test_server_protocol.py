@@ -142,6 +142,12 @@ BAD = [
     ("/v1/completions", {"max_tokens": 3}, None, "'prompt' is required"),
     ("/v1/chat/completions", {"messages": []}, None, "'messages' is empty"),
     ("/v1/chat/completions", {"messages": "hi"}, None, "'messages' must be a list"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "a"}]}, None,
+     "'messages.0.role' must be one of"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "a"}, {"role": "user"}]}, None,
+     "'messages.1.content' is required in a user message"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, None,
+     "'messages.0.content' is required"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      None, "'messages.0.content' must be a string or a list"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 1,
@@ -253,3 +259,13 @@ def test_serve_cli_user_errors(tmp_path, capsys):
         assert main(["serve", *args]) == 2, args
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
+
+
+def test_an_assistant_turn_may_come_without_content(srv):
+    # an assistant turn that made tool calls carries no content (OpenAI's schema); only it may
+    _, url = srv
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": None},
+                {"role": "tool", "content": "b"}, {"role": "user", "content": "c"}]
+    status, raw = post(url + "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+    assert status == 200, raw
+    assert json.loads(raw)["choices"][0]["message"]["role"] == "assistant"
