@@ -10,7 +10,7 @@ from cost_models.interface import StepTime
 from echo_exec.engine import Engine, IterationRecord, SamplingParams
 from echo_exec.train_tiny import MODELS_DIR
 from echosim.cli import main
-from echosim.validate.crossval import METRICS, compare, format_breakdown, step_breakdown
+from echosim.validate.crossval import METRICS, compare, format_breakdown, format_comparison, step_breakdown
 from echosim.validate.step_overheads import SUSPECT_APE_PCT, Overheads, fit_overheads, priced_steps_ms, replay_drift
 
 SMALL_EAGLE = {"steps": 3, "topk": 2, "num_draft_tokens": 6}
@@ -141,6 +141,20 @@ def test_compare_signed_and_absolute_errors():
     rows = {r["metric"]: r for r in compare(engine, sim, [rerun_a, rerun_b])}
     assert rows["throughput_tok_s"]["engine_rerun_abs_pct"] == pytest.approx(15.0)  # the larger of 5% and 15%
     assert rows["mat"]["engine_rerun_abs_pct"] == 0.0
+    # the simulator against the three runs together: mean 193.33, range 170-210; 180 is inside, 4.4 MAT is not
+    thr = rows["throughput_tok_s"]
+    assert thr["engine_runs"] == 3 and thr["engine_mean"] == pytest.approx(580.0 / 3)
+    assert (thr["engine_min"], thr["engine_max"]) == (170.0, 210.0)
+    assert thr["signed_pct_vs_mean"] == pytest.approx(round((180.0 - 580.0 / 3) / (580.0 / 3) * 100, 2))
+    assert thr["sim_in_engine_range"] is True and rows["mat"]["sim_in_engine_range"] is False
+    assert "engine_mean" not in rows["ttft_ms.p99"]   # a run without the metric: no range
+    table = format_comparison(list(rows.values()))
+    header, rule, thr_line = table.splitlines()[:3]
+    assert header.count("|") == rule.count("|") == thr_line.count("|") == 10
+    assert "193.3 (170.0 - 210.0)" in thr_line and thr_line.rstrip(" |").endswith("yes")
+    assert "no" in table.splitlines()[3]   # mat: outside the runs' range
+    # one run: the table keeps its six columns
+    assert format_comparison(compare(engine, sim)).splitlines()[0].count("|") == 7
 
 
 def test_validate_end_to_end_small(tmp_path, capsys, monkeypatch):
