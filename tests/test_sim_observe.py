@@ -53,3 +53,30 @@ def test_the_simulated_budget_is_taught_the_drafting_it_pays_for(monkeypatch):
     drafted = rows > 0
     assert drafted.any()
     assert (ms[drafted] >= 0.3 * rows[drafted]).all()
+
+
+def test_an_adaptive_run_reports_what_its_budget_learnt(tmp_path):
+    """summary.json carries the adaptive budget's final estimates (as the engine's /server_info and validate's
+    engine side do), so a run can be set against a measured one on the costs each side learnt; a static policy's
+    summary has none."""
+    import json
+
+    from echosim.validate.crossval import budget_states, format_budget_states
+
+    cfg = SimConfig()
+    cfg.policy = {"policy": "echo", "adaptive": {}}
+    out = tmp_path / "adaptive"
+    out.mkdir()
+    res = simulate(cfg, WorkloadSpec(kind="closed", concurrency=8, requests=16, output_tokens=40), out_dir=out)
+    state = json.loads((out / "summary.json").read_text())["budget_state"]
+    assert state == json.loads(json.dumps(res.summary["budget_state"]))
+    assert state["steps"] > 0 and set(state["verify_ms_model"]) == {"prior_scale", "prior_scale_drafts", "base"}
+    cfg.policy = {"policy": "echo"}
+    assert "budget_state" not in simulate(cfg, WorkloadSpec(kind="closed", concurrency=8, requests=16,
+                                                            output_tokens=40)).summary
+    # validate's table: one row per side that has a budget, in the state's own units
+    rows = budget_states([{"throughput_tok_s": 1.0}, {"budget_state": state}], {"budget_state": state})
+    assert [r["side"] for r in rows] == ["engine run 2", "sim"]
+    table = format_budget_states(rows).splitlines()
+    assert len(table) == 4 and "prior_scale / prior_scale_drafts / base" in table[0]
+    assert all(line.count("|") == table[0].count("|") for line in table)

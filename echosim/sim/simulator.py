@@ -166,6 +166,9 @@ def simulate(config: SimConfig, workload: WorkloadSpec, out_dir: Path | None = N
         if load is not None:
             summary["load"] = load
     summary["speculation"] = speculators[0].describe()
+    state = speculators[0].policy.state()   # an adaptive budget's estimates at the end (replica 0's)
+    if state:
+        summary["budget_state"] = state
     summary["kv_blocks_per_replica"] = kv_blocks
     summary["routed"] = router.routed
     caches = [r.cache.stats() for r in replicas if r.cache is not None and r.cache.lookups]

@@ -413,6 +413,9 @@ def replay_engine(cfg: CrossValConfig, items, eng, out: Path, log) -> dict:
         log(f"engine: replaying {len(items)} requests over {items[-1].scheduled_s:.1f} s to {url}")
         records = asyncio.run(replay(url, items))
     summary = summarize(records)
+    state = eng.policy.state()   # an adaptive budget's estimates at the end of the replay
+    if state:
+        summary["budget_state"] = state
     its = list(eng.iterations)
     # what a client cannot see, the engine's own log can: fill the per-step keys the simulator reports
     steps = [it for it in its if it.verify_tokens is not None]
@@ -590,6 +593,42 @@ def format_breakdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def budget_states(engine_runs: list[dict], sim: dict) -> list[dict]:
+    """What each side's adaptive budget had learnt by the end (policy state(): its step-cost fits and how much it
+    drafted), one row per engine run and one for the simulator; empty for policies without such a budget. Where
+    the two sides' MAT or verified tokens part, this says whether the costs they learnt or the acceptance did."""
+    rows = []
+    for name, summary in [(f"engine run {i + 1}", r) for i, r in enumerate(engine_runs)] + [("sim", sim)]:
+        st = summary.get("budget_state")
+        if not st:
+            continue
+        per = st.get("per_drafting_request_step") or {}
+        rows.append({"side": name, "steps": st.get("steps"), "verify_ms_model": st.get("verify_ms_model"),
+                     "draft_ms_model": st.get("draft_ms_model"), "fixed_ms": st.get("fixed_ms"),
+                     "expected_accepted": per.get("expected_accepted"), "verified_drafts": per.get("verified_drafts"),
+                     "draft_depth": per.get("draft_depth")})
+    return rows
+
+
+def format_budget_states(rows: list[dict]) -> str:
+    def num(x):
+        return "n/a" if x is None else f"{x:,.3g}"
+
+    def fit(d):
+        return "n/a" if not d else " / ".join(num(v) for v in d.values())
+
+    head = rows[0] if rows else {}
+    v_keys = " / ".join((head.get("verify_ms_model") or {}).keys()) or "verify fit"
+    d_keys = " / ".join((head.get("draft_ms_model") or {}).keys()) or "draft fit"
+    lines = [f"| side | steps | verify ms fit ({v_keys}) | draft ms fit ({d_keys}) | rest of a step, ms | "
+             "per drafting request-step: expected accepted / verified drafts / depth |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['side']} | {num(r['steps'])} | {fit(r['verify_ms_model'])} | {fit(r['draft_ms_model'])} | "
+                     f"{num(r['fixed_ms'])} | {num(r['expected_accepted'])} / {num(r['verified_drafts'])} / "
+                     f"{num(r['draft_depth'])} |")
+    return "\n".join(lines)
+
+
 def replay_plan(cfg: CrossValConfig, out: Path, header: dict) -> tuple[list[Path], list, int, float]:
     """Check the config, start the run folder (config.json with `header`) and cut the replay's prompts: (the
     calibration files, the replay items, the median prompt length, the mean context the budgets are priced at)."""
@@ -616,11 +655,15 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
     cost = step_predictor(cfg, fit_path)
     acc_path, over, cal_steps = calibrate(cfg, cal_files, cost, out, prompt_len, log)
     fit_path, cost, over, first_over = settle_overheads(cfg, out, fit_path, over, cal_steps, log)
-    eng = make_engine(cfg)  # goodput budgets see the step time the simulator will use, overheads included
-    bind_budget(eng, step_predictor(cfg, fit_path, over.step_overhead_ms), over, mean_ctx)
-    engine = replay_engine(cfg, items, eng, out / "engine", log)
-    reruns = [replay_engine(cfg, items, eng, out / f"engine_rerun{i}", log)["summary"]
-              for i in range(1, cfg.engine_runs)]
+    runs = []
+    for i in range(cfg.engine_runs):
+        # each replay on an engine of its own: an adaptive budget learns from every step, so a replay on the
+        # engine of the one before would start from what that one taught it (the simulator's starts cold)
+        eng = make_engine(cfg)  # goodput budgets see the step time the simulator will use, overheads included
+        bind_budget(eng, step_predictor(cfg, fit_path, over.step_overhead_ms), over, mean_ctx)
+        runs.append(replay_engine(cfg, items, eng, out / ("engine" if i == 0 else f"engine_rerun{i}"), log))
+        del eng
+    engine, reruns = runs[0], [r["summary"] for r in runs[1:]]
     sim = simulate_same(cfg, engine["records"], fit_path, acc_path, over, mean_ctx, out / "sim")
     return report(out, engine, reruns, sim, cost, over, first_over, t_start)
 
@@ -653,7 +696,8 @@ def report(out: Path, engine: dict, reruns: list[dict], sim: dict, cost, over: O
     priced = priced_steps_ms(cost, over, engine["iterations"])
     drift = replay_drift(engine["iterations"], priced)
     steps = step_breakdown(out / "engine" / "iterations.csv", out / "sim" / "iterations.csv", priced)
-    result = {"metrics": rows, "steps": steps, "engine": engine["summary"],
+    budgets = budget_states([engine["summary"], *reruns], sim)
+    result = {"metrics": rows, "steps": steps, "budget_states": budgets, "engine": engine["summary"],
               "sim": {k: v for k, v in sim.items() if k != "sim"}, "engine_reruns": reruns,
               "overheads": asdict(over), "overheads_suspect": over.suspect,
               "overheads_before_reprofile": asdict(first_over) if first_over else None,
@@ -669,8 +713,10 @@ def report(out: Path, engine: dict, reruns: list[dict], sim: dict, cost, over: O
         table = (f"**The replay's steps took {drift:.2f}x what the calibration priced them at** (median over its "
                  "steps): the machine's speed moved between calibration and replay, and the simulated latencies "
                  "are off by about as much; run again.\n\n" + table)
+    budget_md = ("\n\nThe adaptive budgets at the end of each run (what each side learnt):\n\n"
+                 + format_budget_states(budgets)) if budgets else ""
     (out / "validation.md").write_text(table + "\n\nSteps, engine against simulator (where a step-time error "
-                                       "comes from):\n\n" + format_breakdown(steps) + "\n")
+                                       "comes from):\n\n" + format_breakdown(steps) + budget_md + "\n")
     return result
 
 
