@@ -96,6 +96,40 @@ def test_overhead_fit_hears_the_few_large_batches():
     assert over.overhead_per_draft_row_ms == 0.0  # no step drafted: nothing to fit, nothing invented
 
 
+def test_overhead_fit_splits_the_terms_by_the_phase_the_engine_timed():
+    """Draft rows and requests move together (here rows = 9 per request), so the whole step's time cannot tell a
+    per-request cost from a per-row one; the engine's phase timers
+    can: drafting holds the per-row and per-depth work, verification the per-token and per-request work, the
+    rest a constant. The fit follows the phases, so the simulator hands an adaptive budget the split the engine's
+    timers show it (StepPricer.observed_ms)."""
+    rng = np.random.default_rng(3)
+    its = []
+    for _ in range(300):
+        B = int(rng.integers(1, 17))
+        verify = rng.integers(1, 10, B)
+        T = int(verify.sum())
+        rows = (float(B), 4.0 * B, 4.0 * B)
+        draft = 0.05 * sum(rows) + 0.7 * 3 + rng.normal(0.0, 0.05)
+        target = 2.0 * T + 0.02 * T + 0.6 * B + rng.normal(0.0, 0.05)
+        rest = 1.0 + rng.normal(0.0, 0.05)
+        its.append(IterationRecord(start_s=0.0, step_ms=draft + target + rest, draft_ms=draft, target_ms=target,
+                                   verify_tokens=verify, context_lens=np.full(B, 100), draft_rows=rows))
+    over = fit_overheads(_LinearCost(), its)
+    assert over.overhead_per_draft_row_ms == pytest.approx(0.05, abs=0.005)
+    assert over.overhead_per_draft_depth_ms == pytest.approx(0.7, abs=0.05)
+    assert over.overhead_per_request_ms == pytest.approx(0.6, abs=0.05)
+    assert over.overhead_per_token_ms == pytest.approx(0.02, abs=0.01)
+    assert over.step_overhead_ms == pytest.approx(0.5 + 1.0, abs=0.05)
+    # without the phase times, the same steps fit as well in total but the split is not the engine's
+    whole = [IterationRecord(start_s=0.0, step_ms=it.step_ms, verify_tokens=it.verify_tokens,
+                             context_lens=it.context_lens, draft_rows=it.draft_rows) for it in its]
+    lumped = fit_overheads(_LinearCost(), whole)
+    assert lumped.median_ape_pct < 1.0
+    assert abs(lumped.overhead_per_request_ms - 0.6) > 0.1 or abs(lumped.overhead_per_draft_row_ms - 0.05) > 0.01
+    assert np.allclose(priced_steps_ms(_LinearCost(), lumped, whole), priced_steps_ms(_LinearCost(), over, whole),
+                       rtol=0.02)
+
+
 def test_overhead_fit_never_goes_negative():
     rng = np.random.default_rng(1)
     its = [_iteration(rng, 0.0, 0.0, 0.0) for _ in range(50)]

@@ -22,17 +22,18 @@ def test_the_budget_sees_the_draft_side_overheads_as_drafting(B):
     rows = (float(B), 4.0 * B, 4.0 * B)
     T, kv = 6.0 * B, 300.0 * B
     parts = pricer.price_parts(T, kv + T, 300.0 * T, float(B), T, rows, 300.0, float(B))
-    verify, draft, other = pricer.observed_ms(parts, T, rows, 300.0)
+    verify, draft, other = pricer.observed_ms(parts, T, rows, 300.0, float(B))
     assert verify + draft + other == pytest.approx(sum(parts))  # no time made or lost
     _, d_lm, d_over = pricer._draft_cached(rows, 300.0)
     # drafting: every draft forward with its LM head, each depth's fixed cost and the per-row work
     assert draft == pytest.approx(parts[0] + d_lm + d_over + 0.02 * sum(rows))
-    # verification: the target's forward and LM head and the per-token work; the rest: per step and per request
+    # verification: the target's forward and LM head, the per-token and the per-request work (the engine times
+    # its per-request work in its verify phase); the rest: per step alone, whatever the batch
     plain = pricer.price_parts(T, kv + T, 300.0 * T, float(B), T, (), 300.0, float(B))
-    assert verify == pytest.approx(plain[1] + plain[2] + 0.05 * T)
-    assert other == pytest.approx(plain[3] - 0.05 * T)
+    assert verify == pytest.approx(plain[1] + plain[2] + 0.05 * T + 0.5 * B)
+    assert other == pytest.approx(plain[3] - 0.05 * T - 0.5 * B) == pytest.approx(pricer._base_overhead)
     # a plain step has no drafting to report
-    assert pricer.observed_ms(plain, T, (), 300.0)[1] == 0.0
+    assert pricer.observed_ms(plain, T, (), 300.0, float(B))[1] == 0.0
 
 
 def test_the_simulated_budget_is_taught_the_drafting_it_pays_for(monkeypatch):

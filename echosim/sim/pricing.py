@@ -93,23 +93,24 @@ class StepPricer:
             d = self._draft_cached(draft_rows, mean_ctx)
         return d[0], verify, lm + d[1], overhead + d[2]
 
-    def observed_ms(self, parts: tuple, tokens: float, draft_rows: tuple,
-                    mean_ctx: float) -> tuple[float, float, float]:
+    def observed_ms(self, parts: tuple, tokens: float, draft_rows: tuple, mean_ctx: float,
+                    decoding: float = 0.0) -> tuple[float, float, float]:
         """A decode-only iteration's priced parts (price_parts' order) as the engine times its own step, for an
         adaptive budget's observe_step: (verify_ms, draft_ms, other_ms). The engine's draft time (every draft
         forward with its LM head and top-k, select, pack) holds what the step model prices per draft depth and per
         draft row; its verify time (the tree forward, verification, commit) the target's LM head and the
-        per-token overhead; the rest (per step, per request) is other. Handing the budget the draft forward
-        alone, with those costs in `other`, showed it drafting 2-4x cheaper than the engine measured it
-        (docs/ADAPTIVE.md)."""
+        per-token and per-request overheads (the engine's per-request work, tree masks, acceptance walk, commit,
+        runs in its verify phase: its measured remainder does not grow with the batch, docs/ADAPTIVE.md); the rest
+        (per step) is other. Handing the budget the draft forward alone, with those costs in `other`, showed it
+        drafting 2-4x cheaper than the engine measured it."""
         draft_ms, verify_ms, lm_ms, overhead_ms = parts
         d_lm = d_over = rows = 0.0
         if draft_rows:
             _, d_lm, d_over = self._draft_cached(draft_rows, mean_ctx)
             rows = self.per_draft_row_ms * sum(draft_rows)
-        per_token = self.per_token_ms * tokens
-        return (verify_ms + lm_ms - d_lm + per_token, draft_ms + d_lm + d_over + rows,
-                overhead_ms - d_over - rows - per_token)
+        verify_side = self.per_token_ms * tokens + self.per_request_ms * decoding
+        return (verify_ms + lm_ms - d_lm + verify_side, draft_ms + d_lm + d_over + rows,
+                overhead_ms - d_over - rows - verify_side)
 
     def budget_step_ms(self, tokens, batch_size: int, mean_ctx: float, draft_rows: tuple) -> np.ndarray:
         """Step time (ms) for each candidate total of verified tokens (roots included, array) of a batch of

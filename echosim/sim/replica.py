@@ -273,7 +273,7 @@ class Replica:
             st = price(tokens, float(kv + T), qk, float(n_dec), tokens, dr, kv / n_dec, n_dec)
             step_ms = st[0] + st[1] + st[2] + st[3]
             if observes:
-                spec.observe_time(n_dec, T, *pricer.observed_ms(st, tokens, dr, kv / n_dec), dr)
+                spec.observe_time(n_dec, T, *pricer.observed_ms(st, tokens, dr, kv / n_dec, n_dec), dr)
             t0 = env._now
             step_s = step_ms / 1000.0
             end = t0 + step_s   # as SimPy's timeout computes it
@@ -431,7 +431,7 @@ class Replica:
                                         draft_rows, mean_ctx, n_dec)
             step_ms = st[0] + st[1] + st[2] + st[3]
             if tok is not None and not chunks and spec.observes_time:  # decode-only: teaches adaptive budgets
-                spec.observe_time(n_dec, T, *pricer.observed_ms(st, float(T), draft_rows, mean_ctx),
+                spec.observe_time(n_dec, T, *pricer.observed_ms(st, float(T), draft_rows, mean_ctx, n_dec),
                                   draft_rows)
             yield env.timeout(step_ms / 1000.0)
             self.iterations += 1

@@ -74,6 +74,44 @@ def overhead_terms(iterations) -> np.ndarray:
     return np.stack([np.ones_like(tokens), tokens, rows, batch, depths], axis=1)
 
 
+def phase_rows(cost, iterations) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The overhead fit's equations: (X [n, 5] in overhead_terms' columns, what the fitted forwards leave
+    unexplained [n], the step each row comes from [n]). A decode-only step whose phases the engine timed gives
+    three rows, one per phase, each with the terms the simulator charges to that phase (StepPricer.observed_ms):
+    drafting (draft_ms: per draft row, per draft depth), verification (target_ms: per token, per decoding
+    request) and the rest of the step (per step). Any other step (prefill chunks in it, or a log without phase
+    times) gives one row: its whole time. Fitted on whole steps alone, the terms sum right but split wrongly
+    (rows, tokens, requests and depths move together): the simulated adaptive budget was then told that drafting
+    cost a fifth of what the engine measured and that a sixth of every step was neither drafting nor
+    verification, where the engine's remainder is about 1 ms (docs/ADAPTIVE.md)."""
+    from cost_models.interface import StepBatch
+
+    X = overhead_terms(iterations)
+    pred = predicted_forward_ms(cost, iterations)
+    rows, resid, step = [], [], []
+    for i, it in enumerate(iterations):
+        if it.verify_tokens is None or it.prefill_chunks or it.target_ms <= 0:
+            rows.append(X[i])
+            resid.append(it.step_ms - pred[i])
+            step.append(i)
+            continue
+        tok, ctx = it.verify_tokens.tolist(), it.context_lens.tolist()
+        plain = cost.step_time(StepBatch.from_requests(tok, ctx, (), []))
+        full_ms = float(cost.step_time(StepBatch.from_requests(tok, ctx, it.draft_rows, [])).total_ms)
+        target_ms = float(plain.verify_ms + plain.lm_head_ms)
+        draft_ms = full_ms - float(plain.total_ms)   # draft forwards, their LM heads, the model's per-depth cost
+        zero = np.zeros(5)
+        d, v, r = zero.copy(), zero.copy(), zero.copy()
+        d[2], d[4] = X[i, 2], X[i, 4]
+        v[1], v[3] = X[i, 1], X[i, 3]
+        r[0] = 1.0
+        rows += [d, v, r]
+        resid += [it.draft_ms - draft_ms, it.target_ms - target_ms,
+                  it.step_ms - it.draft_ms - it.target_ms - float(plain.overhead_ms)]
+        step += [i, i, i]
+    return np.array(rows).reshape(-1, 5), np.array(resid, np.float64), np.array(step, np.int64)
+
+
 def priced_steps_ms(cost, over: Overheads, iterations) -> np.ndarray:
     """Each logged engine step as the simulator prices it: the fitted forwards plus the fitted overheads. On the
     replay's own steps this separates the step-time model's error from a difference in what was run (the
@@ -95,11 +133,11 @@ def replay_drift(iterations, priced_ms: np.ndarray) -> float | None:
 
 def fit_overheads(cost, iterations) -> Overheads:
     """overhead = a + b * tokens + c * draft rows + d * decoding requests + e * draft depths run, >= 0 each,
-    fitted to what the fitted
-    forwards leave unexplained in each step's measured time. Every decode batch size class (1, 2-3, 4-7, ...)
-    weighs the same: batch-1 steps outnumber batch-16 ones twenty to one, and only the large batches tell the
-    per-request term from the per-step one. Iteratively reweighted least squares with Cauchy weights: a step
-    stalled by the machine barely counts."""
+    fitted to what the fitted forwards leave unexplained in each step's measured time, phase by phase where the
+    engine timed its phases (phase_rows: drafting c, e; verification b, d; the rest a). Every decode batch size
+    class (1, 2-3, 4-7, ...) weighs the same: batch-1 steps outnumber batch-16 ones twenty to one, and only the
+    large batches tell the per-request term from the per-step one. Iteratively reweighted least squares with
+    Cauchy weights: a step stalled by the machine barely counts."""
     from scipy.optimize import lsq_linear
 
     if len(iterations) < 8:
@@ -108,17 +146,18 @@ def fit_overheads(cost, iterations) -> Overheads:
     meas = np.array([it.step_ms for it in iterations])
     X = overhead_terms(iterations)
     batch = X[:, 3].astype(np.int64)
-    resid = meas - pred
+    # the equations: a decode step's three timed phases, or a whole step (phase_rows)
+    A, resid, step = phase_rows(cost, iterations)
     _, cls, count = np.unique(np.where(batch > 0, np.floor(np.log2(np.maximum(batch, 1))) + 1, 0),
                               return_inverse=True, return_counts=True)
-    balance = 1.0 / count[cls]  # each class's weights sum to 1
+    balance = (1.0 / count[cls])[step]  # each class's weights sum to 1 (per equation: its step's)
     robust = np.ones(len(resid))
-    used = X.any(axis=0)  # a term the calibration never exercises (draft rows under ar) stays 0
-    x = np.zeros(X.shape[1])
+    used = A.any(axis=0)  # a term the calibration never exercises (draft rows under ar) stays 0
+    x = np.zeros(A.shape[1])
     for _ in range(6):  # iteratively reweighted least squares, non-negative terms
         sw = np.sqrt(balance * robust)
-        x[used] = lsq_linear(X[:, used] * sw[:, None], resid * sw, bounds=(0.0, np.inf)).x
-        r = X @ x - resid
+        x[used] = lsq_linear(A[:, used] * sw[:, None], resid * sw, bounds=(0.0, np.inf)).x
+        r = A @ x - resid
         scale = max(1.4826 * float(np.median(np.abs(r - np.median(r)))), 0.05)  # this fit's own spread (MAD)
         robust = 1.0 / (1.0 + (r / (2.385 * scale)) ** 2)  # Cauchy, at its usual tuning constant
     a, b, c, d, e = (float(v) for v in x)
