@@ -272,6 +272,16 @@ def test_validate_end_to_end_small(tmp_path, capsys, monkeypatch):
     assert fit["params"]["draft_depth_overhead_ms"] == pytest.approx(res["overheads"]["overhead_per_draft_depth_ms"])
     # the replay's steps against their calibrated price: a ratio near 1 on a steady machine
     assert 0.3 < res["replay_steps_over_priced"] < 3.0
+    # the simulator again at the replays' own speed: every step priced that many times the calibrated price
+    speed = res["replay_speed"]
+    assert 0.3 < speed < 3.0 and (out / "sim_at_replay_speed" / "iterations.csv").is_file()
+    at = {r["metric"]: r for r in res["metrics_at_replay_speed"]}
+    assert at["mat"]["engine"] == rows["mat"]["engine"]
+    slow = np.genfromtxt(out / "sim_at_replay_speed" / "iterations.csv", delimiter=",", names=True)
+    base = np.genfromtxt(out / "sim" / "iterations.csv", delimiter=",", names=True)
+    if len(slow) == len(base) and (slow["verified_tokens"] == base["verified_tokens"]).all():  # same decisions
+        assert slow["step_ms"] == pytest.approx(base["step_ms"] * speed, rel=1e-3, abs=2e-4)
+    assert "at the replays' own machine speed" in (out / "validation.md").read_text()
     # the suspect first fit: profiled again, refitted, both kept
     assert calls == {"profile": 2, "fit": 2} and "profiling again" in printed
     assert res["overheads_before_reprofile"]["forward_share"] == 1.4

@@ -432,9 +432,11 @@ def replay_engine(cfg: CrossValConfig, items, eng, out: Path, log) -> dict:
 
 
 def simulate_same(cfg: CrossValConfig, records, fit_path: Path, acc_path: Path | None, over: Overheads,
-                  mean_ctx: float, out: Path, hardware: str | None = None) -> dict:
-    """The engine's requests (trace arrivals; the prompt and output tokens it served) through the simulator."""
-    from echosim.sim.config import ClusterConfig, SimConfig
+                  mean_ctx: float, out: Path, hardware: str | None = None, speed: float = 1.0) -> dict:
+    """The engine's requests (trace arrivals; the prompt and output tokens it served) through the simulator.
+    speed: every step's price times this (the fitted forwards and the overheads alike; ScaledCostModel)."""
+    from cost_models.scaled import ScaledCostModel
+    from echosim.sim.config import ClusterConfig, SimConfig, build_cost_model
     from echosim.sim.simulator import simulate
     from echosim.sim.workload import WorkloadSpec
     from traces.request import TraceArrays
@@ -449,9 +451,9 @@ def simulate_same(cfg: CrossValConfig, records, fit_path: Path, acc_path: Path |
     hardware = hardware or str(fit_path.parent / "hardware.json")  # profile_and_fit writes it beside the fit
     cluster = ClusterConfig(model=cfg.model, hardware=hardware, draft=cfg.draft,
                             cost_model=str(fit_path), step_overhead_ms=over.step_overhead_ms,
-                            overhead_per_token_ms=over.overhead_per_token_ms,
-                            overhead_per_draft_row_ms=over.overhead_per_draft_row_ms,
-                            overhead_per_request_ms=over.overhead_per_request_ms, max_running=cfg.max_running,
+                            overhead_per_token_ms=over.overhead_per_token_ms * speed,
+                            overhead_per_draft_row_ms=over.overhead_per_draft_row_ms * speed,
+                            overhead_per_request_ms=over.overhead_per_request_ms * speed, max_running=cfg.max_running,
                             # the engine caps each step's prefill chunks, not its trees plus chunks
                             max_prefill_tokens=cfg.max_prefill_tokens, prefill_forward="separate",
                             max_batched_tokens=cfg.max_prefill_tokens + cfg.max_running * 4096,
@@ -459,7 +461,8 @@ def simulate_same(cfg: CrossValConfig, records, fit_path: Path, acc_path: Path |
     policy = {"policy": cfg.policy, **(cfg.policy_config or {})}
     sim = SimConfig(cluster=cluster, policy=policy, acceptance=str(acc_path) if acc_path else "qwen3-8b",
                     core="exact", seed=cfg.seed)
-    result = simulate(sim, WorkloadSpec(kind="trace", trace=str(trace)), out_dir=out)
+    cost = ScaledCostModel(build_cost_model(cluster), speed) if speed != 1.0 else None
+    result = simulate(sim, WorkloadSpec(kind="trace", trace=str(trace)), out_dir=out, cost=cost)
     return result.summary
 
 
@@ -665,7 +668,14 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
         del eng
     engine, reruns = runs[0], [r["summary"] for r in runs[1:]]
     sim = simulate_same(cfg, engine["records"], fit_path, acc_path, over, mean_ctx, out / "sim")
-    return report(out, engine, reruns, sim, cost, over, first_over, t_start)
+    # again at the speed the replays ran at against their calibrated price (the machine's, not the policy's)
+    speed = replay_drift([it for r in runs for it in r["iterations"]],
+                         np.concatenate([priced_steps_ms(cost, over, r["iterations"]) for r in runs]))
+    at_speed = simulate_same(cfg, engine["records"], fit_path, acc_path, over, mean_ctx,
+                             out / "sim_at_replay_speed", speed=speed) if speed else None
+    return report(out, engine, reruns, sim, cost, over, first_over, t_start,
+                  {"replay_speed": speed, "sim_at_replay_speed": {k: v for k, v in at_speed.items() if k != "sim"}}
+                  if at_speed else None)
 
 
 def settle_overheads(cfg: CrossValConfig, out: Path, fit_path: Path, over: Overheads, cal_steps: list, log):
@@ -713,6 +723,15 @@ def report(out: Path, engine: dict, reruns: list[dict], sim: dict, cost, over: O
         table = (f"**The replay's steps took {drift:.2f}x what the calibration priced them at** (median over its "
                  "steps): the machine's speed moved between calibration and replay, and the simulated latencies "
                  "are off by about as much; run again.\n\n" + table)
+    at_speed = (extra or {}).get("sim_at_replay_speed")
+    if at_speed is not None:
+        result["metrics_at_replay_speed"] = compare(engine["summary"], at_speed, reruns)
+        (out / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
+        keep = {"throughput_tok_s", "mat", "ttft_ms.mean", "tpot_ms.mean", "e2e_ms.mean"}
+        table += (f"\n\nThe simulator at the replays' own machine speed ({extra['replay_speed']:.2f}x the "
+                  "calibrated step prices, the median over the engine runs' steps; the machine's speed, not the "
+                  "policy's decisions, which stay simulated):\n\n"
+                  + format_comparison([r for r in result["metrics_at_replay_speed"] if r["metric"] in keep]))
     budget_md = ("\n\nThe adaptive budgets at the end of each run (what each side learnt):\n\n"
                  + format_budget_states(budgets)) if budgets else ""
     (out / "validation.md").write_text(table + "\n\nSteps, engine against simulator (where a step-time error "
