@@ -147,15 +147,17 @@ def test_rerun_after_an_interrupt_runs_only_the_missing_cells(tmp_path, jobs):
     table lists them, and the same command again runs only the rest."""
     out = tmp_path / "sw"
     JOBS = jobs  # noqa: N806
-    # cells of about a second each on this machine: the interrupt must land while cells remain, and on a loaded
-    # CI machine the poll below can lag by a second or more (with 400 requests a cell took ~0.1 s once the
-    # simulator got faster, and all 8 finished before the interrupt in a CI run)
+    # cells of a few hundred ms each (the acceptance-table cache makes tiny cells a few ms: all 8 could finish
+    # between two polls of a loaded machine, before the interrupt lands)
     cmd = [sys.executable, "-m", "echosim.cli", "sweep", "--policies", "ar,eagle3", "--concurrency", "1,2,3,4",
-           "--requests", "3000", "--input-len", "32", "--output-len", "128", "--jobs", JOBS, "--no-plots",
+           "--requests", "400", "--input-len", "32", "--output-len", "128", "--jobs", JOBS, "--no-plots",
            "--no-progress", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # SIGINT back to its default in the child: a shell without job control starts background jobs with SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler (a CI run launched with `&` saw exit 0)
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     cells = out / "cells"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(cells.glob("*/cell.json"))) < 2:
