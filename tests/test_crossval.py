@@ -331,3 +331,24 @@ def test_validate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, arg
     assert code == 2 and err.count("\n") == 0 and err.startswith("echosim: error:"), err
     assert all(w in err for w in words), err
     assert not (tmp_path / "v").exists()  # nothing written before the inputs are checked
+
+
+def test_calibration_reaches_the_largest_batch_with_more_prompts_than_files(tmp_path):
+    """The default calibration has a prompt for every slot of its largest batch (at max_running 64, 16 prompts
+    never ran a batch above 16), and asking for more prompts than there are files cuts other windows of them."""
+    from echosim.validate.crossval import CrossValConfig, calibration_prompts
+
+    cfg = CrossValConfig(model=str(MODELS_DIR / "tiny-target"), draft=None, policy="ar", max_running=64)
+    assert cfg.batches() == [1, 16, 64] and cfg.n_calibration_prompts() == 64
+    assert CrossValConfig(model="m", draft=None, max_running=4).n_calibration_prompts() == 16
+    assert CrossValConfig(model="m", draft=None, max_running=64, calibration_prompts=8).n_calibration_prompts() == 8
+    files = []
+    for i in range(3):
+        f = tmp_path / f"f{i}.py"
+        f.write_bytes(bytes(i * 40 + k % 37 for k in range(400)))  # file i's bytes: 40 i .. 40 i + 36
+        files.append(f)
+    prompts = calibration_prompts(files, 10, 32, seed=1)
+    assert len(prompts) == 10 and all(len(p) == 32 for p in prompts)
+    assert sorted({p[0] // 40 for p in prompts}) == [0, 1, 2]         # every file used
+    assert calibration_prompts(files, 10, 32, seed=1) == prompts      # seeded
+    assert len({tuple(p) for p in prompts}) > 3                       # other windows, not copies

@@ -47,8 +47,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--block-size", type=int, default=16, help="KV-cache block size (tokens)")
     p.add_argument("--max-prefill-tokens", type=int, default=512, help="prefill tokens per step")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (none = room for max-running)")
-    p.add_argument("--calibration-prompts", type=int, default=16,
-                   help="calibration prompts (other files than the replay's) per batch size")
+    p.add_argument("--calibration-prompts", type=int, default=None,
+                   help="calibration prompts (other files than the replay's), sent in bursts of each calibration "
+                        "batch size (none = max(16, max-running): the largest batch is reached)")
     p.add_argument("--engine-runs", type=int, default=2,
                    help="replays through the engine (the second measures the machine's own noise)")
     p.add_argument("--device", default="cpu", help="torch device")

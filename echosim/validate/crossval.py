@@ -54,7 +54,7 @@ class CrossValConfig:
     num_kv_blocks: int | None = None    # default: room for max_running requests of the longest clipped length
     block_size: int = 16
     max_prefill_tokens: int = 512
-    calibration_prompts: int = 16
+    calibration_prompts: int | None = None  # default: max(16, max_running), so the largest batch is reached
     calibration_batches: tuple[int, ...] = ()  # default: 1, max_running / 4, max_running
     profile_repeats: int = 3             # timed calls per grid point per round
     profile_rounds: int = 3              # passes over the grid (a slow spell hits every point a little)
@@ -67,7 +67,7 @@ class CrossValConfig:
         for name in ("limit", "max_prompt_tokens", "max_output_tokens", "max_running", "block_size",
                      "max_prefill_tokens", "calibration_prompts", "profile_repeats", "profile_rounds",
                      "engine_runs", "threads"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValidationError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
         if not self.time_scale > 0:
             raise ValidationError(f"time_scale must be > 0, got {self.time_scale}", field="time_scale")
@@ -89,6 +89,14 @@ class CrossValConfig:
         if self.calibration_batches:
             return sorted(set(int(b) for b in self.calibration_batches))
         return sorted({1, max(self.max_running // 4, 1), self.max_running})
+
+    def n_calibration_prompts(self) -> int:
+        """Calibration prompts: as many as the largest calibration batch at least, else that batch is never run
+        (with 16 prompts at max_running 64 the calibration's largest batch was 16, and the overhead fit priced
+        the replay's batches of 32-63, most of its time, by extrapolation)."""
+        if self.calibration_prompts is not None:
+            return int(self.calibration_prompts)
+        return max(16, max(self.batches()))
 
     def kv_blocks(self) -> int:
         if self.num_kv_blocks is not None:
@@ -121,14 +129,18 @@ def _window(path: Path, need: int, rng: np.random.Generator, limit: int = 8192) 
 
 
 def calibration_prompts(files: list[Path], n: int, prompt_len: int, seed: int) -> list[list[int]]:
-    """n byte-token prompts of prompt_len from the calibration files, at seeded offsets."""
+    """n byte-token prompts of prompt_len from the calibration files, at seeded offsets: each file once in a
+    seeded order, then again at other offsets while more are asked for than there are files."""
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[list[int]] = []
     pool = [f for f in files if f.stat().st_size > prompt_len + 16]
-    for f in [pool[i] for i in rng.permutation(len(pool))[:n]]:
-        data = f.read_bytes()
-        start = int(rng.integers(0, len(data) - prompt_len))
-        out.append(list(data[start:start + prompt_len]))
+    if not pool:
+        raise ValidationError(f"no calibration file is longer than the prompts ({prompt_len} bytes)")
+    while len(out) < n:
+        for f in [pool[i] for i in rng.permutation(len(pool))[:n - len(out)]]:
+            data = f.read_bytes()
+            start = int(rng.integers(0, len(data) - prompt_len))
+            out.append(list(data[start:start + prompt_len]))
     return out
 
 
@@ -291,7 +303,7 @@ def engine_decode(cfg: CrossValConfig, eng, prompts: list[list[int]], cost, prom
 def calibrate(cfg: CrossValConfig, files: list[Path], cost, out: Path, prompt_len: int, log):
     """Engine runs on calibration prompts at each calibration batch size: per-node records -> acceptance model,
     per-step times of the policy -> overheads. Returns (acceptance path, Overheads, the calibration steps)."""
-    prompts = calibration_prompts(files, cfg.calibration_prompts, prompt_len, cfg.seed + 1)
+    prompts = calibration_prompts(files, cfg.n_calibration_prompts(), prompt_len, cfg.seed + 1)
     acc_path = acceptance_from_engine(cfg, prompts, cost, out, prompt_len, log)
     its, _ = engine_decode(cfg, make_engine(cfg), prompts, cost, prompt_len, log)
     write_iterations(out / "calibration_iterations.csv", its, t_origin=its[0].start_s if its else 0.0)

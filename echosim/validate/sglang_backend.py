@@ -285,7 +285,7 @@ def run(cfg: CrossValConfig, out: Path, opts: SglangOptions, log=print) -> dict:
         fit_path = profile_and_fit(cfg, out, log)
         wait_ready(server, opts.start_timeout_s)
         cost = step_predictor(cfg, fit_path)
-        prompts = calibration_prompts(cal_files, cfg.calibration_prompts, prompt_len, cfg.seed + 1)
+        prompts = calibration_prompts(cal_files, cfg.n_calibration_prompts(), prompt_len, cfg.seed + 1)
         acc_path = acceptance_from_engine(cfg, prompts, cost, out, prompt_len, log)
         cal_steps, cal_mat = calibrate_sglang(cfg, server, prompts, mean_ctx, log)
         write_iterations(out / "calibration_iterations.csv", cal_steps, t_origin=cal_steps[0].start_s)
