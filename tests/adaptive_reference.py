@@ -13,6 +13,10 @@ from echosim.spec.adaptive import (
     PROB_CENTRES,
     PROB_EDGES,
     RETRY_STEPS,
+    ROBUST_C,
+    ROBUST_CLIP,
+    ROBUST_FLOOR,
+    ROBUST_RATE,
     AdaptiveConfig,
     _verify_features,
     _verify_prior,
@@ -50,6 +54,16 @@ class AcceptanceTable:
             np.add.at(self.trials, (d, b), 1.0)
 
 
+def _robust(owner, residual: float, predicted: float) -> float:
+    """Cauchy weight of the residual at owner.scale (the residuals' clipped running mean absolute size, at least
+    ROBUST_FLOOR of the prediction, starting at the prediction); updates owner.scale."""
+    floor = ROBUST_FLOOR * max(abs(predicted), _EPS)
+    s = max(owner.scale if owner.scale is not None else abs(predicted), floor)
+    w = 1.0 / (1.0 + (residual / (ROBUST_C * s)) ** 2)
+    owner.scale = s + ROBUST_RATE * (min(abs(residual), ROBUST_CLIP * s) - s)
+    return w
+
+
 class LinearCost:
     """y ~ theta . x by recursive least squares with forgetting, regularized toward a prior theta0 (weight: the
     prior's pseudo-observations). Coefficients are kept >= 0: more work never costs less."""
@@ -62,11 +76,13 @@ class LinearCost:
         self.xx, self.xy = np.zeros((n, n)), np.zeros(n)
         self.theta = self.theta0.copy()
         self.samples = 0
+        self.scale = None
 
     def update(self, x: np.ndarray, y: float) -> None:
         x = np.asarray(x, np.float64)
-        self.xx = self.forget * self.xx + np.outer(x, x)
-        self.xy = self.forget * self.xy + x * y
+        w = _robust(self, y - float(x @ self.theta), float(x @ self.theta))
+        self.xx = self.forget * self.xx + w * np.outer(x, x)
+        self.xy = self.forget * self.xy + w * x * y
         self.samples += 1
         try:
             theta = np.linalg.solve(self.xx + self.prior, self.xy + self.prior @ self.theta0)
@@ -96,6 +112,7 @@ class ReferenceAdaptive(Policy):
         # draft_ms = e * (drafted at all) + f * depths + g * draft rows; generic prior: 0.5 ms a depth
         self.draft_cost = LinearCost(np.array([0.2, 0.5, 0.005]), [2.0, 2.0, 2.0], c.forget)
         self.fixed_ms = 0.0
+        self.scale, self._fixed_seen = None, False  # the rest of the step's robust scale (_robust)
         self.full = self.inner.plan(1)
         # running means, per request-step of the steps that drafted: expected accepted drafts of the chosen nodes,
         # verified drafts, draft depths and draft rows (per request); None until a step has drafted
@@ -141,6 +158,9 @@ class ReferenceAdaptive(Policy):
             self.draft_cost.update([1.0, draft_depths, draft_rows], float(draft_ms))
         if other_ms is not None and other_ms >= 0:
             w = 0.1 if self.steps > 10 else 0.5
+            if self._fixed_seen:
+                w *= _robust(self, float(other_ms) - self.fixed_ms, self.fixed_ms)
+            self._fixed_seen = True
             self.fixed_ms = (1 - w) * self.fixed_ms + w * float(other_ms)
 
     # ---- cost predictions ------------------------------------------------------------------------------------

@@ -161,6 +161,36 @@ def test_step_cost_fit_follows_measured_times():
     assert abs(d - 7.9) < 0.5
 
 
+def test_a_stalled_step_barely_moves_the_cost_fit_but_a_lasting_change_does():
+    """A fresh engine's first verify once took 239 ms where 12 were due: taken at full weight, it taught the
+    budget that drafts cost 12x their price, and it decoded plainly for the rest of the run. Robust weights let
+    such a stall (first step or later) barely count, while a machine that really slows is still followed."""
+    def fit(stalls, slow_from=None, steps=120):
+        policy = make_policy("eagle3", dict(adaptive={}), flat_step(0.1, 10.0))
+        for i in range(steps):
+            t = 1 + i % 40
+            ms = 10.0 + 0.1 * t
+            if slow_from is not None and i >= slow_from:
+                ms *= 1.5
+            if i in stalls:
+                ms *= 20.0
+            policy.observe_step(1, t, ms, draft_depths=4, draft_rows=13, draft_ms=4.0 + 0.3 * 13,
+                                other_ms=200.0 if i in stalls else 1.0)
+        return policy
+
+    clean = fit(())
+    for stalls in ((0,), (1,), (50,), (119,)):
+        stalled = fit(stalls)
+        v0, v1 = clean._verify_ms(np.array([1.0, 40.0]), 1), stalled._verify_ms(np.array([1.0, 40.0]), 1)
+        assert np.all(np.abs(v1 / v0 - 1) < 0.05), (stalls, v0, v1)
+        assert abs(stalled.fixed_ms - clean.fixed_ms) < 0.5, stalls
+        assert stalled.verify_cost.theta[1] < 1.2, stalls  # what the drafts cost stays near their price
+    # 1.5x slower from step 40 on: followed as fast as forgetting allows (unweighted, the fit is as far along)
+    slowed = fit((), slow_from=40, steps=200)
+    v = slowed._verify_ms(np.array([1.0, 40.0]), 1)
+    assert np.all(np.abs(v / (1.5 * np.array([10.1, 14.0])) - 1) < 0.1), v
+
+
 def test_plain_steps_price_plain_decoding_while_drafting():
     """While drafting pays, every plain_every-th step is plain; the cost fit gives the plain step and the drafts
     scales of their own, so a tree whose drafts cost twice the profile's no longer makes plain decoding look

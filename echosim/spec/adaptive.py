@@ -53,6 +53,10 @@ _PLAIN = DraftPlan(0, 0, 0)
 # solve, twice a step); np.linalg.solve remains the fallback, and the kernel's result is the same
 _solve = getattr(getattr(np.linalg, "_umath_linalg", None), "solve1", None)
 _NEW_REQUEST = np.array([0.0, 0.0, np.nan, -1.0])  # estimates of a request not seen drafting yet
+# robust step-cost fits (RobustScale): Cauchy's usual tuning constant; a residual scale of at least 5% of the
+# predicted time (a CPU step's ordinary jitter) and its running mean at a rate of 0.1 a step, each residual
+# clipped at 4 scales
+ROBUST_C, ROBUST_FLOOR, ROBUST_RATE, ROBUST_CLIP = 2.385, 0.05, 0.1, 4.0
 
 
 @dataclass
@@ -126,9 +130,36 @@ class AcceptanceTable:
         self._rates = self._best = None
 
 
+def robust_weight(residual: float, scale: float) -> float:
+    """Cauchy weight of a residual at a scale (its usual tuning constant): ~1 within the scale, ~0 far outside."""
+    z = residual / (ROBUST_C * scale)
+    return 1.0 / (1.0 + z * z)
+
+
+class RobustScale:
+    """A running scale of a fit's residuals: their mean absolute size, each clipped at ROBUST_CLIP scales so one
+    stall cannot blow it up, and never below ROBUST_FLOOR of the predicted value. It starts at the first
+    prediction itself (nothing is known yet: a prior off by 5x still teaches within a few steps) and settles to
+    the residuals' own size; a lasting change (the machine slowed) moves it by up to 30% a step."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    def weigh(self, residual: float, predicted: float) -> float:
+        """The residual's weight, then the scale updated with it."""
+        floor = ROBUST_FLOOR * max(abs(predicted), _EPS)
+        s = max(self.value if self.value is not None else abs(predicted), floor)
+        w = robust_weight(residual, s)
+        self.value = s + ROBUST_RATE * (min(abs(residual), ROBUST_CLIP * s) - s)
+        return w
+
+
 class LinearCost:
     """y ~ theta . x by recursive least squares with forgetting, regularized toward a prior theta0 (weight: the
-    prior's pseudo-observations). Coefficients are kept >= 0: more work never costs less."""
+    prior's pseudo-observations). Coefficients are kept >= 0: more work never costs less. Each observation counts
+    with a Cauchy weight of its residual against the running fit (RobustScale): a step stalled by the machine (a
+    fresh engine's first verify took 239 ms where 12 were due, and with full weight it taught the budget that
+    drafts cost 12x their price, so it decoded plainly for the rest of the run: docs/ADAPTIVE.md) barely counts."""
 
     def __init__(self, theta0: np.ndarray, prior_weight: np.ndarray, forget: float):
         self.theta0 = np.asarray(theta0, np.float64)
@@ -139,12 +170,15 @@ class LinearCost:
         self.theta = self.theta0.copy()
         self.coef = self.theta.tolist()  # theta as Python floats, for scalar predictions
         self.samples = 0
+        self.scale = RobustScale()
         self._prior_xy = self.prior @ self.theta0
 
     def update(self, x: np.ndarray, y: float) -> None:
         x = np.asarray(x, np.float64)
-        self.xx = self.forget * self.xx + x[:, None] * x[None, :]
-        self.xy = self.forget * self.xy + x * y
+        pred = float(x @ self.theta)
+        w = self.scale.weigh(y - pred, pred)
+        self.xx = self.forget * self.xx + (w * x)[:, None] * x[None, :]
+        self.xy = self.forget * self.xy + (w * y) * x
         self.samples += 1
         a, b = self.xx + self.prior, self.xy + self._prior_xy
         theta = _solve(a, b) if _solve is not None else None  # (xx + prior) is positive definite: solvable
@@ -258,6 +292,7 @@ class Adaptive(Policy):
         # draft_ms = e * (drafted at all) + f * depths + g * draft rows; generic prior: 0.5 ms a depth
         self.draft_cost = LinearCost(np.array([0.2, 0.5, 0.005]), [2.0, 2.0, 2.0], c.forget)
         self.fixed_ms = 0.0
+        self._fixed_scale, self._fixed_seen = RobustScale(), False
         self.full = self.inner.plan(1)
         f = self.full
         # cumulative draft rows per drafting request by depth (the root's row at depth 1, its beam below)
@@ -329,7 +364,11 @@ class Adaptive(Policy):
             self.draft_cost.update(np.array([1.0, draft_depths, draft_rows], np.float64), float(draft_ms))
         if other_ms is not None and other_ms >= 0:
             w = 0.1 if self.steps > 10 else 0.5
-            self.fixed_ms = (1 - w) * self.fixed_ms + w * float(other_ms)
+            r = float(other_ms) - self.fixed_ms
+            if self._fixed_seen:  # the first one sets the level: there is nothing to weigh it against yet
+                w *= self._fixed_scale.weigh(r, self.fixed_ms)
+            self._fixed_seen = True
+            self.fixed_ms += w * r
 
     # ---- cost predictions ------------------------------------------------------------------------------------
 
