@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from echo_exec.errors import ExecError
 from echo_exec.kv import BlockManager, attn_meta
-from echo_exec.model import AttnMeta, Eagle3Head, KVCache, Transformer, rope_cos_sin
+from echo_exec.model import AttnMeta, Eagle3Head, KVCache, Transformer, packed_attention, rope_cos_sin
 from echosim.spec.forest import DraftForest
 
 
@@ -66,10 +66,6 @@ class LeanForward:
         c = self.cfg
         H, KV, D, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.rms_norm_eps
         T = tokens.shape[0]
-        B, L = attn.gather_slots.shape
-        Tq = attn.query_index.shape[1]
-        gather, query, out = attn.gather_slots.view(-1), attn.query_index.view(-1), attn.out_index
-        mask = attn.mask[:, None]
         x = self.model.model.embed_tokens(tokens)
         cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)
         half = D // 2
@@ -84,11 +80,7 @@ class LeanForward:
             kp, vp = cache.k_flat(i), cache.v_flat(i)
             kp.index_copy_(0, attn.write_slots, qk[:, H:])
             vp.index_copy_(0, attn.write_slots, v.contiguous())
-            o = F.scaled_dot_product_attention(qk[:, :H].index_select(0, query).view(B, Tq, H, D).transpose(1, 2),
-                                               kp.index_select(0, gather).view(B, L, KV, D).transpose(1, 2),
-                                               vp.index_select(0, gather).view(B, L, KV, D).transpose(1, 2),
-                                               attn_mask=mask, enable_gqa=True)
-            x = x + F.linear(o.transpose(1, 2).reshape(-1, H * D).index_select(0, out), ly["o"], ly["o_b"])
+            x = x + F.linear(packed_attention(qk[:, :H], kp, vp, attn), ly["o"], ly["o_b"])
             gate, up = F.linear(F.rms_norm(x, (x.shape[-1],), ly["ln2"], eps), ly["gu"], ly["gu_b"]).chunk(2, -1)
             x = x + F.linear(F.silu(gate) * up, ly["down"], ly["down_b"])
         if logits_rows is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from echo_exec.model import AttnMeta
+from echo_exec.model import AttnMeta, ragged_groups
 
 
 class OutOfBlocks(RuntimeError):
@@ -147,4 +147,4 @@ def attn_meta(bm: BlockManager, rows: np.ndarray, key_len: np.ndarray, q_count: 
     write = bm.table[rr, write_pos // bs] * bs + write_pos % bs
     return AttnMeta(write_slots=_to(write, device), gather_slots=_to(gather, device),
                     query_index=_to(query_index, device), out_index=_to(req * Tq + local, device),
-                    mask=_to(mask, device))
+                    mask=_to(mask, device), groups=ragged_groups(q_count, key_len, gather, query_index, mask, device))

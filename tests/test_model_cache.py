@@ -159,3 +159,50 @@ def test_packed_without_cache_and_logits_rows():
     ref = torch.cat([_plain(m, s) for s in seqs])
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(last, ref[[10, 15]], atol=1e-5, rtol=1e-5)
+
+
+def test_a_ragged_batch_attends_in_groups_with_the_same_result():
+    """Trees of 1 to 24 tokens side by side: attention runs per group of similar sizes (no request padded to the
+    longest tree), and every token's logits equal the one padded call's."""
+    import dataclasses
+
+    from echo_exec.model import ragged_groups
+
+    torch.manual_seed(0)
+    m = _model()
+    rng = np.random.default_rng(3)
+    sizes = [24, 1, 2, 2, 3, 1, 5, 1, 1, 2, 9, 1]
+    ctx_lens = rng.integers(5, 40, len(sizes))
+    slots = rng.permutation(4000)
+    ctx, new, toks, pos, masks, at = [], [], [], [], [], 0
+    for n, c in zip(sizes, ctx_lens, strict=True):
+        ctx.append(slots[at:at + c])
+        new.append(slots[at + c:at + c + n])
+        at += c + n
+        toks.append(rng.integers(0, V, n))
+        pos.append(c + np.arange(n))
+        tree = np.tril(np.ones((n, n), bool)) & (rng.random((n, n)) < 0.5)
+        np.fill_diagonal(tree, True)
+        masks.append(tree)
+    cache = KVCache(m.cfg, num_blocks=1000, block_size=4)
+    for k in range(m.cfg.n_layers):   # some context already in the cache
+        cache.k_flat(k).normal_()
+        cache.v_flat(k).normal_()
+    attn = make_attn_meta(ctx, new, masks)
+    assert len(attn.groups or ()) == 6   # query counts 1, 2, 3-4, 5-8, 9-16, 17-32
+    assert sorted(torch.cat([g.rows for g in attn.groups]).tolist()) == list(range(sum(sizes)))
+    one_call = dataclasses.replace(attn, groups=None)
+    tok = torch.as_tensor(np.concatenate(toks))
+    p = torch.as_tensor(np.concatenate(pos))
+    with torch.no_grad():
+        grouped = m.forward_packed(tok, p, attn, cache)
+        padded = m.forward_packed(tok, p, one_call, cache)
+    torch.testing.assert_close(grouped, padded, atol=1e-5, rtol=1e-5)
+    # a uniform batch, or one whose grouping saves little, stays one call
+    q = np.array([3, 3, 3])
+    kl = np.array([10, 10, 10])
+    assert ragged_groups(q, kl, np.zeros((3, 10), np.int64), np.zeros((3, 3), np.int64), np.ones((3, 3, 10), bool)) \
+        is None
+    q = np.array([4, 3, 4])
+    assert ragged_groups(q, kl, np.zeros((3, 10), np.int64), np.zeros((3, 4), np.int64), np.ones((3, 4, 10), bool)) \
+        is None
