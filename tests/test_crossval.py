@@ -191,6 +191,25 @@ def test_compare_signed_and_absolute_errors():
     assert format_comparison(compare(engine, sim)).splitlines()[0].count("|") == 7
 
 
+def test_compare_takes_the_mean_of_several_simulated_seeds():
+    """Several simulated runs of the same replay (seeds) are compared by their mean, with their range shown: one
+    seed's MAT moved by up to 12% against another's on a 48-request replay."""
+    engine = {"throughput_tok_s": 200.0, "mat": 3.0}
+    seeds = [{"throughput_tok_s": t, "mat": m} for t, m in ((190.0, 2.7), (210.0, 3.3), (205.0, 3.15))]
+    rows = {r["metric"]: r for r in compare(engine, seeds, [{"throughput_tok_s": 220.0, "mat": 2.8}])}
+    mat = rows["mat"]
+    assert mat["sim"] == pytest.approx(3.05) and (mat["sim_min"], mat["sim_max"]) == (2.7, 3.3)
+    assert mat["sim_seeds"] == 3 and mat["signed_pct"] == pytest.approx(round(0.05 / 3.0 * 100, 2))
+    assert mat["signed_pct_vs_mean"] == pytest.approx(round((3.05 - 2.9) / 2.9 * 100, 2))
+    assert rows["throughput_tok_s"]["sim"] == pytest.approx(605.0 / 3)
+    assert "ttft_ms.mean" in rows and rows["ttft_ms.mean"]["sim"] is None   # a metric no seed has
+    table = format_comparison(list(rows.values()))
+    assert "sim: mean of 3 seeds (lowest - highest)" in table.splitlines()[0]
+    assert "3.050 (2.700 - 3.300)" in table
+    # one seed, given alone or as a list of one, is the single-run comparison
+    assert compare(engine, seeds[:1]) == compare(engine, seeds[0])
+
+
 def test_validate_end_to_end_small(tmp_path, capsys, monkeypatch):
     """The whole run; its first overhead fit is made to look like a profile taken at another machine speed, so
     validate profiles once more and refits the overheads on the same calibration steps."""
@@ -245,6 +264,14 @@ def test_validate_end_to_end_small(tmp_path, capsys, monkeypatch):
     res = json.loads((out / "validation.json").read_text())
     eng, sim = res["engine"], res["sim"]
     assert eng["completed"] == 6 and eng["failed"] == 0 and sim["requests"] == 6
+    # the simulator ran at 8 seeds (the default) and is compared by their mean; its files are the first seed's
+    assert [x["seed"] for x in res["sim_seeds"]] == list(range(8))
+    mats = [x["mat"] for x in res["sim_seeds"]]
+    assert res["sim_seeds"][0]["mat"] == sim["mat"]
+    mat_row = next(r for r in res["metrics"] if r["metric"] == "mat")
+    assert mat_row["sim"] == pytest.approx(np.mean(mats)) and mat_row["sim_min"] == min(mats)
+    assert len(res["sim_at_replay_speed_seeds"]) == 8
+    assert "mean of 8 seeds" in (out / "validation.md").read_text()
     assert eng["output_tokens"] == sim["output_tokens"] == 6 * 16  # ignore_eos: the trace's lengths, both sides
     rows = {r["metric"]: r for r in res["metrics"]}
     assert all(rows[m]["engine"] is not None and rows[m]["sim"] is not None for m in rows)
@@ -352,3 +379,21 @@ def test_calibration_reaches_the_largest_batch_with_more_prompts_than_files(tmp_
     assert sorted({p[0] // 40 for p in prompts}) == [0, 1, 2]         # every file used
     assert calibration_prompts(files, 10, 32, seed=1) == prompts      # seeded
     assert len({tuple(p) for p in prompts}) > 3                       # other windows, not copies
+
+
+@pytest.mark.parametrize("pair", ["tiny-draft", "wide-draft"])
+def test_records_of_a_shipped_echo_tree_show_every_candidate(pair):
+    """validate fits ECHO's acceptance model to a static tree of its draft shape; that tree must verify every
+    candidate, else the fit falls back to the parametric draft marginal (the shipped 5 x 4 tree drafts 68
+    candidates, and a 64-token cap left its fit parametric, with drafts surer at depth than the engine's)."""
+    from echosim.spec.policies import make_policy
+    from echosim.validate.crossval import CrossValConfig, drafted_candidates, records_shape, verifies_every_candidate
+
+    shipped = json.loads((MODELS_DIR / pair / "policy-echo.json").read_text())
+    shipped.pop("policy")
+    shipped.pop("calibration", None)
+    shape = records_shape(CrossValConfig(model="m", draft="d", policy="echo", policy_config=shipped))
+    plan = make_policy("echo", shipped).plan(1)
+    assert (shape["steps"], shape["topk"]) == (plan.depth, plan.k)
+    assert shape["num_draft_tokens"] == 1 + drafted_candidates(plan) > 64
+    assert verifies_every_candidate("eagle3", shape)

@@ -52,6 +52,9 @@ def add_parser(subparsers) -> None:
                         "batch size (none = max(16, max-running): the largest batch is reached)")
     p.add_argument("--engine-runs", type=int, default=2,
                    help="replays through the engine (the second measures the machine's own noise)")
+    p.add_argument("--sim-seeds", type=int, default=8,
+                   help="simulated runs of the same replay, seeds --seed, --seed + 1, ...; the simulator is "
+                        "compared by their mean (a few dozen requests are a small sample of its acceptance model)")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -95,6 +98,8 @@ def run_replay(args, policy: str, config: dict | None) -> int:
     from echosim.validate.crossval import CrossValConfig, format_comparison, validate_replay
     from echosim.validate.step_overheads import Overheads
 
+    if args.sim_seeds < 1:
+        raise UserError(f"--sim-seeds must be >= 1, got {args.sim_seeds}")
     if args.cost_model is None:
         raise UserError("--replay needs --cost-model (a step-time fit; echosim fit makes one from a profile)")
     acceptance = args.acceptance
@@ -120,7 +125,8 @@ def run_replay(args, policy: str, config: dict | None) -> int:
     cfg = CrossValConfig(model=args.model, draft=None if policy == "ar" else args.draft, policy=policy,
                          policy_config=config, max_running=args.max_running, num_kv_blocks=args.num_kv_blocks,
                          block_size=args.block_size, max_prefill_tokens=args.max_prefill_tokens, seed=args.seed,
-                         max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens)
+                         max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
+                         sim_seeds=args.sim_seeds)
     result = validate_replay(replay, cfg, Path(args.cost_model), acceptance, over, out, hardware=args.hardware)
     if not args.no_plots and (out / "validation.json").is_file():
         from echosim.plots import plot_validate
@@ -145,6 +151,7 @@ def run(args) -> int:
                          max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
                          max_running=args.max_running, num_kv_blocks=args.num_kv_blocks,
                          calibration_prompts=args.calibration_prompts, engine_runs=args.engine_runs,
+                         sim_seeds=args.sim_seeds,
                          block_size=args.block_size, max_prefill_tokens=args.max_prefill_tokens,
                          device=args.device, threads=args.threads,
                          seed=args.seed)

@@ -25,7 +25,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,7 @@ class CrossValConfig:
     profile_repeats: int = 3             # timed calls per grid point per round
     profile_rounds: int = 3              # passes over the grid (a slow spell hits every point a little)
     engine_runs: int = 2                 # the replay through the engine again: the noise floor of the errors
+    sim_seeds: int = 8                   # the simulator at this many seeds; compared by their mean (its own noise)
     device: str = "cpu"
     threads: int = 1
     seed: int = 0
@@ -66,7 +67,7 @@ class CrossValConfig:
     def check(self) -> None:
         for name in ("limit", "max_prompt_tokens", "max_output_tokens", "max_running", "block_size",
                      "max_prefill_tokens", "calibration_prompts", "profile_repeats", "profile_rounds",
-                     "engine_runs", "threads"):
+                     "engine_runs", "sim_seeds", "threads"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValidationError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
         if not self.time_scale > 0:
@@ -259,10 +260,16 @@ def verifies_every_candidate(policy: str, config: dict | None) -> bool:
     return plan.depth > 0 and getattr(pol.config, "num_draft_tokens", 0) >= 1 + drafted_candidates(plan)
 
 
+# the largest tree the records run verifies. Every candidate of the usual shapes fits (steps 5-6 x topk 4: 69-85
+# tokens), so the fit keeps the records' own draft marginal; at 64 the shipped 5 x 4 shape (68 candidates) fell
+# back to the parametric one, whose drafts grow surer with depth than the real drafter's (docs/ADAPTIVE.md)
+RECORDS_TREE_MAX = 128
+
+
 def records_shape(cfg: CrossValConfig) -> dict | None:
     """The static tree whose records the acceptance model is fitted from: the policy's draft shape, every
-    candidate verified (up to 64 tokens), so no gating or budget filters what the records show of the drafter.
-    None when the policy's own records serve (eagle3) or it drafts nothing (ar)."""
+    candidate verified (up to RECORDS_TREE_MAX tokens), so no gating or budget filters what the records show of
+    the drafter. None when the policy's own records serve (eagle3) or it drafts nothing (ar)."""
     from echosim.spec.policies import make_policy
 
     if cfg.policy in ("ar", "eagle3"):
@@ -270,7 +277,8 @@ def records_shape(cfg: CrossValConfig) -> dict | None:
     plan = make_policy(cfg.policy, cfg.policy_config).plan(1)
     if plan.depth == 0:
         return None
-    return {"steps": plan.depth, "topk": plan.k, "num_draft_tokens": min(1 + drafted_candidates(plan), 64)}
+    return {"steps": plan.depth, "topk": plan.k,
+            "num_draft_tokens": min(1 + drafted_candidates(plan), RECORDS_TREE_MAX)}
 
 
 def engine_decode(cfg: CrossValConfig, eng, prompts: list[list[int]], cost, prompt_len: int,
@@ -444,8 +452,11 @@ def replay_engine(cfg: CrossValConfig, items, eng, out: Path, log) -> dict:
 
 
 def simulate_same(cfg: CrossValConfig, records, fit_path: Path, acc_path: Path | None, over: Overheads,
-                  mean_ctx: float, out: Path, hardware: str | None = None, speed: float = 1.0) -> dict:
-    """The engine's requests (trace arrivals; the prompt and output tokens it served) through the simulator.
+                  mean_ctx: float, out: Path, hardware: str | None = None, speed: float = 1.0) -> list[dict]:
+    """The engine's requests (trace arrivals; the prompt and output tokens it served) through the simulator, at
+    cfg.sim_seeds seeds (cfg.seed, cfg.seed + 1, ...): their summaries, the first seed's run folder in `out`.
+    A few dozen requests are a small sample of the acceptance model's per-request difficulty: one seed's MAT
+    moved by up to +-12% against another's on the same replay (docs/ADAPTIVE.md), so one seed is no reference.
     speed: every step's price times this (the fitted forwards and the overheads alike; ScaledCostModel)."""
     from cost_models.scaled import ScaledCostModel
     from echosim.sim.config import ClusterConfig, SimConfig, build_cost_model
@@ -474,8 +485,9 @@ def simulate_same(cfg: CrossValConfig, records, fit_path: Path, acc_path: Path |
     sim = SimConfig(cluster=cluster, policy=policy, acceptance=str(acc_path) if acc_path else "qwen3-8b",
                     core="exact", seed=cfg.seed)
     cost = ScaledCostModel(build_cost_model(cluster), speed) if speed != 1.0 else None
-    result = simulate(sim, WorkloadSpec(kind="trace", trace=str(trace)), out_dir=out, cost=cost)
-    return result.summary
+    workload = WorkloadSpec(kind="trace", trace=str(trace))
+    return [simulate(replace(sim, seed=cfg.seed + i), workload, out_dir=out if i == 0 else None, cost=cost).summary
+            for i in range(max(int(cfg.sim_seeds), 1))]
 
 
 def _get(summary: dict, key: str, sub: str | None):
@@ -489,16 +501,20 @@ def _err(ref: float | None, x: float | None) -> float | None:
     return None if ref is None or x is None or ref == 0 else (x - ref) / abs(ref) * 100
 
 
-def compare(engine: dict, sim: dict, reruns: list[dict] = ()) -> list[dict]:
+def compare(engine: dict, sim: dict | list[dict], reruns: list[dict] = ()) -> list[dict]:
     """Per metric: engine value, simulated value, signed error (sim - engine) / engine in %, and its absolute;
     with reruns of the engine on the same replay, the largest absolute error of a rerun against the first run
     (the machine's own noise: the floor under any simulator error), and the simulator against all the engine's
     runs together: their mean, lowest and highest, the signed error against the mean, and whether the simulated
     value lies inside the runs' range. Where the engine's own decisions depend on its measured step times (an
-    adaptive budget), one run is a sample, not a reference (docs/VALIDATION.md)."""
+    adaptive budget), one run is a sample, not a reference (docs/VALIDATION.md). `sim` may be several simulated
+    runs (seeds): the simulated value is then their mean, with their lowest and highest."""
+    sims = sim if isinstance(sim, list) else [sim]
     rows = []
     for key, sub in METRICS:
-        e, s = _get(engine, key, sub), _get(sim, key, sub)
+        e = _get(engine, key, sub)
+        seeds = [_get(x, key, sub) for x in sims]
+        s = None if None in seeds else float(np.mean(seeds))
         err = _err(e, s)
         runs = [e] + [_get(r, key, sub) for r in reruns]
         noise = [_err(e, x) for x in runs[1:]]
@@ -507,6 +523,8 @@ def compare(engine: dict, sim: dict, reruns: list[dict] = ()) -> list[dict]:
                "abs_pct": None if err is None else round(abs(err), 2),
                "engine_rerun_abs_pct": None if not noise or None in noise else
                round(max(abs(x) for x in noise), 2)}
+        if len(sims) > 1 and s is not None:
+            row.update({"sim_seeds": len(sims), "sim_min": min(seeds), "sim_max": max(seeds)})
         if reruns and None not in runs:
             mean = float(np.mean(runs))
             err_mean = _err(mean, s)
@@ -523,14 +541,17 @@ def format_comparison(rows: list[dict]) -> str:
         return "n/a" if x is None else f"{x:,.{digits}f}"
 
     several = any("engine_mean" in r for r in rows)
-    head = "| metric | engine | sim | signed error | abs error | engine rerun (abs) |"
+    seeds = max((r.get("sim_seeds", 1) for r in rows), default=1)
+    sim_head = f"sim: mean of {seeds} seeds (lowest - highest)" if seeds > 1 else "sim"
+    head = f"| metric | engine | {sim_head} | signed error | abs error | engine rerun (abs) |"
     if several:
         head += " engine runs: mean (lowest - highest) | sim vs mean | sim inside the runs' range |"
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         d = 3 if r["metric"] == "mat" else 1
         rerun = r.get("engine_rerun_abs_pct")
-        line = (f"| {r['metric']} | {cell(r['engine'], d)} | {cell(r['sim'], d)} | "
+        sim = cell(r["sim"], d) + (f" ({cell(r['sim_min'], d)} - {cell(r['sim_max'], d)})" if "sim_min" in r else "")
+        line = (f"| {r['metric']} | {cell(r['engine'], d)} | {sim} | "
                 f"{cell(r['signed_pct'])}% | {cell(r['abs_pct'])}% | "
                 f"{'-' if rerun is None else cell(rerun) + '%'} |")
         if several:
@@ -679,15 +700,14 @@ def run(cfg: CrossValConfig, out: Path, log=print) -> dict:
         runs.append(replay_engine(cfg, items, eng, out / ("engine" if i == 0 else f"engine_rerun{i}"), log))
         del eng
     engine, reruns = runs[0], [r["summary"] for r in runs[1:]]
-    sim = simulate_same(cfg, engine["records"], fit_path, acc_path, over, mean_ctx, out / "sim")
+    sims = simulate_same(cfg, engine["records"], fit_path, acc_path, over, mean_ctx, out / "sim")
     # again at the speed the replays ran at against their calibrated price (the machine's, not the policy's)
     speed = replay_drift([it for r in runs for it in r["iterations"]],
                          np.concatenate([priced_steps_ms(cost, over, r["iterations"]) for r in runs]))
     at_speed = simulate_same(cfg, engine["records"], fit_path, acc_path, over, mean_ctx,
                              out / "sim_at_replay_speed", speed=speed) if speed else None
-    return report(out, engine, reruns, sim, cost, over, first_over, t_start,
-                  {"replay_speed": speed, "sim_at_replay_speed": {k: v for k, v in at_speed.items() if k != "sim"}}
-                  if at_speed else None)
+    return report(out, engine, reruns, sims, cost, over, first_over, t_start, {"replay_speed": speed},
+                  at_speed=at_speed)
 
 
 def settle_overheads(cfg: CrossValConfig, out: Path, fit_path: Path, over: Overheads, cal_steps: list, log):
@@ -710,17 +730,27 @@ def settle_overheads(cfg: CrossValConfig, out: Path, fit_path: Path, over: Overh
     return fit_path, step_predictor(cfg, fit_path), over, first_over
 
 
-def report(out: Path, engine: dict, reruns: list[dict], sim: dict, cost, over: Overheads,
-           first_over: Overheads | None, t_start: float, extra: dict | None = None) -> dict:
-    """Compare the engine's replay (its summary, requests and steps) with the simulator's and write
-    validation.json and validation.md."""
-    rows = compare(engine["summary"], sim, reruns)
+def seed_summaries(sims: list[dict]) -> list[dict]:
+    """Each simulated seed's headline numbers (validation.json)."""
+    return [{"seed": i, "throughput_tok_s": s.get("throughput_tok_s"), "mat": s.get("mat")}
+            for i, s in enumerate(sims)]
+
+
+def report(out: Path, engine: dict, reruns: list[dict], sims: list[dict], cost, over: Overheads,
+           first_over: Overheads | None, t_start: float, extra: dict | None = None,
+           at_speed: list[dict] | None = None) -> dict:
+    """Compare the engine's replay (its summary, requests and steps) with the simulator's (`sims`: one summary
+    per seed, the first with its run folder in out/sim; again at the replays' machine speed in `at_speed`) and
+    write validation.json and validation.md. The steps and the budget's state are the first seed's."""
+    sim = sims[0]
+    rows = compare(engine["summary"], sims, reruns)
     priced = priced_steps_ms(cost, over, engine["iterations"])
     drift = replay_drift(engine["iterations"], priced)
     steps = step_breakdown(out / "engine" / "iterations.csv", out / "sim" / "iterations.csv", priced)
     budgets = budget_states([engine["summary"], *reruns], sim)
     result = {"metrics": rows, "steps": steps, "budget_states": budgets, "engine": engine["summary"],
-              "sim": {k: v for k, v in sim.items() if k != "sim"}, "engine_reruns": reruns,
+              "sim": {k: v for k, v in sim.items() if k != "sim"}, "sim_seeds": seed_summaries(sims),
+              "engine_reruns": reruns,
               "overheads": asdict(over), "overheads_suspect": over.suspect,
               "overheads_before_reprofile": asdict(first_over) if first_over else None,
               "replay_steps_over_priced": drift, **(extra or {}),
@@ -735,8 +765,9 @@ def report(out: Path, engine: dict, reruns: list[dict], sim: dict, cost, over: O
         table = (f"**The replay's steps took {drift:.2f}x what the calibration priced them at** (median over its "
                  "steps): the machine's speed moved between calibration and replay, and the simulated latencies "
                  "are off by about as much; run again.\n\n" + table)
-    at_speed = (extra or {}).get("sim_at_replay_speed")
-    if at_speed is not None:
+    if at_speed:
+        result["sim_at_replay_speed"] = {k: v for k, v in at_speed[0].items() if k != "sim"}
+        result["sim_at_replay_speed_seeds"] = seed_summaries(at_speed)
         result["metrics_at_replay_speed"] = compare(engine["summary"], at_speed, reruns)
         (out / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
         keep = {"throughput_tok_s", "mat", "ttft_ms.mean", "tpot_ms.mean", "e2e_ms.mean"}
@@ -847,10 +878,11 @@ def validate_replay(replay: Path, cfg: CrossValConfig, cost_fit: Path, acceptanc
     if hardware is None and not (cost_fit.parent / "hardware.json").is_file():
         raise ValidationError("name the GPU (--hardware h100, or a spec .json), or keep hardware.json beside the "
                               "step-time fit", path=str(cost_fit))
-    sim = simulate_same(cfg, records, cost_fit, acceptance, over, 0.0, out / "sim", hardware)  # type: ignore
-    rows = compare(measured, sim)
+    sims = simulate_same(cfg, records, cost_fit, acceptance, over, 0.0, out / "sim", hardware)  # type: ignore
+    rows = compare(measured, sims)
     result = {"metrics": rows, "replay": str(replay), "measured": measured,
-              "sim": {k: v for k, v in sim.items() if k != "sim"}, "overheads": asdict(over),
+              "sim": {k: v for k, v in sims[0].items() if k != "sim"}, "sim_seeds": seed_summaries(sims),
+              "overheads": asdict(over),
               "cost_model": str(cost_fit), "hardware": hardware, "acceptance": acceptance,
               "wall_s": round(time.perf_counter() - t0, 1)}
     (out / "config.json").write_text(json.dumps({"command": "echosim validate --replay", "replay": str(replay),

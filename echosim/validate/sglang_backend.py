@@ -297,7 +297,7 @@ def run(cfg: CrossValConfig, out: Path, opts: SglangOptions, log=print) -> dict:
                   for i in range(1, cfg.engine_runs)]
         sim_cfg = replace(cfg, policy_config=sim_policy_config(cfg, server))
     budget = (sim_cfg.policy_config or {}).get("budget") or {}
-    sim = simulate_same(sim_cfg, engine["records"], fit_path, acc_path, over, mean_ctx, out / "sim")
+    sims = simulate_same(sim_cfg, engine["records"], fit_path, acc_path, over, mean_ctx, out / "sim")
     info = {k: v for k, v in server.info.items() if isinstance(v, (str, int, float, bool, list)) or v is None}
     extra = {"backend": "sglang", "sglang": {
         "url": server.url, "tree_tokens": server.tree_tokens, "topk": server.topk, "ragged": server.ragged,
@@ -305,7 +305,7 @@ def run(cfg: CrossValConfig, out: Path, opts: SglangOptions, log=print) -> dict:
         # SGLang's worker leaves a goodput budget unbound (its default step-time shape); the simulator binds it
         "goodput_budget_unbound": isinstance(budget, dict) and budget.get("kind") == "goodput",
         "server_info": {k: info[k] for k in sorted(info) if k in SERVER_INFO_KEYS}}}
-    return report(out, engine, reruns, sim, cost, over, first_over, t_start, extra)
+    return report(out, engine, reruns, sims, cost, over, first_over, t_start, extra)
 
 
 SERVER_INFO_KEYS = ("version", "max_running_requests", "max_total_num_tokens", "max_total_tokens",
