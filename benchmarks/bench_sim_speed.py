@@ -8,12 +8,14 @@ events of the replica loop) per second, requests per second.
     python benchmarks/bench_sim_speed.py --core exact --policies echo --requests 2000
     python benchmarks/bench_sim_speed.py --profile --policies echo     # cProfile's top functions instead
     python benchmarks/bench_sim_speed.py --synthetic 1000000            # memory: a 1M-request stream, peak RSS
+    python benchmarks/bench_sim_speed.py --jit --policies echo          # every policy's decode runs compiled
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -75,7 +77,12 @@ def main() -> int:
                     help="instead of the trace: N Poisson requests at --rate, prompt 32 / output 4 tokens "
                          "(many short requests: measures streaming and memory; reports peak RSS)")
     ap.add_argument("--rate", type=float, default=300.0)
+    ap.add_argument("--jit", action="store_true",
+                    help="every policy's decode runs through the compiled loop (ECHOSIM_JIT=1; by default only "
+                         "goodput ECHO's, docs/SIMULATOR.md)")
     args = ap.parse_args()
+    if args.jit:
+        os.environ["ECHOSIM_JIT"] = "1"
     if args.synthetic is None and not Path(args.trace).is_file():
         print(f"trace not found: {args.trace}", file=sys.stderr)
         return 1

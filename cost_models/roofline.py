@@ -268,6 +268,13 @@ def default_allreduce(hw: HardwareSpec, graph: bool = False) -> dict:
     return {w: [0.0, hw.nvlink_gbps / 2 * w / (2 * (w - 1))] for w in (2, 4, 8)}
 
 
+# _Forward.kernel_constants's scalars, in order ("lm_c" stands for its three coefficients)
+PACKED_FIELDS = ("layers", "fixed_ms", "elem_c", "p", "ramp", "experts", "topk", "pa_p", "attn_comp_c", "attn_kv_c",
+                 "attn_q_c", "key_ms", "kv_block", "heads_blk", "group", "units", "split", "q_tile", "causal",
+                 "seq_ms", "blend", "cover_keys", "cover_seqs", "cover_span", "key_ratio", "bw_ratio", "flop_ratio",
+                 "tp", "ar_lat_ms", "ar_c", "lm_c", "lm_fixed_ms")
+
+
 class _Forward:
     """Per-layer constants of one model at one TP degree, precomputed so each evaluation is a few float ops."""
 
@@ -350,6 +357,17 @@ class _Forward:
         self.heads_blk = self.packed * self.hkv + (1.0 - self.packed) * self.hq
         self.group = self.packed * self.hq / self.hkv + 1.0 - self.packed  # query rows per token in a block
         self.ar_c = self.d * b / self.ar_byte_per_ms
+
+    def kernel_constants(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This forward's constants for a compiled pricer (echosim/sim/kernels.py): the scalars of PACKED_FIELDS in
+        that order, and the dense and MoE GEMM coefficients, [n, 3] each (c, m0, m1), in the order _gemms_ms adds
+        them. Constants a configuration does not use (the blend's ratios without a datasheet, MoE without experts)
+        are 0: the compiled code takes the same branches as layers_scalar."""
+        vals = {"blend": float(self.blend), "topk": float(getattr(self, "topk", 0)), "lm_c": None}
+        out = [vals[f] if f in vals else float(getattr(self, f, 0.0)) for f in PACKED_FIELDS if f != "lm_c"]
+        out[PACKED_FIELDS.index("lm_c"):PACKED_FIELDS.index("lm_c")] = list(self.lm_c)
+        return (np.array(out, np.float64), np.array(self.dense_c, np.float64).reshape(-1, 3),
+                np.array(self.moe_c, np.float64).reshape(-1, 3))
 
     def _gemms_ms(self, t: Num) -> Num:
         """One layer's launches, elementwise kernels and GEMMs over t tokens: depends on t alone."""

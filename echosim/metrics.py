@@ -113,6 +113,34 @@ class Metrics:
             if len(self._it_rows) >= _FLUSH_ROWS:
                 self._flush_iterations()
 
+    def part_sums(self) -> np.ndarray:
+        """The step-time parts summed so far (draft, verify, LM head, overhead ms), for a compiled loop that adds
+        its iterations' parts in order (`decode_iterations_made` takes them back)."""
+        return np.array([self.draft_ms, self.verify_ms, self.lm_head_ms, self.overhead_ms], np.float64)
+
+    def decode_iterations_made(self, replica, n: int, counts: np.ndarray, part_sums: np.ndarray, sums: np.ndarray,
+                               times: np.ndarray, parts: np.ndarray, kv_after: np.ndarray, waiting: int) -> None:
+        """n decode-only iterations at once, as `iteration` records them one by one: `counts` their batch, tokens
+        verified and drafts accepted summed; `part_sums` the part sums with their parts added in order (from
+        `part_sums`). For iterations.csv: `sums` [n, 5] their outcome sums (verified, accepted, batch, ...),
+        `times` [n, 2] (start, end) s, `parts` [n, 4] ms, `kv_after` [n] the KV tokens after each, `waiting` the
+        queue's length throughout."""
+        if not n:
+            return
+        batch, verified, accepted = counts.tolist()
+        self.iterations += n
+        self.decode_iterations += n
+        self.request_steps += batch
+        self.verified_tokens += verified
+        self.accepted += accepted
+        self.draft_ms, self.verify_ms, self.lm_head_ms, self.overhead_ms = part_sums.tolist()
+        if self._it_fh is not None:
+            for (v, a, b, _, _), (s0, s1), (d, v_ms, h, o), kv in zip(sums.tolist(), times.tolist(), parts.tolist(),
+                                                                      kv_after.tolist(), strict=True):
+                self._it_rows.append((replica, s0, s1, b, 0, v, a, d, v_ms, h, o, d + v_ms + h + o, kv, waiting))
+            if len(self._it_rows) >= _FLUSH_ROWS:
+                self._flush_iterations()
+
     def request(self, r, finish_s: float, replica: int) -> None:
         ttft = (r.first_token_s - r.arrival_s) * 1000.0
         e2e = (finish_s - r.arrival_s) * 1000.0

@@ -9,6 +9,8 @@ import gzip
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import echosim.sim.kernels as kernels
 import echosim.sim.replica as replica
@@ -34,18 +36,21 @@ FILES = ("requests.csv", "iterations.csv", "summary.json", "config.json")
 ], ids=["ar", "eagle3", "echo-loaded", "goodput", "goodput-queue", "eagle3-preempt", "ar-2-replicas"])
 def test_decode_runs_match_the_general_loop(tmp_path, monkeypatch, policy, cluster, workload):
     # the reference: every iteration through the general loop, NumPy only (goodput ECHO's merge by
-    # _choose_prefix); against it, decode runs with the compiled kernels and with their NumPy twins
+    # _choose_prefix); against it, decode runs with the compiled kernels (every policy's steps priced in the
+    # compiled loop: ECHOSIM_JIT=1) and with their NumPy twins
     variants = [("reference", 0, False), ("runs-numpy", replica.FAST_STEPS, False)]
     if kernels.jit_enabled():
         variants.append(("runs-compiled", replica.FAST_STEPS, True))
     for name, steps, jit in variants:
         monkeypatch.setattr(replica, "FAST_STEPS", steps)
         monkeypatch.setenv("ECHOSIM_NO_JIT", "0" if jit else "1")
+        monkeypatch.setenv("ECHOSIM_JIT", "1" if jit else "0")
         monkeypatch.setattr(kernels, "_KERNELS", {})
         config = SimConfig(policy=dict(policy), cluster=ClusterConfig(**cluster), core="table")
         simulate(config, WorkloadSpec(kind="trace", trace=SAMPLE, requests=150, **workload),
                  out_dir=tmp_path / name)
         assert (kernels.prefix_steps_kernel() is not None) == jit
+        assert (kernels._KERNELS.get("decode_steps") is not None) == jit   # the compiled loop made the runs
     for name, _, _ in variants[1:]:
         for file in FILES:
             assert filecmp.cmp(tmp_path / "reference" / file, tmp_path / name / file, shallow=False), (name, file)
@@ -119,6 +124,96 @@ def test_goodput_run_of_several_steps_matches_step_by_step(monkeypatch):
                 ref = spec._choose_prefix(spec._rows.take(drawn[i], axis=0), drawn[i])
                 np.testing.assert_array_equal(got[i], ref)
                 kv += int(ref[:, 1].sum()) + B
+
+
+def _cost_models():
+    """Step-time models of every kind the compiled loop prices: the fitted H100 model (attention blended into the
+    datasheet outside its profiles), the datasheet roofline (no critical path), a TP-4 dense and a TP-8 MoE model
+    (all-reduce, expert GEMMs), each with a draft."""
+    from cost_models.fitted import FittedCostModel
+    from cost_models.roofline import RooflineCostModel
+    from echosim.sim.config import build_cost_model
+
+    return {"h100-fitted": build_cost_model(ClusterConfig()),
+            "h100-datasheet": build_cost_model(ClusterConfig(cost_model="roofline")),
+            "llama70b-tp4": FittedCostModel("llama-3.3-70b", "h100-sxm", tp=4, draft="eagle3-llama-3.3-70b"),
+            "qwen235b-moe-tp8": RooflineCostModel("qwen3-235b-a22b", "h100-sxm", tp=8, draft="eagle3-qwen3-235b-a22b")}
+
+
+COST_MODELS = _cost_models()
+
+
+@settings(max_examples=60, deadline=None)
+@given(model=st.sampled_from(sorted(COST_MODELS)), depth=st.integers(0, 6), batch=st.integers(1, 256),
+       steps=st.integers(1, 6), seed=st.integers(0, 2**32 - 1), extra=st.booleans(),
+       memo_slots=st.sampled_from([2, 16384]))
+def test_compiled_decode_steps_price_as_the_pricer(model, depth, batch, steps, seed, extra, memo_slots):
+    # each step the compiled loop makes is priced as StepPricer.price_parts prices it, bit for bit, over models,
+    # batches from 1 to 256, contexts from a few tokens to past the profiles (the attention blend), draft trees
+    # of 0-6 depths and the optional overhead terms; a 2-slot memo is reset at every new depth part (its
+    # values still the same); the clock advances by the steps' times, and the metrics' sums come out in order
+    rng = np.random.default_rng(seed)
+    from echosim.sim.pricing import StepPricer
+
+    pricer = StepPricer(COST_MODELS[model], *((0.01, 0.02, 0.003) if extra else ()))
+    consts = pricer.kernel_constants(depth > 0)
+    consts = consts[:7] + kernels.depth_memo(memo_slots)
+    sums = np.zeros((steps, 5), np.int64)
+    sums[:, 0] = batch * rng.integers(1, 40, steps)                # tokens verified
+    sums[:, 1] = rng.integers(0, 4, steps) * batch                 # drafts accepted
+    sums[:, 2] = batch
+    sums[:, 4] = sums[:, 0] * sums[:, 0] // batch
+    qk = rng.integers(0, 10**9, steps)
+    width = rng.integers(1, 8, depth).astype(np.float64)
+    drows = np.sort(rng.integers(0, batch + 1, (steps, depth)), axis=1)[:, ::-1] * width
+    kv0 = int(batch * 10 ** rng.uniform(0.5, 5.5))
+    acc0 = rng.uniform(0, 1e3, 4)
+    fns = [kernels.decode_steps] + ([kernels.decode_run_kernel()] if kernels.jit_enabled() else [])
+    for fn in fns:
+        parts, times, kv_after = np.zeros((steps, 4)), np.zeros((steps, 2)), np.zeros(steps, np.int64)
+        acc, counts = acc0.copy(), np.zeros(3, np.int64)
+        status, k, kv, now = fn(sums, qk, 0, np.ascontiguousarray(drows), 0, steps, steps, kv0, 0, 16, 10**15,
+                                10**9, 10**9, 0, False, 0, 1.5, float("inf"), *consts, parts, times, kv_after, acc,
+                                counts)
+        assert (status, k) == (kernels.STOP_END, steps)
+        kv_ref, now_ref, acc_ref = kv0, 1.5, acc0.tolist()
+        for i in range(steps):
+            T, a = int(sums[i, 0]), int(sums[i, 1])
+            ref = pricer.price_parts(float(T), float(kv_ref + T), float(qk[i]) + 0.5 * (int(sums[i, 4]) + T),
+                                     float(batch), float(T), tuple(drows[i].tolist()), kv_ref / batch, batch)
+            assert tuple(parts[i].tolist()) == ref, (fn, i)
+            end = now_ref + sum(ref) / 1000.0
+            assert times[i].tolist() == [now_ref, end]
+            now_ref, kv_ref = end, kv_ref + a + batch
+            acc_ref = [x + y for x, y in zip(acc_ref, ref, strict=True)]
+        assert (kv, now, acc.tolist()) == (kv_ref, now_ref, acc_ref)
+        assert counts.tolist() == [batch * steps, int(sums[:, 0].sum()), int(sums[:, 1].sum())]
+
+
+def test_compiled_decode_steps_stop_where_the_general_loop_takes_over():
+    # the KV bound, an admissible queue head, a step ending at the next event (or finishing a request): the loop
+    # stops at that step, having made the ones before it
+    from echosim.sim.pricing import StepPricer
+
+    consts = StepPricer(COST_MODELS["h100-fitted"]).kernel_constants(True)
+    fn = kernels.decode_run_kernel() or kernels.decode_steps
+    k_n, B = 6, 4
+    sums = np.tile(np.array([4 * 8, 8, B, 8 + B, 4 * 64], np.int64), (k_n, 1))
+    drows = np.tile(np.array([4.0, 8.0, 8.0]), (k_n, 1))
+
+    def call(k_fin=k_n, kv=1000, kv_blocks=10**6, n_wait=0, head_blocks=0, next_due=float("inf")):
+        out = (np.zeros((k_n, 4)), np.zeros((k_n, 2)), np.zeros(k_n, np.int64), np.zeros(4), np.zeros(3, np.int64))
+        return fn(sums, np.zeros(k_n, np.int64), 0, drows, 0, k_n, k_fin, kv, B * 15, 16, kv_blocks, 8192, 8192,
+                  n_wait, True, head_blocks, 0.0, next_due, *consts, *out)[:2]
+
+    assert call() == (kernels.STOP_END, k_n)
+    assert call(k_fin=3) == (kernels.STOP_YIELD, 3)
+    # KV: each step adds 12 tokens to the 1000; blocks needed = (kv + 60) // 16 + 2 + 4
+    assert call(kv_blocks=(1000 + 24 + 60) // 16 + 2 + 4) == (kernels.STOP_GENERAL, 3)
+    assert call(n_wait=1, head_blocks=10**7) == (kernels.STOP_END, k_n)     # the head does not fit: no admission
+    assert call(n_wait=1, head_blocks=1)[0] == kernels.STOP_GENERAL
+    status, k = call(next_due=1e-9)
+    assert (status, k) == (kernels.STOP_YIELD, 0)
 
 
 def test_a_request_too_big_for_the_kv_cache_names_its_line_and_field(tmp_path, capsys):

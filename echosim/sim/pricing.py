@@ -42,6 +42,7 @@ class StepPricer:
         # no optional overhead terms: price_parts skips them (they would add 0.0, which changes nothing)
         self._extra = bool(per_token_ms or per_draft_row_ms or per_request_ms)
         self._depth_parts = cost.draft_depth_parts if scalar and cost.draft is not None else None
+        self._kernel: tuple | None = None   # kernel_constants, made on first use
 
     def price(self, tokens: float, kv: float, qk: float, seqs: float, lm_rows: float, draft_rows: tuple,
               mean_ctx: float, decoding: float = 0.0, prefill: tuple | None = None) -> StepTime:
@@ -92,6 +93,27 @@ class StepPricer:
         if d is None:
             d = self._draft_cached(draft_rows, mean_ctx)
         return d[0], verify, lm + d[1], overhead + d[2]
+
+    def kernel_constants(self, drafts: bool) -> tuple | None:
+        """What the compiled decode loop (echosim/sim/kernels.py `decode_steps`) prices steps with: the target's
+        and the draft's roofline constants and the pricer's own, or None where it cannot price as `price_parts`
+        does (a cost model without the roofline's scalar path; a batch that drafts with no draft model)."""
+        if self._layers is None or (drafts and self._depth_parts is None):
+            return None
+        if self._kernel is None:
+            from echosim.sim import kernels as K
+
+            tg, dr = self.cost._target, self.cost._draft
+            target = tg.kernel_constants()
+            draft = dr.kernel_constants() if dr is not None else (np.zeros_like(target[0]),) + target[1:]
+            pc = np.zeros(8, np.float64)
+            prm = self.cost.params
+            pc[[K.P_STEP_OVERHEAD, K.P_BASE_OVERHEAD, K.P_DEPTH_OVERHEAD, K.P_PER_TOKEN, K.P_PER_REQUEST,
+                K.P_PER_DRAFT_ROW, K.P_EXTRA, K.P_CTX_BUCKET]] = (
+                prm.step_overhead_ms, self._base_overhead, prm.draft_depth_overhead_ms, self.per_token_ms,
+                self.per_request_ms, self.per_draft_row_ms, float(self._extra), CTX_BUCKET)
+            self._kernel = (*target, *draft, pc, *K.depth_memo())
+        return self._kernel
 
     def observed_ms(self, parts: tuple, tokens: float, draft_rows: tuple, mean_ctx: float,
                     decoding: float = 0.0) -> tuple[float, float, float]:

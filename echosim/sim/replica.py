@@ -21,7 +21,7 @@ from collections import deque
 import numpy as np
 
 from echosim.sim.errors import SimError
-from echosim.sim.kernels import run_sums_kernel
+from echosim.sim.kernels import STOP_YIELD, decode_run_kernel, jit_everywhere, run_sums_kernel
 from echosim.sim.prefix_cache import PrefixCache
 from echosim.sim.speculation import ACCEPTED, DRAFTED, EMIT, ONE, STOP, TOKENS, TOKENS_SQ
 from echosim.sim.workload import Request
@@ -60,6 +60,7 @@ class Replica:
         self.iterations = 0
         self._wake = None
         self._last_step_s = 0.0   # the last decode run's last step (s): sizes the next run's preparation
+        self._plain_runs: dict[int, tuple] = {}   # plain decoding's decode-run arrays per batch size (compiled loop)
         # prefix cache (SGLang's radix cache): only requests with prefix keys (hash_ids or text) look it up
         self.cache = PrefixCache(kv_blocks * self.block) if getattr(cluster, "prefix_cache", False) else None
         self.process = env.process(self.run())
@@ -199,15 +200,32 @@ class Replica:
             # compiled where goodput ECHO's merge has loaded numba; elsewhere NumPy: loading numba costs ~0.5 s of
             # CPU and ~110 MB of memory a process, more than the compiled sums save (docs/SIMULATOR.md)
             sums_kernel = run_sums_kernel() if spec.prefix and spec.compiled else None
+        # the per-step loop compiled (kernels.decode_steps: pricing included) where numba is loaded anyway (goodput
+        # ECHO's merge) or asked for (ECHOSIM_JIT=1), the pricer's cost model has the roofline's scalar path and
+        # no budget learns from the priced steps (observe_time runs per step)
+        loop = decode_run_kernel() if (sums_kernel is not None or jit_everywhere()) and not spec.observes_time \
+            else None
+        consts = pricer.kernel_constants(spec.depth > 0) if loop is not None else None
+        if consts is not None and R is not None:
+            sums_kernel = run_sums_kernel()   # (numba is loaded already: the loop is compiled)
         if R is not None and sums_kernel is not None:
-            sums = np.empty((k_max, 5), np.int64)
-            qk = np.empty(k_max, np.int64)
-            dr = np.empty((k_max, spec.depth), np.float64)
+            sums_a = np.empty((k_max, 5), np.int64)
+            qk_a = np.empty(k_max, np.int64)
+            dr_a = np.empty((k_max, spec.depth), np.float64)
             cumE = np.empty((k_max, B), np.int64)
             k_fin = sums_kernel(R, np.ascontiguousarray(ctx0), np.ascontiguousarray(left0), spec.width_array,
-                                spec.depth, sums, qk, dr, cumE)
-            sums, qk_dot, tau = sums.tolist(), qk.tolist(), 0
-            drows = list(map(tuple, dr.tolist()))
+                                spec.depth, sums_a, qk_a, dr_a, cumE)
+            tau = spec.tokens_const if consts is not None else 0   # (tau x the KV sum: the NumPy loop's qk there)
+            if consts is None:
+                sums, qk_dot = sums_a.tolist(), qk_a.tolist()
+                drows = list(map(tuple, dr_a.tolist()))
+        elif R is None and consts is not None:   # plain decoding: the same scalars, as arrays (kept per batch size)
+            plain = self._plain_runs.get(B)
+            if plain is None:
+                plain = self._plain_runs[B] = (np.tile(np.array([B, 0, B, B, B], np.int64), (FAST_STEPS, 1)),
+                                               np.zeros(FAST_STEPS, np.int64), np.zeros((FAST_STEPS, 0), np.float64))
+            sums_a, qk_a, dr_a = plain
+            tau = 1
         elif R is not None:   # the same in NumPy
             E = R[:, :, EMIT]
             cumE = np.cumsum(E, axis=0)  # [k, B]: tokens emitted by the end of each step (before capping)
@@ -257,38 +275,73 @@ class Replica:
 
         n_wait, head_blocks = queue_state()
         next_due = env.peek()   # the next event elsewhere (the queue changes only while this process yields)
-        for k in range(k_max):
-            T, acc_sum, n_dec, _, tok_sq = sums[k]
-            # the general loop's KV bound; where it fails, that loop makes this step (its exact check, preemption)
-            need = (kv + n_bias) // block + T // block + n_dec
-            if need > kv_blocks:
-                break
-            # could the queue's head be admitted at this step? then the general loop runs it
-            if n_wait and admit_ok and min(max_tokens - T, max_prefill) > 0 and head_blocks <= kv_blocks - need:
-                break
-            qk = float(qk_dot[k] if qk_dot is not None else tau * kv) + 0.5 * (tok_sq + T)
-            dr = drows[k] if drows is not None else tuple(map(operator.mul, alive[k], width))
-            finishing = k == k_fin
-            tokens = float(T)
-            st = price(tokens, float(kv + T), qk, float(n_dec), tokens, dr, kv / n_dec, n_dec)
-            step_ms = st[0] + st[1] + st[2] + st[3]
-            if observes:
-                spec.observe_time(n_dec, T, *pricer.observed_ms(st, tokens, dr, kv / n_dec, n_dec), dr)
-            t0 = env._now
-            step_s = step_ms / 1000.0
-            end = t0 + step_s   # as SimPy's timeout computes it
-            if finishing or end >= next_due:
+        if consts is not None:
+            parts = np.empty((k_max, 4), np.float64)
+            times = np.empty((k_max, 2), np.float64)
+            kv_after = np.empty(k_max, np.int64)
+            k = 0
+            while True:
+                acc, counts = metrics.part_sums(), np.zeros(3, np.int64)
+                status, k1, kv, now = loop(sums_a, qk_a, tau, dr_a, k, k_max, k_fin, kv, n_bias, block, kv_blocks,
+                                           max_tokens, max_prefill, n_wait, admit_ok, head_blocks, float(env._now),
+                                           next_due, *consts, parts, times, kv_after, acc, counts)
+                env._now = now   # the steps made in there: their timeouts' effect, without events
+                metrics.decode_iterations_made(index, k1 - k, counts, acc, sums_a[k:k1], times[k:k1], parts[k:k1],
+                                               kv_after[k:k1], n_wait)
+                done = k1
+                if status != STOP_YIELD:
+                    if k1 > k:   # the last step priced (sizes the next run's preparation)
+                        step_s = sum(parts[k1 - 1].tolist()) / 1000.0
+                    break
+                # step k1 ends at or after the next event elsewhere, or finishes a request: through SimPy
+                st = tuple(parts[k1].tolist())
+                t0, end = times[k1].tolist()
+                step_s = (st[0] + st[1] + st[2] + st[3]) / 1000.0
                 self.kv_tokens = kv
                 yield env.timeout(step_s)
                 next_due = env.peek()
                 n_wait, head_blocks = queue_state()
-            else:
-                env._now = end   # nothing is due before `end`: the timeout's effect, without its event
-            kv += acc_sum + n_dec
-            done = k + 1
-            if finishing:
-                break
-            iteration(end, t0, index, n_dec, 0, T, acc_sum, *st, kv, n_wait)
+                T, acc_sum, n_dec = sums_a[k1, :3].tolist()
+                kv += acc_sum + n_dec
+                done = k1 + 1
+                finishing = k1 == k_fin
+                if finishing:
+                    break
+                iteration(end, t0, index, n_dec, 0, T, acc_sum, *st, kv, n_wait)
+                k = k1 + 1
+        else:
+            for k in range(k_max):
+                T, acc_sum, n_dec, _, tok_sq = sums[k]
+                # the general loop's KV bound; where it fails, that loop makes this step (its exact check, preemption)
+                need = (kv + n_bias) // block + T // block + n_dec
+                if need > kv_blocks:
+                    break
+                # could the queue's head be admitted at this step? then the general loop runs it
+                if n_wait and admit_ok and min(max_tokens - T, max_prefill) > 0 and head_blocks <= kv_blocks - need:
+                    break
+                qk = float(qk_dot[k] if qk_dot is not None else tau * kv) + 0.5 * (tok_sq + T)
+                dr = drows[k] if drows is not None else tuple(map(operator.mul, alive[k], width))
+                finishing = k == k_fin
+                tokens = float(T)
+                st = price(tokens, float(kv + T), qk, float(n_dec), tokens, dr, kv / n_dec, n_dec)
+                step_ms = st[0] + st[1] + st[2] + st[3]
+                if observes:
+                    spec.observe_time(n_dec, T, *pricer.observed_ms(st, tokens, dr, kv / n_dec, n_dec), dr)
+                t0 = env._now
+                step_s = step_ms / 1000.0
+                end = t0 + step_s   # as SimPy's timeout computes it
+                if finishing or end >= next_due:
+                    self.kv_tokens = kv
+                    yield env.timeout(step_s)
+                    next_due = env.peek()
+                    n_wait, head_blocks = queue_state()
+                else:
+                    env._now = end   # nothing is due before `end`: the timeout's effect, without its event
+                kv += acc_sum + n_dec
+                done = k + 1
+                if finishing:
+                    break
+                iteration(end, t0, index, n_dec, 0, T, acc_sum, *st, kv, n_wait)
         self.kv_tokens = kv
         self.iterations += done
         self._last_step_s = step_s
