@@ -285,7 +285,8 @@ class Replica:
                 status, k1, kv, now = loop(sums_a, qk_a, tau, dr_a, k, k_max, k_fin, kv, n_bias, block, kv_blocks,
                                            max_tokens, max_prefill, n_wait, admit_ok, head_blocks, float(env._now),
                                            next_due, *consts, parts, times, kv_after, acc, counts)
-                env._now = now   # the steps made in there: their timeouts' effect, without events
+                if k1 > k:
+                    env._now = now   # the steps made in there: their timeouts' effect, without events
                 metrics.decode_iterations_made(index, k1 - k, counts, acc, sums_a[k:k1], times[k:k1], parts[k:k1],
                                                kv_after[k:k1], n_wait)
                 done = k1
